@@ -1,0 +1,89 @@
+"""`hello` tokens: JWT verification (HS256, ES256 or RS256) and development token minting."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.errors import AuthError, ConfigError
+from gateway.frames import MAX_DEVICE_BYTES, MAX_USER_BYTES
+from gateway.settings import AuthSettings
+
+# Small clock skew between the token issuer and this host is normal on phones' backends.
+LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a verified token speaks for."""
+
+    user: str
+    device: str
+    expires: int
+
+
+class TokenVerifier:
+    """Verifies `hello` tokens with exactly one configured algorithm.
+
+    Only that algorithm is accepted, so ``alg: none`` and HS/RS key confusion are refused
+    by construction.
+    """
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.algorithm = settings.jwt_algorithm
+        if self.algorithm == "HS256":
+            self._key: str | bytes = settings.jwt_secret
+        else:
+            assert settings.jwt_public_key_file is not None
+            try:
+                self._key = settings.jwt_public_key_file.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"[auth] jwt_public_key_file: cannot read {settings.jwt_public_key_file}: "
+                    f"{exc.strerror}"
+                ) from None
+
+    def verify(self, token: str) -> Identity:
+        """Check a token's signature, expiry and claims.
+
+        Raises:
+            AuthError: For any problem; the message is for logs, never for the client.
+        """
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self.algorithm],
+                options={"require": ["sub", "dev", "exp"]},
+                leeway=LEEWAY_SECONDS,
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(type(exc).__name__) from None
+        user, device, exp = claims["sub"], claims["dev"], claims["exp"]
+        if not (isinstance(user, str) and 0 < len(user.encode()) <= MAX_USER_BYTES):
+            raise AuthError("bad sub claim")
+        if not (isinstance(device, str) and 0 < len(device.encode()) <= MAX_DEVICE_BYTES):
+            raise AuthError("bad dev claim")
+        return Identity(user, device, int(exp))
+
+
+def mint_token(settings: AuthSettings, user: str, device: str, ttl: int | None = None) -> str:
+    """Sign a token for (user, device), valid for `ttl` seconds (default `token_ttl`).
+
+    With HS256 this uses `jwt_secret`; with ES256/RS256 it needs `jwt_private_key_file`.
+
+    Raises:
+        ConfigError: The private key needed for an asymmetric algorithm is not configured.
+    """
+    now = int(time.time())
+    claims = {"sub": user, "dev": device, "iat": now, "exp": now + (ttl or settings.token_ttl)}
+    if settings.jwt_algorithm == "HS256":
+        return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
+    if settings.jwt_private_key_file is None:
+        raise ConfigError(
+            f"[auth] jwt_private_key_file is needed to mint {settings.jwt_algorithm} tokens"
+        )
+    key = settings.jwt_private_key_file.read_bytes()
+    return jwt.encode(claims, key, algorithm=settings.jwt_algorithm)

@@ -1,0 +1,116 @@
+"""The `gateway` command: `serve`, `token` and `check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from gateway.auth import mint_token
+from gateway.errors import ConfigError, GatewayError
+from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve devices (embedded defaults without --config)")
+    serve.add_argument("--config", help="a TOML configuration file")
+    token = commands.add_parser("token", help="print a development JWT for a device")
+    token.add_argument("--user", required=True)
+    token.add_argument("--device", required=True)
+    token.add_argument("--ttl", type=int, help="lifetime in seconds (default: [auth] token_ttl)")
+    token.add_argument("--config", help="a TOML configuration file")
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(load_settings(args.config))
+        if args.command == "token":
+            settings = load_settings(args.config)
+            print(mint_token(settings.auth, args.user, args.device, args.ttl))
+            return 0
+        settings = load_settings(args.file)
+        print(f"{args.file}: OK ({_summary(settings)})")
+        return 0
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def _summary(settings: Settings) -> str:
+    store = settings.store
+    where = store.path if store.backend == "sqlite" else store.redis_url
+    return (
+        f"{store.backend} store at {where}, devices on {settings.server.host}:"
+        f"{settings.server.port}, {settings.auth.jwt_algorithm} tokens"
+    )
+
+
+def _serve(settings: Settings) -> int:
+    configure_logging(settings)
+    if settings.auth.jwt_algorithm == "HS256" and settings.auth.jwt_secret == DEV_JWT_SECRET:
+        logging.getLogger("gateway").warning(
+            "using the development JWT secret; set [auth] jwt_secret before production"
+        )
+    trio.run(_serve_until_signalled, settings)
+    return 0
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    from gateway.server import GatewayServer, serve_gateway
+
+    log = logging.getLogger("gateway")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve(task_status: trio.TaskStatus[GatewayServer]) -> None:
+                await serve_gateway(settings, task_status=task_status)
+                nursery.cancel_scope.cancel()  # done draining: stop watching signals
+
+            server: GatewayServer = await nursery.start(serve)
+            async for signum in signals:
+                if server.shutting_down:
+                    log.warning("second signal: stopping without draining")
+                    nursery.cancel_scope.cancel()
+                    return
+                log.info("%s: draining", signal.Signals(signum).name)
+                server.shutdown()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Set up root logging from `[log]`: a level, and text or JSON lines on stderr."""
+    handler = logging.StreamHandler()
+    if settings.log.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log.level.upper(), handlers=[handler], force=True)
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

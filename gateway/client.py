@@ -1,0 +1,418 @@
+"""A typed Trio client for protocol v1, used by the tests, the simulator and the benchmarks.
+
+```python
+async with connect(url, token) as client:
+    sent = await client.send("bob", b"ciphertext")
+    async for delivery in client.deliveries():  # acked automatically after each step
+        ...
+```
+
+The client reconnects by itself with exponential backoff and full jitter, re-sends every
+`send` that has not been answered (the server deduplicates by id, so this is safe), and
+keeps delivering from the new connection. It stops for good on 4001 (unauthorized) and
+4009 (replaced by another connection of the same device).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+FINAL_CLOSE_CODES = frozenset({4001, 4009})
+ACK_BATCH = 256
+
+
+class ClientClosed(GatewayError):
+    """The client stopped for good; `code` is the close code that ended it, if any."""
+
+    def __init__(self, code: int | None, reason: str | None = None) -> None:
+        super().__init__(f"connection closed ({code}: {reason})")
+        self.code = code
+        self.reason = reason
+
+
+class SendRefused(GatewayError):
+    """The server answered a `send` with an error frame."""
+
+    def __init__(self, frame: Mapping[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('reason', '')}")
+        self.code: str = frame.get("code", "")
+        self.frame = dict(frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The server's durable acknowledgement of a send."""
+
+    id: str
+    ts: int
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A `msg` or `receipt` frame delivered to this device."""
+
+    frame: dict[str, Any]
+
+    @property
+    def sid(self) -> int:
+        """The server's id of this queue item, used to ack it."""
+        sid: int = self.frame["sid"]
+        return sid
+
+    @property
+    def is_message(self) -> bool:
+        """True for `msg`, False for `receipt`."""
+        return bool(self.frame["t"] == "msg")
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**n))."""
+
+    base: float = 0.2
+    cap: float = 10.0
+    attempts: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt."""
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempts))
+        self.attempts += 1
+        return delay
+
+    def reset(self) -> None:
+        """Forget past failures after a successful connection."""
+        self.attempts = 0
+
+
+@dataclass(slots=True)
+class _PendingSend:
+    frame: dict[str, Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: dict[str, Any] | None = None
+
+
+class GatewayClient:
+    """One device's connection to the gateway, kept alive across reconnects.
+
+    Create it with `connect`, which runs its background tasks.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | Callable[[], str],
+        *,
+        active: bool = True,
+        auto_ack: bool = True,
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        inbox_size: int = 100_000,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.active = active
+        self.auto_ack = auto_ack
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.welcome: dict[str, Any] | None = None
+        self.connected = trio.Event()
+        self.drained = trio.Event()
+        self.connections = 0
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.final: ClientClosed | None = None
+        self.errors: list[dict[str, Any]] = []
+        self._ws: WebSocketConnection | None = None
+        self._pending: dict[str, _PendingSend] = {}
+        self._inbox_send, self._inbox = trio.open_memory_channel[Delivery](inbox_size)
+        self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](inbox_size)
+        self._acks: list[int] = []
+        self._ack_wakeup = trio.Event()
+        self._stopped = trio.Event()
+        self._drained_ok = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def send(
+        self,
+        to: str,
+        body: bytes | None = None,
+        *,
+        bodies: Mapping[str, bytes] | None = None,
+        id: str | None = None,
+        urgent: bool = True,
+        ttl: int | None = None,
+    ) -> Sent:
+        """Send a message and wait until the server has stored it durably.
+
+        Raises:
+            SendRefused: The server answered with an error (for example
+                ``unknown_recipient``).
+            ClientClosed: The client stopped before the send was answered.
+        """
+        msg_id = id or uuid.uuid4().hex
+        frame: dict[str, Any] = {"t": "send", "id": msg_id, "to": to, "urgent": urgent}
+        if bodies is not None:
+            frame["bodies"] = dict(bodies)
+        else:
+            frame["body"] = body if body is not None else b""
+        if ttl is not None:
+            frame["ttl"] = ttl
+        pending = self._pending.setdefault(msg_id, _PendingSend(frame))
+        await self._send_frames([frame], required=False)
+        await pending.done.wait()
+        reply = pending.reply
+        if reply is None:
+            raise self.final or ClientClosed(self.close_code, self.close_reason)
+        if reply["t"] == "error":
+            raise SendRefused(reply)
+        return Sent(reply["id"], reply["ts"], tuple(reply.get("skipped", ())))
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        """Yield delivered `msg` and `receipt` frames, acking each after the loop body runs
+        when `auto_ack` is on."""
+        async for delivery in self._inbox:
+            yield delivery
+            if self.auto_ack:
+                self.ack_later(delivery.sid)
+
+    async def next_delivery(self) -> Delivery:
+        """The next delivered item (acked automatically if `auto_ack` is on)."""
+        delivery = await self._inbox.receive()
+        if self.auto_ack:
+            self.ack_later(delivery.sid)
+        return delivery
+
+    async def next_event(self) -> dict[str, Any]:
+        """The next frame that is neither a delivery nor a reply: presence, typing, errors."""
+        return await self._events.receive()
+
+    def ack_later(self, *sids: int) -> None:
+        """Queue acks; they go out in batches from a background task."""
+        self._acks.extend(sids)
+        self._ack_wakeup.set()
+
+    async def ack(self, sids: Sequence[int]) -> None:
+        """Ack items now."""
+        await self._send_frames([{"t": "ack", "sids": list(sids)}])
+
+    async def read(self, to: str, ids: Sequence[str]) -> None:
+        """Tell `to` that these of its messages were read."""
+        await self._send_frames([{"t": "read", "to": to, "ids": list(ids)}])
+
+    async def typing(self, to: str, on: bool = True) -> None:
+        """Send a typing indicator."""
+        await self._send_frames([{"t": "typing", "to": to, "on": on}])
+
+    async def subscribe(self, users: Sequence[str]) -> None:
+        """Subscribe to presence."""
+        await self._send_frames([{"t": "sub", "users": list(users)}])
+
+    async def set_active(self, active: bool) -> None:
+        """Tell the server whether the app is in the foreground."""
+        self.active = active
+        await self._send_frames([{"t": "state", "active": active}])
+
+    async def register_push(
+        self, provider: str | None, token: str | None = None, *, topic: str | None = None,
+        sandbox: bool = False,
+    ) -> None:  # fmt: skip
+        """Set, replace or (with provider None) remove this device's push token."""
+        frame: dict[str, Any] = {"t": "push", "provider": provider}
+        if provider is not None:
+            frame.update(token=token, sandbox=sandbox)
+            if topic is not None:
+                frame["topic"] = topic
+        await self._send_frames([frame])
+
+    async def send_raw(self, message: bytes | str) -> None:
+        """Send an arbitrary WebSocket message (for tests of hostile input)."""
+        ws = await self._current_ws()
+        await ws.send_message(message)
+
+    async def wait_drained(self) -> None:
+        """Wait until a connection has delivered its whole backlog (`drained`)."""
+        while True:
+            event = self.drained
+            await event.wait()
+            if self._drained_ok:
+                return
+            if self._stopped.is_set():
+                raise self.final or ClientClosed(self.close_code, self.close_reason)
+
+    async def aclose(self) -> None:
+        """Close the connection normally and stop reconnecting."""
+        self.reconnect = False
+        self._stopped.set()
+        if self._ws is not None:
+            with trio.move_on_after(2):
+                await self._ws.aclose()
+
+    # -- background ----------------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ack_flusher)
+            while not self._stopped.is_set():
+                try:
+                    await self._connect_once(task_status if not started else None)
+                    started = True
+                except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
+                    log.debug("connection to %s failed: %r", self.url, exc)
+                if self.close_code in FINAL_CLOSE_CODES or not self.reconnect:
+                    break
+                await trio.sleep(self.backoff.next_delay())
+            self.final = ClientClosed(self.close_code, self.close_reason)
+            self._stopped.set()
+            self.connected.set()
+            self.drained.set()
+            for pending in self._pending.values():
+                pending.done.set()
+            if not started:
+                raise self.final
+            nursery.cancel_scope.cancel()
+
+    async def _connect_once(self, task_status: trio.TaskStatus[None] | None) -> None:
+        token = self._token() if callable(self._token) else self._token
+        async with open_websocket_url(
+            self.url, subprotocols=["gateway.v1"], max_message_size=16 * 1024 * 1024,
+            connect_timeout=10, disconnect_timeout=2,
+        ) as ws:  # fmt: skip
+            hello = {"t": "hello", "v": 1, "token": token, "active": self.active}
+            await ws.send_message(cbor2.dumps(hello))
+            try:
+                await self._receive_until_closed(ws, task_status)
+            finally:
+                self._ws = None
+                # Wake everyone waiting on this connection; they wait again for the next.
+                lost, self.connected = self.connected, trio.Event()
+                lost.set()
+                self._drained_ok = False
+                gone, self.drained = self.drained, trio.Event()
+                gone.set()
+                self.close_code = ws.closed.code if ws.closed else None
+                self.close_reason = ws.closed.reason if ws.closed else None
+
+    async def _receive_until_closed(
+        self, ws: WebSocketConnection, task_status: trio.TaskStatus[None] | None
+    ) -> None:
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return
+            if isinstance(message, str):
+                continue  # the server never sends text; ignore rather than crash
+            item = cbor2.loads(message)
+            for frame in item if isinstance(item, list) else [item]:
+                if frame.get("t") == "welcome":
+                    self.welcome = frame
+                    self._drained_ok = False
+                    self.connections += 1
+                    self.backoff.reset()
+                    self._ws = ws
+                    self.connected.set()
+                    # Anything unanswered from an earlier connection goes out again.
+                    unanswered = [p.frame for p in self._pending.values() if p.reply is None]
+                    if unanswered:
+                        await ws.send_message(cbor2.dumps(unanswered))
+                    if task_status is not None:
+                        task_status.started()
+                        task_status = None
+                else:
+                    await self._dispatch(frame)
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        if kind in ("msg", "receipt"):
+            await self._inbox_send.send(Delivery(frame))
+        elif kind == "drained":
+            self._drained_ok = True
+            self.drained.set()
+        elif (
+            kind in ("sent", "error")
+            and (key := frame.get("ref", frame.get("id"))) in self._pending
+        ):
+            pending = self._pending.pop(key)
+            pending.reply = frame
+            pending.done.set()
+        else:
+            if kind == "error":
+                self.errors.append(frame)
+            await self._events_send.send(frame)
+
+    async def _ack_flusher(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup = trio.Event()
+            await trio.lowlevel.checkpoint()  # let acks of one burst accumulate
+            while self._acks:
+                batch, self._acks = self._acks[:ACK_BATCH], self._acks[ACK_BATCH:]
+                try:
+                    await self._send_frames([{"t": "ack", "sids": batch}])
+                except ClientClosed:
+                    return  # unacked items are delivered again on the next connection
+
+    async def _current_ws(self) -> WebSocketConnection:
+        while self._ws is None:
+            if self._stopped.is_set():
+                raise self.final or ClientClosed(self.close_code, self.close_reason)
+            await self.connected.wait()
+        return self._ws
+
+    async def _send_frames(self, frames: list[dict[str, Any]], *, required: bool = True) -> None:
+        """Send frames on the current connection. A send that is not `required` is
+        resent after a reconnect anyway, so losing it here is fine."""
+        try:
+            ws = await self._current_ws()
+            await ws.send_message(cbor2.dumps(frames[0] if len(frames) == 1 else frames))
+        except ConnectionClosed:
+            if required:
+                raise ClientClosed(self.close_code, self.close_reason) from None
+        except ClientClosed:
+            if required:
+                raise
+
+
+@asynccontextmanager
+async def connect(
+    url: str, token: str | Callable[[], str], **options: Any
+) -> AsyncIterator[GatewayClient]:
+    """Connect a device and keep it connected for the duration of the block.
+
+    Returns once `welcome` has arrived. Options are those of `GatewayClient`.
+
+    Raises:
+        ClientClosed: The first connection could not be established and reconnecting is
+            off, or the server refused the device (4001).
+    """
+    client = GatewayClient(url, token, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._run)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,292 @@
+"""Protocol v1 frames: validated client commands in, plain maps out.
+
+Client frames are parsed into small frozen dataclasses; anything malformed raises
+`FrameError` with the precise error code the contract names. Server frames are built as
+plain dicts, ready for `gateway.codec.encode_frames`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_USER_BYTES = 128
+MAX_DEVICE_BYTES = 64
+MAX_ID_BYTES = 64
+MAX_LIST = 1000  # ids, sids or users in one frame; well above any real client's batch
+MAX_BODIES = 256  # recipient devices per `send`; more devices than any multi-device account
+
+
+class FrameError(ValueError):
+    """A frame that cannot be handled; becomes an `error` frame with `code`."""
+
+    def __init__(self, code: str, reason: str, ref: str | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    token: str
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    id: str
+    to: str
+    body: bytes | None
+    bodies: Mapping[str, bytes] | None
+    urgent: bool
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    sids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    to: str
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    to: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientState:
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegistration:
+    provider: str | None
+    token: str | None
+    topic: str | None
+    sandbox: bool
+
+
+ClientFrame = (
+    Hello | Send | Ack | Read | Typing | Subscribe | Unsubscribe | ClientState | PushRegistration
+)
+
+
+class FrameParser:
+    """Turns decoded CBOR maps into client frames, enforcing the v1 field rules."""
+
+    def __init__(self, *, max_ttl: int) -> None:
+        self.max_ttl = max_ttl
+        self._parsers: dict[str, Callable[[dict[str, Any]], ClientFrame]] = {
+            "hello": self._hello,
+            "send": self._send,
+            "ack": self._ack,
+            "read": self._read,
+            "typing": self._typing,
+            "sub": self._sub,
+            "unsub": self._unsub,
+            "state": self._state,
+            "push": self._push,
+        }
+
+    def parse(self, item: Any) -> ClientFrame:
+        """Validate one decoded frame.
+
+        Raises:
+            FrameError: ``bad_frame`` if it is not a map with a text ``t``,
+                ``unknown_type`` for an unknown ``t``, ``bad_field`` for a missing or
+                ill-typed field.
+        """
+        if not isinstance(item, dict):
+            raise FrameError("bad_frame", f"a frame must be a map, not {_cbor_type(item)}")
+        kind = item.get("t")
+        if not isinstance(kind, str):
+            raise FrameError("bad_frame", "a frame needs a text field 't'")
+        parser = self._parsers.get(kind)
+        if parser is None:
+            raise FrameError("unknown_type", f"unknown frame type {kind[:32]!r}")
+        return parser(item)
+
+    def _hello(self, f: dict[str, Any]) -> Hello:
+        if f.get("v") != 1:
+            raise FrameError("bad_field", "'v' must be 1")
+        return Hello(token=_text(f, "token", 8192), active=_bool(f, "active", True))
+
+    def _send(self, f: dict[str, Any]) -> Send:
+        msg_id = f.get("id")
+        ref = msg_id if isinstance(msg_id, str) and _fits(msg_id, MAX_ID_BYTES) else None
+        try:
+            return self._send_fields(f, ref)
+        except FrameError as exc:
+            exc.ref = ref
+            raise
+
+    def _send_fields(self, f: dict[str, Any], ref: str | None) -> Send:
+        msg_id = _text(f, "id", MAX_ID_BYTES)
+        to = _user(f, "to")
+        body, bodies = f.get("body"), f.get("bodies")
+        if (body is None) == (bodies is None):
+            raise FrameError("bad_field", "exactly one of 'body' or 'bodies' is required")
+        if body is not None and not isinstance(body, bytes):
+            raise FrameError("bad_field", "'body' must be a byte string")
+        if bodies is not None:
+            if not isinstance(bodies, dict) or not 0 < len(bodies) <= MAX_BODIES:
+                raise FrameError("bad_field", f"'bodies' must map 1-{MAX_BODIES} devices to bytes")
+            for device, ciphertext in bodies.items():
+                if not (isinstance(device, str) and 0 < len(device.encode()) <= MAX_DEVICE_BYTES):
+                    raise FrameError("bad_field", "'bodies' keys must be device ids")
+                if not isinstance(ciphertext, bytes):
+                    raise FrameError("bad_field", "'bodies' values must be byte strings")
+        ttl = f.get("ttl", self.max_ttl)
+        if not _is_int(ttl) or not 0 < ttl <= self.max_ttl:
+            raise FrameError("bad_field", f"'ttl' must be an integer in 1..{self.max_ttl}")
+        return Send(msg_id, to, body, bodies, _bool(f, "urgent", True), ttl)
+
+    def _ack(self, f: dict[str, Any]) -> Ack:
+        sids = _list(f, "sids")
+        if not all(_is_int(s) and s >= 0 for s in sids):
+            raise FrameError("bad_field", "'sids' must be non-negative integers")
+        return Ack(tuple(sids))
+
+    def _read(self, f: dict[str, Any]) -> Read:
+        ids = _list(f, "ids")
+        if not all(isinstance(i, str) and _fits(i, MAX_ID_BYTES) for i in ids):
+            raise FrameError("bad_field", "'ids' must be message ids")
+        return Read(_user(f, "to"), tuple(ids))
+
+    def _typing(self, f: dict[str, Any]) -> Typing:
+        on = f.get("on")
+        if not isinstance(on, bool):
+            raise FrameError("bad_field", "'on' must be a boolean")
+        return Typing(_user(f, "to"), on)
+
+    def _users(self, f: dict[str, Any]) -> tuple[str, ...]:
+        users = _list(f, "users")
+        if not all(isinstance(u, str) and _fits(u, MAX_USER_BYTES) for u in users):
+            raise FrameError("bad_field", "'users' must be user ids")
+        return tuple(dict.fromkeys(users))
+
+    def _sub(self, f: dict[str, Any]) -> Subscribe:
+        return Subscribe(self._users(f))
+
+    def _unsub(self, f: dict[str, Any]) -> Unsubscribe:
+        return Unsubscribe(self._users(f))
+
+    def _state(self, f: dict[str, Any]) -> ClientState:
+        active = f.get("active")
+        if not isinstance(active, bool):
+            raise FrameError("bad_field", "'active' must be a boolean")
+        return ClientState(active)
+
+    def _push(self, f: dict[str, Any]) -> PushRegistration:
+        provider = f.get("provider")
+        if provider is None:
+            return PushRegistration(None, None, None, False)
+        if provider not in ("apns", "fcm"):
+            raise FrameError("bad_field", "'provider' must be 'apns', 'fcm' or null")
+        topic = f.get("topic")
+        if topic is not None and not (isinstance(topic, str) and _fits(topic, 256)):
+            raise FrameError("bad_field", "'topic' must be text")
+        return PushRegistration(
+            provider, _text(f, "token", 4096), topic, _bool(f, "sandbox", False)
+        )
+
+
+def _fits(text: str, limit: int) -> bool:
+    return 0 < len(text) <= limit and len(text.encode()) <= limit
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(f: dict[str, Any], key: str, limit: int) -> str:
+    value = f.get(key)
+    if not (isinstance(value, str) and _fits(value, limit)):
+        raise FrameError("bad_field", f"'{key}' must be text of 1-{limit} bytes")
+    return value
+
+
+def _user(f: dict[str, Any], key: str) -> str:
+    return _text(f, key, MAX_USER_BYTES)
+
+
+def _bool(f: dict[str, Any], key: str, default: bool) -> bool:
+    value = f.get(key, default)
+    if not isinstance(value, bool):
+        raise FrameError("bad_field", f"'{key}' must be a boolean")
+    return value
+
+
+def _list(f: dict[str, Any], key: str) -> list[Any]:
+    value = f.get(key)
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        raise FrameError("bad_field", f"'{key}' must be an array of at most {MAX_LIST} items")
+    return value
+
+
+def _cbor_type(item: Any) -> str:
+    names = {
+        bytes: "a byte string",
+        str: "a text string",
+        int: "an integer",
+        float: "a float",
+        bool: "a boolean",
+        type(None): "null",
+    }
+    return names.get(type(item), "an unsupported item")
+
+
+# ---- server frames -------------------------------------------------------------------
+
+
+def welcome(user: str, device: str, ts: int, heartbeat: int, queued: int) -> dict[str, Any]:
+    """The reply to a successful `hello`."""
+    return {
+        "t": "welcome",
+        "user": user,
+        "device": device,
+        "ts": ts,
+        "heartbeat": heartbeat,
+        "queued": queued,
+    }
+
+
+DRAINED: dict[str, Any] = {"t": "drained"}
+
+
+def sent(msg_id: str, ts: int) -> dict[str, Any]:
+    """The durable-commit acknowledgement of a `send`."""
+    return {"t": "sent", "id": msg_id, "ts": ts}
+
+
+def error(code: str, reason: str | None = None, ref: str | None = None) -> dict[str, Any]:
+    """An `error` frame; `reason` is for humans and never echoes bodies or tokens."""
+    frame: dict[str, Any] = {"t": "error", "code": code}
+    if ref is not None:
+        frame["ref"] = ref
+    if reason is not None:
+        frame["reason"] = reason
+    return frame
+
+
+def typing(sender: str, on: bool) -> dict[str, Any]:
+    """A typing indicator relayed to the target's connected devices."""
+    return {"t": "typing", "from": sender, "on": on}

@@ -1,0 +1,150 @@
+"""Carries out client commands: one small handler per frame type.
+
+Handlers never wait for a commit: they submit to the store and leave a pending entry in
+the connection's outbox, so one device can pipeline many sends while the writer answers
+each `sent` in order as its commit lands.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway import frames
+from gateway.errors import StoreError
+from gateway.frames import (
+    Ack,
+    ClientFrame,
+    ClientState,
+    PushRegistration,
+    Read,
+    Send,
+    Subscribe,
+    Typing,
+    Unsubscribe,
+)
+from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
+from gateway.store.base import Ticket
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+    from gateway.registry import Registry
+    from gateway.server import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Connection", Any], Awaitable[None]]
+
+
+class Router:
+    """Routes validated frames to the store, the registry and the other connections."""
+
+    def __init__(
+        self,
+        store: MessageStore,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], int],
+        max_ttl: int,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.max_ttl = max_ttl
+        self._handlers: dict[type[Any], Handler] = {
+            Send: self._send,
+            Ack: self._ack,
+            Read: self._read,
+            Typing: self._typing,
+            Subscribe: self._subscribe,
+            Unsubscribe: self._unsubscribe,
+            ClientState: self._state,
+            PushRegistration: self._push,
+        }
+
+    async def handle(self, conn: Connection, frame: ClientFrame) -> None:
+        """Carry out one frame from an authenticated connection."""
+        self.metrics.frames_in += 1
+        await self._handlers[type(frame)](conn, frame)
+
+    async def _send(self, conn: Connection, f: Send) -> None:
+        now = self.clock()
+        envelope = Envelope(
+            sender=conn.user,
+            sender_device=conn.device,
+            msg_id=f.id,
+            to=f.to,
+            body=f.body,
+            bodies=f.bodies,
+            urgent=f.urgent,
+            ts=now,
+            expires=now + f.ttl * 1000,
+        )
+        try:
+            ticket = await self.store.submit_send(envelope)
+        except StoreError as exc:
+            conn.outbox.push(_store_failed(f.id, exc))
+            return
+
+        def render(outcome: SendOutcome) -> dict[str, Any]:
+            if outcome.unknown_recipient:
+                self.metrics.sends["unknown_recipient"] += 1
+                return frames.error("unknown_recipient", "no known device", ref=f.id)
+            self.metrics.sends["duplicate" if outcome.duplicate else "stored"] += 1
+            reply = frames.sent(f.id, outcome.ts)
+            if outcome.skipped:
+                reply["skipped"] = list(outcome.skipped)
+            return reply
+
+        conn.outbox.push_pending(ticket, render, lambda exc: _store_failed(f.id, exc))
+
+    async def _ack(self, conn: Connection, f: Ack) -> None:
+        await self._fire(self.store.submit_ack(conn.user, conn.device, f.sids, self.clock()), "ack")
+
+    async def _read(self, conn: Connection, f: Read) -> None:
+        now = self.clock()
+        expires = now + self.max_ttl * 1000
+        await self._fire(
+            self.store.submit_read(conn.user, conn.device, f.to, f.ids, now, expires), "read"
+        )
+
+    async def _fire(self, submission: Awaitable[Ticket[Any]], what: str) -> None:
+        """Submit an operation whose outcome the client does not wait for."""
+        try:
+            await submission
+        except StoreError as exc:
+            # Not committed: the items stay queued and are delivered again, which is the
+            # at-least-once contract; the client's retry of `read` is its own.
+            log.warning("%s not stored: %s", what, exc)
+
+    async def _typing(self, conn: Connection, f: Typing) -> None:
+        frame = frames.typing(conn.user, f.on)
+        for target in self.registry.of_user(f.to):
+            if target.active and not target.outbox.offer(frame):
+                self.metrics.shed["typing"] += 1
+
+    async def _subscribe(self, conn: Connection, f: Subscribe) -> None:
+        conn.outbox.push(frames.error("unsupported", "presence is not enabled", ref="sub"))
+
+    async def _unsubscribe(self, conn: Connection, f: Unsubscribe) -> None:
+        pass
+
+    async def _state(self, conn: Connection, f: ClientState) -> None:
+        conn.active = f.active
+
+    async def _push(self, conn: Connection, f: PushRegistration) -> None:
+        token = None
+        if f.provider is not None and f.token is not None:
+            token = PushToken(f.provider, f.token, f.topic, f.sandbox, self.clock())
+        try:
+            await self.store.set_push_token(conn.user, conn.device, token)
+        except StoreError as exc:
+            conn.outbox.push(_store_failed("push", exc))
+
+
+def _store_failed(ref: str, exc: StoreError) -> dict[str, Any]:
+    log.warning("store refused an operation: %s", exc)
+    return frames.error("internal", "store unavailable; not stored", ref=ref)

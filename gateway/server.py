@@ -1,0 +1,224 @@
+"""The gateway process: services, the WebSocket listener, and graceful shutdown.
+
+```
+serve_gateway
+└─ services nursery: store writer (group commit), expiry sweeper
+   └─ connections nursery: one task per connection (reader, writer, heartbeat inside)
+   └─ WebSocket listener
+```
+
+Start it with ``server = await nursery.start(serve_gateway, settings)``; the `GatewayServer`
+handed back knows the real port (port 0 picks a free one) and can `shutdown()` gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+
+from gateway.auth import TokenVerifier
+from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
+from gateway.errors import StoreError
+from gateway.frames import FrameParser
+from gateway.registry import Registry
+from gateway.router import Router
+from gateway.session import CloseCode
+from gateway.settings import Settings
+from gateway.store import MessageStore, open_store
+from push.waker import LogWaker, Waker
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "gateway.v1"
+WS_PATH = "/ws"
+
+
+@dataclass
+class Metrics:
+    """Counters the gateway keeps about itself."""
+
+    connections_opened: int = 0
+    messages_in: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    sends: Counter[str] = field(default_factory=Counter)
+    shed: Counter[str] = field(default_factory=Counter)
+    closes: Counter[int] = field(default_factory=Counter)
+
+
+class Gateway:
+    """The components one gateway process shares between its connections."""
+
+    def __init__(self, settings: Settings, *, waker: Waker | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = Registry(waker or LogWaker())
+        self.store: MessageStore = open_store(settings, self.registry.ring)
+        self.verifier = TokenVerifier(settings.auth)
+        self.router = Router(
+            self.store,
+            self.registry,
+            self.metrics,
+            clock=now_ms,
+            max_ttl=settings.server.max_ttl,
+        )
+        self.parser = FrameParser(max_ttl=settings.server.max_ttl)
+        self.draining = False
+        self.connections: set[Connection] = set()  # including those still awaiting hello
+        self.sweeper = trio.CancelScope()
+
+
+class GatewayServer:
+    """A running gateway, as handed back by ``nursery.start(serve_gateway, ...)``."""
+
+    def __init__(self, gateway: Gateway, port: int) -> None:
+        self.gateway = gateway
+        self.port = port
+        self._shutdown = trio.Event()
+
+    @property
+    def url(self) -> str:
+        """The device endpoint, for clients on this host."""
+        server = self.gateway.settings.server
+        scheme = "wss" if server.tls_cert else "ws"
+        host = server.host if server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.port}{WS_PATH}"
+
+    @property
+    def shutting_down(self) -> bool:
+        """Whether `shutdown` has been called."""
+        return self._shutdown.is_set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; `serve_gateway` returns once it is done."""
+        self._shutdown.set()
+
+
+async def serve_gateway(
+    settings: Settings,
+    *,
+    waker: Waker | None = None,
+    task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve devices until `GatewayServer.shutdown` is called or the task is cancelled.
+
+    Resource handling: the store file, the listening sockets and every connection are
+    owned here and closed on the way out, cancelled or not.
+
+    Error handling: a connection's failure closes that connection with 1011 and is logged.
+    A failure of the store or the listener ends the whole gateway with the exception, so
+    that the process supervisor restarts it.
+
+    Args:
+        settings: The configuration.
+        waker: Where wake-up decisions go (default: the `log` waker).
+        task_status: Receives the `GatewayServer` once the port is listening.
+    """
+    gateway = Gateway(settings, waker=waker)
+    server_settings = settings.server
+    ssl_context = _ssl_context(settings)
+    async with trio.open_nursery() as services:
+        await services.start(gateway.store.run)
+        services.start_soon(_sweep_expired, gateway)
+        async with trio.open_nursery() as connections:
+            listeners = await trio.open_tcp_listeners(
+                server_settings.port, host=server_settings.host
+            )
+            port = listeners[0].socket.getsockname()[1]
+            serving: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+            serving = listeners
+            if ssl_context is not None:
+                serving = [
+                    trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners
+                ]
+            ws_server = WebSocketServer(
+                lambda request: _handle_request(request, gateway),
+                serving,
+                handler_nursery=connections,
+                max_message_size=server_settings.max_message_size,
+                connect_timeout=server_settings.handshake_timeout,
+                disconnect_timeout=CLOSE_TIMEOUT,
+            )
+            with trio.CancelScope() as listener_scope:
+                connections.start_soon(ws_server.run)
+                server = GatewayServer(gateway, port)
+                log.info("gateway listening on %s", server.url)
+                task_status.started(server)
+                await server._shutdown.wait()
+                listener_scope.cancel()
+            await _drain(gateway, connections)
+        gateway.sweeper.cancel()
+        gateway.store.close()
+        services.cancel_scope.deadline = trio.current_time() + server_settings.shutdown_timeout
+    log.info("gateway stopped")
+
+
+async def _drain(gateway: Gateway, connections: trio.Nursery) -> None:
+    """Close every connection with 1012 and give them `shutdown_timeout` to finish."""
+    gateway.draining = True
+    for conn in list(gateway.connections):
+        conn.request_close(CloseCode.RESTARTING, "server restarting")
+    connections.cancel_scope.deadline = (
+        trio.current_time() + gateway.settings.server.shutdown_timeout
+    )
+    log.info("draining %d connections", len(gateway.connections))
+
+
+async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
+    """Accept or refuse one upgrade, then run the connection; never raises."""
+    try:
+        if gateway.draining:
+            await request.reject(503, extra_headers=[(b"retry-after", b"5")])
+            return
+        if request.path.split("?", 1)[0] != WS_PATH:
+            await request.reject(404, body=b"the device endpoint is /ws\n")
+            return
+        offered = SUBPROTOCOL in request.proposed_subprotocols
+        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+    except ConnectionClosed:
+        return
+    except Exception:
+        log.exception("websocket upgrade failed")
+        return
+    gateway.metrics.connections_opened += 1
+    conn = Connection(ws, gateway, gateway.parser)
+    gateway.connections.add(conn)
+    try:
+        await conn.run()
+    finally:
+        gateway.connections.discard(conn)
+    gateway.metrics.closes[int(conn.close_code or CloseCode.NORMAL)] += 1
+
+
+async def _sweep_expired(gateway: Gateway) -> None:
+    """Delete expired items every `sweep_interval` seconds."""
+    interval = gateway.settings.store.sweep_interval
+    with gateway.sweeper:
+        await _sweep_forever(gateway, interval)
+
+
+async def _sweep_forever(gateway: Gateway, interval: float) -> None:
+    while True:
+        try:
+            removed = await gateway.store.sweep_expired(now_ms())
+        except StoreError as exc:
+            log.warning("expiry sweep failed: %s", exc)
+        else:
+            if removed:
+                log.info("expiry sweep removed %d items", removed)
+        await trio.sleep(interval)
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    server = settings.server
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(server.tls_cert, server.tls_key)
+    return context

@@ -1,0 +1,354 @@
+"""Configuration: TOML files, environment overrides, and validation that names file and key.
+
+A plain `gateway serve` runs on the defaults below (the embedded profile: a SQLite file,
+loopback ports, a development JWT secret and the `log` push provider). A file only needs
+the keys it changes. Any key may also be set from the environment as
+``GATEWAY__<SECTION>__<KEY>`` (``GATEWAY__PUSH__APNS__TOPIC``); the value is read as a TOML
+value when it parses as one (``9000``, ``true``, ``"x"``) and as a plain string otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "GATEWAY__"
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-before-production"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """`[server]`: the device-facing WebSocket listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_message_size: int = 64 * 1024
+    heartbeat: float = 30.0
+    hello_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_ttl: int = 30 * 24 * 3600
+    outbox_limit: int = 512
+    write_timeout: float = 15.0
+    max_bad_frames: int = 10
+    drain_seconds: float = 5.0
+    shutdown_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """`[auth]`: how `hello` tokens are verified."""
+
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_public_key_file: Path | None = None
+    jwt_private_key_file: Path | None = None
+    jwt_algorithm: str = "HS256"
+    token_ttl: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """`[store]`: where queued items live."""
+
+    backend: str = "sqlite"
+    path: Path = Path("gateway.db")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    synchronous: str = "full"
+    max_batch: int = 512
+    sweep_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """`[admin]`: the admin and backend HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: int = 8766
+    api_key: str | None = None
+    system_user: str = "system"
+    system_device: str = "server"
+
+
+@dataclass(frozen=True)
+class PresenceSettings:
+    """`[presence]`: batching and the offline grace period."""
+
+    batch_ms: int = 250
+    offline_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class ApnsSettings:
+    """`[push.apns]`: Apple Push Notification service credentials and endpoint."""
+
+    key_file: Path | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    cert_file: Path | None = None
+    topic: str | None = None
+    sandbox: bool = False
+    endpoint: str | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class FcmSettings:
+    """`[push.fcm]`: Firebase Cloud Messaging credentials and endpoint."""
+
+    service_account_file: Path | None = None
+    project_id: str | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    """`[push]`: the wake-up policy, plus one sub-table per provider."""
+
+    urgent_cooldown: float = 10.0
+    background_cooldown: float = 20 * 60.0
+    linger: float = 60.0
+    collapse_id: str = "incoming-message"
+    alert_loc_key: str = "NEW_MESSAGE"
+    apns: ApnsSettings = field(default_factory=ApnsSettings)
+    fcm: FcmSettings = field(default_factory=FcmSettings)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """`[log]`: level and format."""
+
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration. `Settings()` is the embedded default profile."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
+    push: PushSettings = field(default_factory=PushSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def replace(self, **sections: Any) -> Settings:
+        """Return a copy with whole sections or single keys replaced.
+
+        ``settings.replace(server={"port": 0})`` changes one key of one section.
+        """
+        changes: dict[str, Any] = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            changes[name] = (
+                dataclasses.replace(current, **value) if isinstance(value, Mapping) else value
+            )
+        return dataclasses.replace(self, **changes)
+
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("auth", "jwt_algorithm"): ("HS256", "ES256", "RS256"),
+    ("store", "backend"): ("sqlite", "redis"),
+    ("store", "synchronous"): ("normal", "full"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "format"): ("text", "json"),
+}
+# Paths that must name a readable file when set. `store.path` is created on demand.
+_MUST_EXIST = {
+    "tls_cert",
+    "tls_key",
+    "jwt_public_key_file",
+    "jwt_private_key_file",
+    "key_file",
+    "cert_file",
+    "ca_file",
+    "service_account_file",
+}
+_POSITIVE = {
+    "max_message_size",
+    "heartbeat",
+    "hello_timeout",
+    "handshake_timeout",
+    "max_ttl",
+    "outbox_limit",
+    "write_timeout",
+    "max_bad_frames",
+    "max_batch",
+    "sweep_interval",
+    "batch_ms",
+    "token_ttl",
+    "shutdown_timeout",
+}
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Load settings from an optional TOML file plus environment overrides.
+
+    Args:
+        path: A TOML file, or None for the embedded defaults.
+        env: The environment to read ``GATEWAY__`` overrides from (default: ``os.environ``).
+
+    Returns:
+        The validated settings. Relative paths are resolved against the file's directory.
+
+    Raises:
+        ConfigError: The file is missing or malformed, or a key is unknown, ill-typed, out
+            of range, or names a credentials file that cannot be read. The message names
+            the file (or environment variable) and the key.
+    """
+    env = os.environ if env is None else env
+    source = "<defaults>"
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        file = Path(path)
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        base = file.resolve().parent
+    origins: dict[tuple[str, ...], str] = {}
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX):
+            keys = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            _set_override(raw, keys, _parse_env_value(value), name)
+            origins[keys] = name
+    settings: Settings = _build(Settings, raw, (), source, origins, base)
+    _check_consistency(settings, source)
+    return settings
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any, origin: str) -> None:
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"{origin}: expected GATEWAY__<SECTION>__<KEY>")
+    table = raw
+    for key in keys[:-1]:
+        nested = table.setdefault(key, {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{origin}: [{key}] is not a table")
+        table = nested
+    table[keys[-1]] = value
+
+
+def _build(
+    cls: type[Any],
+    raw: Mapping[str, Any],
+    where: tuple[str, ...],
+    source: str,
+    origins: Mapping[tuple[str, ...], str],
+    base: Path,
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = (*where, key)
+        origin = origins.get(path, source)
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown key {_name(path)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: {_name(path)} must be a table")
+            values[key] = _build(hint, value, path, source, origins, base)  # type: ignore[arg-type]
+        else:
+            values[key] = _coerce(hint, value, path, origin, base)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Path) -> Any:
+    name = _name(path)
+    key = path[-1]
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if optional and value == "":
+        return None
+    expected = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        Path: "a file path",
+    }[inner]
+    ok = (
+        isinstance(value, str)
+        if inner in (str, Path)
+        else isinstance(value, bool)
+        if inner is bool
+        else isinstance(value, int) and not isinstance(value, bool)
+        if inner is int
+        else isinstance(value, int | float) and not isinstance(value, bool)
+    )
+    if not ok:
+        raise ConfigError(f"{origin}: {name} must be {expected}, not {type(value).__name__}")
+    if key in _POSITIVE and value <= 0:
+        raise ConfigError(f"{origin}: {name} must be positive, not {value}")
+    if key == "port" and not 0 <= value <= 65535:
+        raise ConfigError(f"{origin}: {name} must be a port number (0-65535), not {value}")
+    choices = _CHOICES.get((path[0], key)) if len(path) == 2 else None
+    if choices is not None:
+        value = value.upper() if choices[0].isupper() else value.lower()
+        if value not in choices:
+            raise ConfigError(f"{origin}: {name} must be one of {', '.join(choices)}")
+    if inner is float:
+        return float(value)
+    if inner is Path:
+        resolved = Path(value).expanduser()
+        resolved = resolved if resolved.is_absolute() else base / resolved
+        if key in _MUST_EXIST:
+            if not resolved.is_file():
+                raise ConfigError(f"{origin}: {name}: file not found: {resolved}")
+            if not os.access(resolved, os.R_OK):
+                raise ConfigError(f"{origin}: {name}: file not readable: {resolved}")
+        return resolved
+    return value
+
+
+def _check_consistency(settings: Settings, source: str) -> None:
+    server, auth, apns = settings.server, settings.auth, settings.push.apns
+    if (server.tls_cert is None) != (server.tls_key is None):
+        raise ConfigError(f"{source}: [server] tls_cert and tls_key must be set together")
+    if auth.jwt_algorithm != "HS256" and auth.jwt_public_key_file is None:
+        raise ConfigError(
+            f"{source}: [auth] jwt_public_key_file is required with jwt_algorithm = "
+            f"{auth.jwt_algorithm!r}"
+        )
+    if apns.key_file is not None and not (apns.key_id and apns.team_id):
+        raise ConfigError(f"{source}: [push.apns] key_file needs key_id and team_id")
+    if (apns.key_file or apns.cert_file) and not apns.topic:
+        raise ConfigError(f"{source}: [push.apns] topic is required with APNs credentials")
+    for label, url in (
+        ("[push.apns] endpoint", apns.endpoint),
+        ("[push.fcm] endpoint", settings.push.fcm.endpoint),
+    ):
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: {label} must start with http:// or https://")
+
+
+def _name(path: tuple[str, ...]) -> str:
+    return f"[{'.'.join(path[:-1])}] {path[-1]}" if len(path) > 1 else f"[{path[0]}]"

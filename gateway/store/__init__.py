@@ -1,0 +1,45 @@
+"""Durable per-device queues: the interface and its backends."""
+
+from __future__ import annotations
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+from gateway.store.base import (
+    DeviceRecord,
+    Doorbell,
+    Envelope,
+    ItemKind,
+    MessageStore,
+    PushToken,
+    QueueItem,
+    SendOutcome,
+    Ticket,
+)
+
+__all__ = [
+    "DeviceRecord",
+    "Doorbell",
+    "Envelope",
+    "ItemKind",
+    "MessageStore",
+    "PushToken",
+    "QueueItem",
+    "SendOutcome",
+    "Ticket",
+    "open_store",
+]
+
+
+def open_store(settings: Settings, doorbell: Doorbell) -> MessageStore:
+    """Build the configured backend; start it with ``await nursery.start(store.run)``."""
+    from gateway.store.sqlite import SqliteStore
+
+    if settings.store.backend != "sqlite":
+        raise ConfigError(f"[store] backend = {settings.store.backend!r} is not available yet")
+    return SqliteStore(
+        settings.store.path,
+        doorbell=doorbell,
+        synchronous=settings.store.synchronous,
+        max_batch=settings.store.max_batch,
+        receipt_ttl_ms=settings.server.max_ttl * 1000,
+    )

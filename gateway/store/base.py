@@ -1,0 +1,237 @@
+"""The store interface: per-device queues, idempotent sends, receipts, devices, push tokens.
+
+The store is the source of truth. Every mutation is *submitted* and answered by a
+`Ticket` that resolves only after the change is durable; backends group many submissions
+into one commit. After a commit the backend rings the doorbell of every device that got a
+new item, so callers never have to remember to.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from gateway.errors import StoreError
+
+T = TypeVar("T")
+
+#: Called after a commit for each device that got an item: (user, device, urgent).
+Doorbell = Callable[[str, str, bool], None]
+
+
+class ItemKind(enum.IntEnum):
+    """What a queue item carries."""
+
+    MESSAGE = 0
+    DELIVERED = 1
+    READ = 2
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    """One item in a device's queue, as delivered in a `msg` or `receipt` frame."""
+
+    sid: int
+    kind: ItemKind
+    msg_id: str
+    sender: str
+    sender_device: str
+    ts: int
+    urgent: bool
+    body: bytes
+    ids: tuple[str, ...] = ()
+
+    def to_frame(self) -> dict[str, Any]:
+        """The frame that delivers this item."""
+        if self.kind is ItemKind.MESSAGE:
+            return {
+                "t": "msg",
+                "sid": self.sid,
+                "id": self.msg_id,
+                "from": self.sender,
+                "dev": self.sender_device,
+                "ts": self.ts,
+                "body": self.body,
+                "urgent": self.urgent,
+            }
+        kind = "delivered" if self.kind is ItemKind.DELIVERED else "read"
+        return {
+            "t": "receipt",
+            "sid": self.sid,
+            "kind": kind,
+            "ids": list(self.ids),
+            "by": self.sender,
+            "dev": self.sender_device,
+            "ts": self.ts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message to store: one sender device, one recipient user, one or many ciphertexts."""
+
+    sender: str
+    sender_device: str
+    msg_id: str
+    to: str
+    body: bytes | None
+    bodies: Mapping[str, bytes] | None
+    urgent: bool
+    ts: int
+    expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What a send did: stored (or found already stored) at `ts` for `devices` devices."""
+
+    ts: int
+    devices: int = 0
+    duplicate: bool = False
+    unknown_recipient: bool = False
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PushToken:
+    """A device's push registration."""
+
+    provider: str
+    token: str
+    topic: str | None
+    sandbox: bool
+    registered_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A known device of a user."""
+
+    user: str
+    device: str
+    created: int
+    last_seen: int | None
+    push: PushToken | None
+
+
+class Ticket(Generic[T]):
+    """The promise of a submitted store operation: resolves once the commit is durable."""
+
+    __slots__ = ("_done", "_error", "_value")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def resolve(self, value: T) -> None:
+        """Complete with a value (called by the backend after commit)."""
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Complete with an error (called by the backend when the commit failed)."""
+        self._error = error
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the operation has completed, either way."""
+        return self._done.is_set()
+
+    async def result(self) -> T:
+        """Wait for the commit and return the result.
+
+        Raises:
+            StoreError: The operation was not committed.
+        """
+        await self._done.wait()
+        if self._error is not None:
+            if isinstance(self._error, StoreError):
+                raise self._error
+            raise StoreError(str(self._error)) from self._error
+        return self._value  # type: ignore[return-value]
+
+
+class MessageStore(abc.ABC):
+    """Durable per-device queues and the records around them.
+
+    A backend is a service: `run` is started with ``await nursery.start(store.run)`` and
+    commits submissions until `close` is called, then flushes what was submitted and
+    returns. Reads may run concurrently with commits and see only committed data.
+    """
+
+    @abc.abstractmethod
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the store and commit submissions until closed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop accepting submissions; `run` flushes the rest and returns."""
+
+    # -- mutations: each returns once queued for commit; await the ticket for durability --
+
+    @abc.abstractmethod
+    async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
+        """Store a message for each recipient device, idempotently by (sender device, id)."""
+
+    @abc.abstractmethod
+    async def submit_ack(
+        self, user: str, device: str, sids: tuple[int, ...], now: int
+    ) -> Ticket[int]:
+        """Delete acked items of this device only; queue delivered receipts to their senders."""
+
+    @abc.abstractmethod
+    async def submit_read(
+        self, reader: str, reader_device: str, to: str, ids: tuple[str, ...], now: int, expires: int
+    ) -> Ticket[int]:
+        """Queue a read receipt for every device of `to`."""
+
+    @abc.abstractmethod
+    async def register_device(self, user: str, device: str, now: int) -> bool:
+        """Make a device known (durably); returns True if it is new."""
+
+    @abc.abstractmethod
+    async def remove_device(self, user: str, device: str) -> bool:
+        """Forget a device and drop its queue; returns True if it existed."""
+
+    @abc.abstractmethod
+    async def touch_device(self, user: str, device: str, last_seen: int) -> None:
+        """Record when a device was last connected."""
+
+    @abc.abstractmethod
+    async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
+        """Set, replace or (with None) remove a device's push token."""
+
+    @abc.abstractmethod
+    async def clear_push_token(self, user: str, device: str, token: str, sent_at: int) -> bool:
+        """Remove `token` unless it was re-registered after `sent_at`; True if removed."""
+
+    @abc.abstractmethod
+    async def sweep_expired(self, now: int) -> int:
+        """Delete items and idempotency records whose TTL has run out; return the count."""
+
+    # -- reads --
+
+    @abc.abstractmethod
+    async def fetch(
+        self, user: str, device: str, after_sid: int, limit: int, now: int
+    ) -> list[QueueItem]:
+        """Up to `limit` unexpired items of a device with sid > `after_sid`, in sid order."""
+
+    @abc.abstractmethod
+    async def count(self, user: str, device: str, now: int) -> int:
+        """How many unexpired items a device has queued."""
+
+    @abc.abstractmethod
+    async def devices(self, user: str) -> list[DeviceRecord]:
+        """The known devices of a user."""
+
+    @abc.abstractmethod
+    async def push_token(self, user: str, device: str) -> PushToken | None:
+        """A device's push token, if any."""

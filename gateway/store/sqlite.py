@@ -1,0 +1,524 @@
+"""The embedded backend: SQLite in WAL mode, group commit on a worker thread.
+
+Submissions queue up in a bounded channel. The writer task takes everything waiting (up
+to `max_batch`) and applies it in one transaction on a worker thread, one savepoint per
+operation so that a failing operation fails alone. While a batch commits, the next one
+gathers: under load, many sends share one fsync. Reads use a small pool of separate
+connections, which WAL lets run alongside the writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+
+from gateway.errors import StoreClosed, StoreError
+from gateway.store.base import (
+    DeviceRecord,
+    Doorbell,
+    Envelope,
+    ItemKind,
+    MessageStore,
+    PushToken,
+    QueueItem,
+    SendOutcome,
+    Ticket,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    did INTEGER PRIMARY KEY,
+    user TEXT NOT NULL,
+    device TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    last_seen INTEGER,
+    push_provider TEXT,
+    push_token TEXT,
+    push_topic TEXT,
+    push_sandbox INTEGER NOT NULL DEFAULT 0,
+    push_registered_at INTEGER,
+    UNIQUE (user, device)
+);
+-- AUTOINCREMENT: a sid is never reused, so a late ack can never delete a newer item.
+CREATE TABLE IF NOT EXISTS queue (
+    sid INTEGER PRIMARY KEY AUTOINCREMENT,
+    did INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sender_device TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    urgent INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_by_device ON queue (did, sid);
+CREATE INDEX IF NOT EXISTS queue_by_expiry ON queue (expires);
+CREATE TABLE IF NOT EXISTS sent_ids (
+    sender TEXT NOT NULL,
+    sender_device TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (sender, sender_device, msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sent_ids_by_expiry ON sent_ids (expires);
+"""
+
+# Sweeps delete in slices so one sweep never holds the write lock for long.
+SWEEP_SLICE = 5000
+READERS = 2
+SUBMIT_QUEUE = 4096
+
+Ring = tuple[str, str, bool]
+OpResult = tuple[Any, list[Ring]]
+
+
+@dataclass(slots=True)
+class _Op:
+    apply: Callable[[sqlite3.Connection], OpResult]
+    ticket: Ticket[Any]
+
+
+class SqliteStore(MessageStore):
+    """SQLite-backed `MessageStore`; see the module docstring for the commit model."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        doorbell: Doorbell,
+        synchronous: str = "full",
+        max_batch: int = 512,
+        receipt_ttl_ms: int = 30 * 24 * 3600 * 1000,
+    ) -> None:
+        self.path = path
+        self._doorbell = doorbell
+        self._synchronous = synchronous.upper()
+        self._max_batch = max_batch
+        self._receipt_ttl_ms = receipt_ttl_ms
+        self._send, self._receive = trio.open_memory_channel[_Op](SUBMIT_QUEUE)
+        self._writer: sqlite3.Connection | None = None
+        self._readers_send, self._readers = trio.open_memory_channel[sqlite3.Connection](READERS)
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._closed = False
+        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
+        self.commits = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = self._connect()
+        mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode})")
+        writer.executescript(SCHEMA)
+        self._writer = writer
+        self._reader_conns = [self._connect() for _ in range(READERS)]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the database file and commit submissions until `close`."""
+        try:
+            await trio.to_thread.run_sync(self._open)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+        for conn in self._reader_conns:
+            self._readers_send.send_nowait(conn)
+        task_status.started()
+        try:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                with trio.CancelScope(shield=True):
+                    await self._commit(batch)
+        finally:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close_connections)
+
+    def close(self) -> None:
+        """Stop accepting submissions; `run` commits those already queued, then returns."""
+        self._closed = True
+        self._send.close()
+
+    def _close_connections(self) -> None:
+        for conn in [self._writer, *self._reader_conns]:
+            if conn is not None:
+                conn.close()
+
+    # -- group commit ---------------------------------------------------------------------
+
+    async def _submit(self, apply: Callable[[sqlite3.Connection], OpResult]) -> Ticket[Any]:
+        if self._closed:
+            raise StoreClosed("the store is shutting down")
+        ticket: Ticket[Any] = Ticket()
+        try:
+            await self._send.send(_Op(apply, ticket))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreClosed("the store is shutting down") from None
+        return ticket
+
+    async def _commit(self, batch: list[_Op]) -> None:
+        started = time.perf_counter()
+        try:
+            outcomes = await trio.to_thread.run_sync(
+                self._apply_batch, batch, limiter=self._write_limiter
+            )
+        except sqlite3.Error as exc:
+            log.error("store commit of %d operations failed: %s", len(batch), exc)
+            error = StoreError(f"commit failed: {exc}")
+            for op in batch:
+                op.ticket.fail(error)
+            return
+        self.commits += 1
+        self.batch_sizes.append(len(batch))
+        del self.batch_sizes[:-1000]
+        self.last_commit_seconds = time.perf_counter() - started
+        for op, (ok, value, rings) in zip(batch, outcomes, strict=True):
+            if ok:
+                op.ticket.resolve(value)
+                for user, device, urgent in rings:
+                    self._doorbell(user, device, urgent)
+            else:
+                op.ticket.fail(value)
+
+    def _apply_batch(self, batch: Sequence[_Op]) -> list[tuple[bool, Any, list[Ring]]]:
+        conn = self._writer
+        assert conn is not None
+        outcomes: list[tuple[bool, Any, list[Ring]]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value, rings = op.apply(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    log.warning("store operation failed: %s", exc)
+                    outcomes.append((False, StoreError(str(exc)), []))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((True, value, rings))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    # -- mutations ------------------------------------------------------------------------
+
+    async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
+        return await self._submit(lambda conn: _apply_send(conn, envelope))
+
+    async def submit_ack(
+        self, user: str, device: str, sids: tuple[int, ...], now: int
+    ) -> Ticket[int]:
+        expires = now + self._receipt_ttl_ms
+        return await self._submit(lambda conn: _apply_ack(conn, user, device, sids, now, expires))
+
+    async def submit_read(
+        self,
+        reader: str,
+        reader_device: str,
+        to: str,
+        ids: tuple[str, ...],
+        now: int,
+        expires: int,
+    ) -> Ticket[int]:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            rings = _insert_receipts(
+                conn, ItemKind.READ, to, reader, reader_device, ids, now, expires
+            )
+            return len(rings), rings
+
+        return await self._submit(apply)
+
+    async def register_device(self, user: str, device: str, now: int) -> bool:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO devices (user, device, created, last_seen) VALUES (?,?,?,?)",
+                (user, device, now, now),
+            )
+            return cur.rowcount == 1, []
+
+        result: bool = await (await self._submit(apply)).result()
+        return result
+
+    async def remove_device(self, user: str, device: str) -> bool:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            row = conn.execute(
+                "DELETE FROM devices WHERE user=? AND device=? RETURNING did", (user, device)
+            ).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
+            return row is not None, []
+
+        result: bool = await (await self._submit(apply)).result()
+        return result
+
+    async def touch_device(self, user: str, device: str, last_seen: int) -> None:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            conn.execute(
+                "UPDATE devices SET last_seen=? WHERE user=? AND device=?",
+                (last_seen, user, device),
+            )
+            return None, []
+
+        await (await self._submit(apply)).result()
+
+    async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            if token is None:
+                values: tuple[Any, ...] = (None, None, None, 0, None)
+            else:
+                values = (
+                    token.provider,
+                    token.token,
+                    token.topic,
+                    int(token.sandbox),
+                    token.registered_at,
+                )
+            conn.execute(
+                "UPDATE devices SET push_provider=?, push_token=?, push_topic=?, push_sandbox=?,"
+                " push_registered_at=? WHERE user=? AND device=?",
+                (*values, user, device),
+            )
+            return None, []
+
+        await (await self._submit(apply)).result()
+
+    async def clear_push_token(self, user: str, device: str, token: str, sent_at: int) -> bool:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            cur = conn.execute(
+                "UPDATE devices SET push_provider=NULL, push_token=NULL, push_topic=NULL,"
+                " push_sandbox=0, push_registered_at=NULL"
+                " WHERE user=? AND device=? AND push_token=? AND push_registered_at<=?",
+                (user, device, token, sent_at),
+            )
+            return cur.rowcount == 1, []
+
+        result: bool = await (await self._submit(apply)).result()
+        return result
+
+    async def sweep_expired(self, now: int) -> int:
+        def apply(conn: sqlite3.Connection) -> OpResult:
+            items: int = conn.execute(
+                "DELETE FROM queue WHERE sid IN (SELECT sid FROM queue WHERE expires<=? LIMIT ?)",
+                (now, SWEEP_SLICE),
+            ).rowcount
+            conn.execute(
+                "DELETE FROM sent_ids WHERE (sender, sender_device, msg_id) IN"
+                " (SELECT sender, sender_device, msg_id FROM sent_ids WHERE expires<=? LIMIT ?)",
+                (now, SWEEP_SLICE),
+            )
+            return items, []
+
+        total = 0
+        while True:
+            deleted: int = await (await self._submit(apply)).result()
+            total += deleted
+            if deleted < SWEEP_SLICE:
+                return total
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = await self._readers.receive()
+        try:
+            return await trio.to_thread.run_sync(query, conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from None
+        finally:
+            self._readers_send.send_nowait(conn)
+
+    async def fetch(
+        self, user: str, device: str, after_sid: int, limit: int, now: int
+    ) -> list[QueueItem]:
+        def query(conn: sqlite3.Connection) -> list[QueueItem]:
+            rows = conn.execute(
+                "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent,"
+                " q.body FROM devices d JOIN queue q ON q.did = d.did"
+                " WHERE d.user=? AND d.device=? AND q.sid>? AND q.expires>?"
+                " ORDER BY q.sid LIMIT ?",
+                (user, device, after_sid, now, limit),
+            ).fetchall()
+            return [_item(row) for row in rows]
+
+        result: list[QueueItem] = await self._read(query)
+        return result
+
+    async def count(self, user: str, device: str, now: int) -> int:
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM devices d JOIN queue q ON q.did = d.did"
+                " WHERE d.user=? AND d.device=? AND q.expires>?",
+                (user, device, now),
+            ).fetchone()
+            return int(row[0])
+
+        result: int = await self._read(query)
+        return result
+
+    async def devices(self, user: str) -> list[DeviceRecord]:
+        def query(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            rows = conn.execute(
+                "SELECT user, device, created, last_seen, push_provider, push_token, push_topic,"
+                " push_sandbox, push_registered_at FROM devices WHERE user=? ORDER BY device",
+                (user,),
+            ).fetchall()
+            return [DeviceRecord(r[0], r[1], r[2], r[3], _push(r[4:])) for r in rows]
+
+        result: list[DeviceRecord] = await self._read(query)
+        return result
+
+    async def push_token(self, user: str, device: str) -> PushToken | None:
+        def query(conn: sqlite3.Connection) -> PushToken | None:
+            row = conn.execute(
+                "SELECT push_provider, push_token, push_topic, push_sandbox, push_registered_at"
+                " FROM devices WHERE user=? AND device=?",
+                (user, device),
+            ).fetchone()
+            return None if row is None else _push(row)
+
+        result: PushToken | None = await self._read(query)
+        return result
+
+
+# -- operations, run on the writer thread inside the batch transaction -------------------
+
+
+def _apply_send(conn: sqlite3.Connection, env: Envelope) -> OpResult:
+    row = conn.execute(
+        "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=? AND expires>?",
+        (env.sender, env.sender_device, env.msg_id, env.ts),
+    ).fetchone()
+    if row is not None:
+        return SendOutcome(ts=row[0], duplicate=True), []
+    known = conn.execute("SELECT did, device FROM devices WHERE user=?", (env.to,)).fetchall()
+    if not known:
+        return SendOutcome(ts=env.ts, unknown_recipient=True), []
+    own = env.sender_device if env.to == env.sender else None
+    targets = [(did, dev) for did, dev in known if dev != own]
+    skipped: tuple[str, ...] = ()
+    if env.bodies is not None:
+        names = {dev for _, dev in known}
+        skipped = tuple(sorted(d for d in env.bodies if d not in names or d == own))
+        targets = [(did, dev) for did, dev in targets if dev in env.bodies]
+    conn.executemany(
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
+        " VALUES (?,?,?,?,?,?,?,?,?)",
+        [
+            (
+                did,
+                ItemKind.MESSAGE,
+                env.msg_id,
+                env.sender,
+                env.sender_device,
+                env.ts,
+                env.expires,
+                int(env.urgent),
+                env.body if env.bodies is None else env.bodies[dev],
+            )
+            for did, dev in targets
+        ],
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO sent_ids (sender, sender_device, msg_id, ts, expires)"
+        " VALUES (?,?,?,?,?)",
+        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
+    )
+    rings = [(env.to, dev, env.urgent) for _, dev in targets]
+    return SendOutcome(ts=env.ts, devices=len(targets), skipped=skipped), rings
+
+
+def _apply_ack(
+    conn: sqlite3.Connection,
+    user: str,
+    device: str,
+    sids: tuple[int, ...],
+    now: int,
+    expires: int,
+) -> OpResult:
+    if not sids:
+        return 0, []
+    marks = ",".join("?" * len(sids))
+    deleted = conn.execute(
+        f"DELETE FROM queue WHERE did = (SELECT did FROM devices WHERE user=? AND device=?)"
+        f" AND sid IN ({marks}) RETURNING kind, msg_id, sender",
+        (user, device, *sids),
+    ).fetchall()
+    acked_by_sender: dict[str, list[str]] = defaultdict(list)
+    for kind, msg_id, sender in deleted:
+        if kind == ItemKind.MESSAGE:
+            acked_by_sender[sender].append(msg_id)
+    rings: list[Ring] = []
+    for sender, ids in acked_by_sender.items():
+        rings += _insert_receipts(
+            conn, ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires
+        )
+    return len(deleted), rings
+
+
+def _insert_receipts(
+    conn: sqlite3.Connection,
+    kind: ItemKind,
+    to: str,
+    by: str,
+    by_device: str,
+    ids: tuple[str, ...],
+    now: int,
+    expires: int,
+) -> list[Ring]:
+    """One receipt item per device of `to`, carrying all `ids` at once."""
+    if not ids:
+        return []
+    known = conn.execute("SELECT did, device FROM devices WHERE user=?", (to,)).fetchall()
+    body = cbor2.dumps(list(ids))
+    conn.executemany(
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
+        " VALUES (?,?,?,?,?,?,?,0,?)",
+        [(did, kind, "", by, by_device, now, expires, body) for did, _ in known],
+    )
+    return [(to, dev, False) for _, dev in known]
+
+
+def _item(row: tuple[Any, ...]) -> QueueItem:
+    sid, kind, msg_id, sender, sender_device, ts, urgent, body = row
+    kind = ItemKind(kind)
+    if kind is ItemKind.MESSAGE:
+        return QueueItem(sid, kind, msg_id, sender, sender_device, ts, bool(urgent), body)
+    return QueueItem(
+        sid, kind, msg_id, sender, sender_device, ts, False, b"", tuple(cbor2.loads(body))
+    )
+
+
+def _push(row: Sequence[Any]) -> PushToken | None:
+    provider, token, topic, sandbox, registered_at = row
+    if provider is None or token is None:
+        return None
+    return PushToken(provider, token, topic, bool(sandbox), registered_at)

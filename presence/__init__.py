@@ -1,0 +1,1 @@
+"""Presence: who is online across devices, subscriptions and batched fan-out."""

@@ -1,0 +1,1 @@
+"""Push wake-ups for devices that have no live connection."""
