@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -95,6 +96,7 @@ class Connection:
             with trio.CancelScope(shield=True):
                 if attached:
                     await self._detach()
+                await self._flush_before_close()
                 await self._send_close()
 
     # -- session start ---------------------------------------------------------------------
@@ -106,7 +108,7 @@ class Connection:
             except ConnectionClosed:
                 return None
             events = self.session.receive(message)
-            first = events[0] if events else None
+            first = events[0] if events else Close(CloseCode.POLICY, "hello must come first")
             if isinstance(first, Close):
                 self.request_close(first.code, first.reason)
                 return None
@@ -130,9 +132,8 @@ class Connection:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
         queued = await gw.store.count(self.user, self.device, now_ms())
         server = gw.settings.server
-        self.outbox.push(
-            frames.welcome(self.user, self.device, now_ms(), int(server.heartbeat), queued)
-        )
+        heartbeat = math.ceil(server.heartbeat)
+        self.outbox.push(frames.welcome(self.user, self.device, now_ms(), heartbeat, queued))
         self.outbox.ring()
         log.info(
             "connection #%d: %s/%s authenticated, %d queued",
@@ -189,8 +190,12 @@ class Connection:
             if not out:
                 continue
             with trio.move_on_after(timeout) as scope:
-                for message in _pack(out):
-                    await self.ws.send_message(message)
+                try:
+                    for message in _pack(out):
+                        await self.ws.send_message(message)
+                except ConnectionClosed:
+                    self._scope.cancel()  # the peer is gone; its items stay stored
+                    return
             gw.metrics.frames_out += len(out)
             if scope.cancelled_caught:
                 log.warning("connection %s: send blocked for %.0fs", self, timeout)
@@ -230,6 +235,17 @@ class Connection:
                 self.request_close(CloseCode.GOING_AWAY, "no pong in time")
                 return
 
+    async def _flush_before_close(self) -> None:
+        """Send what is already buffered (say, the errors before a 1008) if the peer reads."""
+        if not len(self.outbox) or self.close_code in (CloseCode.OVERLOADED, CloseCode.REPLACED):
+            return
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                for message in _pack(await self.outbox.take_frames()):
+                    await self.ws.send_message(message)
+            except ConnectionClosed:
+                pass
+
     async def _send_close(self) -> None:
         code = self.close_code or CloseCode.NORMAL
         with trio.move_on_after(CLOSE_TIMEOUT):
@@ -245,7 +261,7 @@ def _pack(out: list[Frame]) -> list[bytes]:
     chunk: list[Frame] = []
     size = 0
     for frame in out:
-        weight = 64 + len(frame.get("body", b""))
+        weight = 64 + len(frame.get("body", b"")) + sum(len(i) + 2 for i in frame.get("ids", ()))
         if chunk and size + weight > MAX_OUT_MESSAGE:
             messages.append(encode_frames(chunk))
             chunk, size = [], 0

@@ -123,7 +123,9 @@ class Router:
     async def _typing(self, conn: Connection, f: Typing) -> None:
         frame = frames.typing(conn.user, f.on)
         for target in self.registry.of_user(f.to):
-            if target.active and not target.outbox.offer(frame):
+            if target is conn or not target.active:
+                continue
+            if not target.outbox.offer(frame):
                 self.metrics.shed["typing"] += 1
 
     async def _subscribe(self, conn: Connection, f: Subscribe) -> None:

@@ -145,18 +145,24 @@ async def serve_gateway(
                 connect_timeout=server_settings.handshake_timeout,
                 disconnect_timeout=CLOSE_TIMEOUT,
             )
-            with trio.CancelScope() as listener_scope:
-                connections.start_soon(ws_server.run)
-                server = GatewayServer(gateway, port)
-                log.info("gateway listening on %s", server.url)
-                task_status.started(server)
-                await server._shutdown.wait()
-                listener_scope.cancel()
+            listener_scope = trio.CancelScope()
+            services.start_soon(_listen, ws_server, listener_scope)
+            server = GatewayServer(gateway, port)
+            log.info("gateway listening on %s", server.url)
+            task_status.started(server)
+            await server._shutdown.wait()
+            listener_scope.cancel()
             await _drain(gateway, connections)
         gateway.sweeper.cancel()
         gateway.store.close()
         services.cancel_scope.deadline = trio.current_time() + server_settings.shutdown_timeout
     log.info("gateway stopped")
+
+
+async def _listen(ws_server: WebSocketServer, scope: trio.CancelScope) -> None:
+    """Accept connections until `scope` is cancelled (the start of a graceful shutdown)."""
+    with scope:
+        await ws_server.run()
 
 
 async def _drain(gateway: Gateway, connections: trio.Nursery) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,19 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[GatewayServer]:
+@asynccontextmanager
+async def running_server(settings: Settings, **kw: Any) -> AsyncIterator[GatewayServer]:
+    """An in-process gateway for the duration of the block."""
     async with trio.open_nursery() as nursery:
-        running: GatewayServer = await nursery.start(serve_gateway, settings)
+        running: GatewayServer = await nursery.start(partial(serve_gateway, settings, **kw))
         yield running
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[GatewayServer]:
+    async with running_server(settings) as running:
+        yield running
 
 
 @pytest.fixture

@@ -155,7 +155,8 @@ class SqliteStore(MessageStore):
                 with trio.CancelScope(shield=True):
                     await self._commit(batch)
         finally:
-            self._closed = True
+            self.close()
+            self._fail_unsubmitted()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close_connections)
 
@@ -163,6 +164,15 @@ class SqliteStore(MessageStore):
         """Stop accepting submissions; `run` commits those already queued, then returns."""
         self._closed = True
         self._send.close()
+
+    def _fail_unsubmitted(self) -> None:
+        """Fail what is still queued when `run` ends by cancellation: it was not committed."""
+        while True:
+            try:
+                op = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            op.ticket.fail(StoreClosed("the store stopped before this was committed"))
 
     def _close_connections(self) -> None:
         for conn in [self._writer, *self._reader_conns]:
