@@ -77,8 +77,11 @@ def mint_token(settings: AuthSettings, user: str, device: str, ttl: int | None =
     Raises:
         ConfigError: The private key needed for an asymmetric algorithm is not configured.
     """
+    ttl = settings.token_ttl if ttl is None else ttl
+    if ttl <= 0:
+        raise ConfigError(f"token lifetime must be positive, not {ttl}")
     now = int(time.time())
-    claims = {"sub": user, "dev": device, "iat": now, "exp": now + (ttl or settings.token_ttl)}
+    claims = {"sub": user, "dev": device, "iat": now, "exp": now + ttl}
     if settings.jwt_algorithm == "HS256":
         return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
     if settings.jwt_private_key_file is None:

@@ -62,7 +62,26 @@ def decode_message(data: bytes) -> Any:
         raise DecodeError(_short(exc)) from None
     if stream.tell() != len(data):
         raise DecodeError("trailing bytes after the CBOR item")
+    _check_plain(item)
     return item
+
+
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+def _check_plain(item: Any) -> None:
+    """Refuse what JSON-like data has no place for: byte-string map keys, `undefined`
+    and other simple values. Depth is already capped, so the recursion is bounded."""
+    if isinstance(item, dict):
+        for key, value in item.items():
+            if not isinstance(key, str):
+                raise DecodeError("map keys must be text strings")
+            _check_plain(value)
+    elif isinstance(item, list):
+        for value in item:
+            _check_plain(value)
+    elif not isinstance(item, _SCALARS):
+        raise DecodeError(f"unsupported CBOR value: {type(item).__name__}")
 
 
 def encode_frames(frames: Sequence[dict[str, Any]]) -> bytes:

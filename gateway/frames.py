@@ -125,7 +125,7 @@ class FrameParser:
         return parser(item)
 
     def _hello(self, f: dict[str, Any]) -> Hello:
-        if f.get("v") != 1:
+        if not (_is_int(f.get("v")) and f["v"] == 1):
             raise FrameError("bad_field", "'v' must be 1")
         return Hello(token=_text(f, "token", 8192), active=_bool(f, "active", True))
 
@@ -161,8 +161,8 @@ class FrameParser:
 
     def _ack(self, f: dict[str, Any]) -> Ack:
         sids = _list(f, "sids")
-        if not all(_is_int(s) and s >= 0 for s in sids):
-            raise FrameError("bad_field", "'sids' must be non-negative integers")
+        if not all(_is_int(s) and 0 <= s < 2**63 for s in sids):
+            raise FrameError("bad_field", "'sids' must be non-negative 64-bit integers")
         return Ack(tuple(sids))
 
     def _read(self, f: dict[str, Any]) -> Read:
@@ -196,7 +196,9 @@ class FrameParser:
         return ClientState(active)
 
     def _push(self, f: dict[str, Any]) -> PushRegistration:
-        provider = f.get("provider")
+        if "provider" not in f:
+            raise FrameError("bad_field", "'provider' is required ('apns', 'fcm' or null)")
+        provider = f["provider"]
         if provider is None:
             return PushRegistration(None, None, None, False)
         if provider not in ("apns", "fcm"):

@@ -71,6 +71,21 @@ class Gateway:
         self.draining = False
         self.connections: set[Connection] = set()  # including those still awaiting hello
         self.sweeper = trio.CancelScope()
+        self._close_waiters: dict[tuple[str, str], list[tuple[trio.Event, list[int]]]] = {}
+
+    async def wait_for_close(self, user: str, device: str) -> int:
+        """Wait until the next connection of (user, device) ends; return its close code."""
+        event, code = trio.Event(), [0]
+        self._close_waiters.setdefault((user, device), []).append((event, code))
+        await event.wait()
+        return code[0]
+
+    def _closed(self, conn: Connection) -> None:
+        code = int(conn.close_code or CloseCode.NORMAL)
+        self.metrics.closes[code] += 1
+        for event, box in self._close_waiters.pop((conn.user, conn.device), []):
+            box[0] = code
+            event.set()
 
 
 class GatewayServer:
@@ -199,7 +214,7 @@ async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
         await conn.run()
     finally:
         gateway.connections.discard(conn)
-    gateway.metrics.closes[int(conn.close_code or CloseCode.NORMAL)] += 1
+        gateway._closed(conn)
 
 
 async def _sweep_expired(gateway: Gateway) -> None:

@@ -268,7 +268,9 @@ def _build(
     values: dict[str, Any] = {}
     for key, value in raw.items():
         path = (*where, key)
-        origin = origins.get(path, source)
+        origin = origins.get(path) or next(
+            (name for keys, name in origins.items() if keys[: len(path)] == path), source
+        )
         if key not in fields:
             raise ConfigError(f"{origin}: unknown key {_name(path)}")
         hint = hints[key]

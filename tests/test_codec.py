@@ -95,21 +95,11 @@ def test_map_keys_that_are_not_strings_are_refused(data):
         decode_message(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.py: strict_hashable_types admits byte-string keys, but decode_message "
-    "promises dicts with (text) string keys",
-)
 def test_byte_string_map_keys_are_refused():
     with pytest.raises(DecodeError):
         decode_message(cbor2.dumps({b"t": "ack"}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.py: cbor2 returns `undefined` and CBORSimpleValue objects, outside the "
-    "documented set of decoded types",
-)
 @pytest.mark.parametrize("data", [b"\xf7", b"\xf0", b"\xf8\xff"], ids=["undefined", "s16", "s255"])
 def test_cbor_simple_values_other_than_bools_and_null_are_refused(data):
     with pytest.raises(DecodeError):

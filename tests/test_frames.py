@@ -129,10 +129,6 @@ def test_a_malformed_hello_is_a_bad_field(parser, frame):
     bad_field(parser, frame)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="frames.py _hello: `f.get('v') != 1` lets True (and 1.0) pass as version 1",
-)
 def test_hello_version_true_is_not_version_one(parser):
     bad_field(parser, {"t": "hello", "v": True, "token": "jwt"})
 
@@ -412,10 +408,6 @@ def test_push_mistakes_are_bad_fields(parser, frame):
     bad_field(parser, frame)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="frames.py _push: a missing 'provider' is read as null and removes the push token",
-)
 def test_push_without_a_provider_is_a_bad_field_not_a_removal(parser):
     bad_field(parser, {"t": "push", "token": "tok"})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cbor2
 import jwt
 import pytest
-import trio
 
 from gateway.client import SendRefused, connect
 from tests.rawws import close_code, hello, raw_ws, recv, recv_until, send
@@ -216,7 +215,9 @@ async def test_oversized_message_closes_with_1009(server, token):
         (cbor2.dumps(cbor2.CBORTag(1, 1700000000)), "bad_frame"),
     ],
 )
-async def test_bad_frames_get_a_precise_error_and_the_connection_stays(server, token, message, code):  # noqa: E501
+async def test_bad_frames_get_a_precise_error_and_the_connection_stays(
+    server, token, message, code
+):
     async with raw_ws(server.url) as ws:
         await hello(ws, token("alice", "phone"))
         await ws.send_message(message)
@@ -252,7 +253,9 @@ async def test_frame_before_hello_closes_with_1008(server):
     "bad_token",
     [
         "not-a-jwt",
-        jwt.encode({"sub": "a", "dev": "d", "exp": 1}, "dev-only-jwt-secret-change-me-before-production"),  # noqa: E501
+        jwt.encode(
+            {"sub": "a", "dev": "d", "exp": 1}, "dev-only-jwt-secret-change-me-before-production"
+        ),
         jwt.encode({"sub": "a", "dev": "d", "exp": 2**40}, "wrong-secret-of-enough-length-32b"),
         jwt.encode({"sub": "a", "dev": "d", "exp": 2**40}, None, algorithm="none"),
         jwt.encode({"sub": "a", "exp": 2**40}, "dev-only-jwt-secret-change-me-before-production"),

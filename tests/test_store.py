@@ -558,11 +558,6 @@ async def test_sweep_deletes_expired_idempotency_records(store, raw):
     assert raw("SELECT msg_id FROM sent_ids") == [("new",)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sqlite.py sweep_expired: the slice loop stops when the queue slice is short, "
-    "even if the sent_ids slice was full, so idempotency records outlive one sweep",
-)
 async def test_one_sweep_deletes_every_expired_idempotency_record(store, raw, monkeypatch):
     # With a slice of 2, five acked (so already deleted) messages leave five expired
     # idempotency records and no expired items: the sweep must still take them all.

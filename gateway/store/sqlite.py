@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 import trio
@@ -211,7 +211,10 @@ class SqliteStore(MessageStore):
             if ok:
                 op.ticket.resolve(value)
                 for user, device, urgent in rings:
-                    self._doorbell(user, device, urgent)
+                    try:
+                        self._doorbell(user, device, urgent)
+                    except Exception:  # a doorbell is a hint; the item is stored regardless
+                        log.exception("doorbell for %s/%s failed", user, device)
             else:
                 op.ticket.fail(value)
 
@@ -341,18 +344,18 @@ class SqliteStore(MessageStore):
                 "DELETE FROM queue WHERE sid IN (SELECT sid FROM queue WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
             ).rowcount
-            conn.execute(
+            ids: int = conn.execute(
                 "DELETE FROM sent_ids WHERE (sender, sender_device, msg_id) IN"
                 " (SELECT sender, sender_device, msg_id FROM sent_ids WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
-            )
-            return items, []
+            ).rowcount
+            return (items, ids), []
 
         total = 0
         while True:
-            deleted: int = await (await self._submit(apply)).result()
-            total += deleted
-            if deleted < SWEEP_SLICE:
+            items, ids = cast(tuple[int, int], await (await self._submit(apply)).result())
+            total += items
+            if items < SWEEP_SLICE and ids < SWEEP_SLICE:
                 return total
 
     # -- reads ----------------------------------------------------------------------------
