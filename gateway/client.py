@@ -204,6 +204,23 @@ class GatewayClient:
             self.ack_later(delivery.sid)
         return delivery
 
+    def take_buffered(self) -> list[Delivery]:
+        """Every delivery received so far and not yet consumed, without waiting.
+
+        After `wait_drained`, this is the whole backlog of the connection. Acked
+        automatically when `auto_ack` is on.
+        """
+        taken: list[Delivery] = []
+        while True:
+            try:
+                delivery = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            taken.append(delivery)
+        if self.auto_ack and taken:
+            self.ack_later(*(d.sid for d in taken))
+        return taken
+
     async def next_event(self) -> dict[str, Any]:
         """The next frame that is neither a delivery nor a reply: presence, typing, errors."""
         return await self._events.receive()
