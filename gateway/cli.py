@@ -63,8 +63,20 @@ def _serve(settings: Settings) -> int:
         logging.getLogger("gateway").warning(
             "using the development JWT secret; set [auth] jwt_secret before production"
         )
-    trio.run(_serve_until_signalled, settings)
+    try:
+        trio.run(_serve_until_signalled, settings)
+    except BaseExceptionGroup as group:
+        expected, unexpected = group.split(GatewayError)
+        if expected is None or unexpected is not None:
+            raise
+        raise _first_leaf(expected) from None
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[GatewayError]) -> GatewayError:
+    """The first exception in a (possibly nested) group from Trio's nurseries."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _serve_until_signalled(settings: Settings) -> None:

@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
 from gateway.auth import TokenVerifier
 from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
-from gateway.errors import StoreError
+from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
 from gateway.registry import Registry
 from gateway.router import Router
@@ -142,9 +142,15 @@ async def serve_gateway(
         await services.start(gateway.store.run)
         services.start_soon(_sweep_expired, gateway)
         async with trio.open_nursery() as connections:
-            listeners = await trio.open_tcp_listeners(
-                server_settings.port, host=server_settings.host
-            )
+            try:
+                listeners = await trio.open_tcp_listeners(
+                    server_settings.port, host=server_settings.host
+                )
+            except OSError as exc:
+                raise GatewayError(
+                    f"cannot listen on {server_settings.host}:{server_settings.port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             port = listeners[0].socket.getsockname()[1]
             serving: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
             serving = listeners
