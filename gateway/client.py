@@ -179,6 +179,8 @@ class GatewayClient:
             frame["body"] = body if body is not None else b""
         if ttl is not None:
             frame["ttl"] = ttl
+        if self._stopped.is_set():
+            raise self.final or ClientClosed(self.close_code, self.close_reason)
         pending = self._pending.setdefault(msg_id, _PendingSend(frame))
         await self._send_frames([frame], required=False)
         await pending.done.wait()
@@ -294,10 +296,10 @@ class GatewayClient:
             nursery.start_soon(self._ack_flusher)
             while not self._stopped.is_set():
                 try:
-                    await self._connect_once(task_status if not started else None)
-                    started = True
+                    await self._connect_once(None if started else task_status)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
                     log.debug("connection to %s failed: %r", self.url, exc)
+                started = self.connections > 0
                 if self.close_code in FINAL_CLOSE_CODES or not self.reconnect:
                     break
                 await trio.sleep(self.backoff.next_delay())
@@ -307,9 +309,9 @@ class GatewayClient:
             self.drained.set()
             for pending in self._pending.values():
                 pending.done.set()
-            if not started:
-                raise self.final
             nursery.cancel_scope.cancel()
+        if self.connections == 0:
+            raise self.final
 
     async def _connect_once(self, task_status: trio.TaskStatus[None] | None) -> None:
         token = self._token() if callable(self._token) else self._token
@@ -426,10 +428,17 @@ async def connect(
             off, or the server refused the device (4001).
     """
     client = GatewayClient(url, token, **options)
+    refused: ClientClosed | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(client._run)
         try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+            await nursery.start(client._run)
+        except ClientClosed as exc:
+            refused = exc  # raised below, outside the nursery, as itself
+        else:
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused

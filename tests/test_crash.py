@@ -78,19 +78,21 @@ async def test_every_sent_message_survives_sigkill(tmp_path):
             finally:
                 window.release()
 
-        async with connect(
-            url, mint_token(auth, "alice", "phone"), reconnect=False, backoff=Backoff(base=0.05)
-        ) as alice:
-            async with trio.open_nursery() as nursery:
-                for i in range(3000):
-                    await window.acquire()
-                    if len(acknowledged) >= 300 and not killed.is_set():
-                        os.kill(process.pid, signal.SIGKILL)
-                        killed.set()
-                    if alice.final is not None:
-                        window.release()
-                        break
-                    nursery.start_soon(send_one, alice, i)
+        async with (
+            connect(
+                url, mint_token(auth, "alice", "phone"), reconnect=False, backoff=Backoff(base=0.05)
+            ) as alice,
+            trio.open_nursery() as nursery,
+        ):
+            for i in range(3000):
+                await window.acquire()
+                if len(acknowledged) >= 300 and not killed.is_set():
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.set()
+                if alice.final is not None:
+                    window.release()
+                    break
+                nursery.start_soon(send_one, alice, i)
         await process.wait()
         assert process.returncode == -signal.SIGKILL
         assert len(acknowledged) >= 300

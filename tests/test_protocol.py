@@ -307,3 +307,20 @@ async def test_the_gateway_survives_bad_input_and_others_are_unaffected(server, 
                 assert (await recv(ws))[0]["code"] == "bad_frame"
         sent = await alice.send("bob", b"still here")
         assert (await bob.next_delivery()).frame["id"] == sent.id
+
+
+async def test_a_failing_connection_closes_with_1011_and_the_server_carries_on(server, token):
+    from gateway.frames import Typing
+
+    async def explode(conn, frame):
+        raise RuntimeError("handler bug")
+
+    server.gateway.router._handlers[Typing] = explode
+    async with connect(server.url, token("bob", "phone")) as bob:
+        async with raw_ws(server.url) as ws:
+            await hello(ws, token("alice", "phone"))
+            await send(ws, {"t": "typing", "to": "bob", "on": True})
+            assert await close_code(ws) == 1011
+        async with connect(server.url, token("carol", "phone")) as carol:
+            sent = await carol.send("bob", b"unaffected")
+        assert (await bob.next_delivery()).frame["id"] == sent.id
