@@ -19,6 +19,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import Backoff, ClientClosed, SendRefused, connect
 from gateway.settings import Settings
+from tests.rawws import close_code, hello, raw_ws
 
 READY_LINE = b"gateway listening on"
 
@@ -105,6 +106,13 @@ async def test_every_sent_message_survives_sigkill(tmp_path):
         assert set(acknowledged) <= set(received)
         assert len(received) == len(set(received))
         assert received == sorted(received)
+
+        # SIGTERM drains: the client is told to come back later, the process exits 0.
+        async with raw_ws(url) as ws:
+            await hello(ws, mint_token(auth, "bob", "phone"))
+            process.send_signal(signal.SIGTERM)
+            assert await close_code(ws) == 1012
+        assert await process.wait() == 0
     finally:
         if process.returncode is None:
             process.terminate()
