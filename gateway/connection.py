@@ -130,6 +130,8 @@ class Connection:
         previous = gw.registry.attach(self)
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
+        gw.presence.add_subscriber(self.id, active=self.active)
+        gw.presence.device_connected(self.user, self.device)
         queued = await gw.store.count(self.user, self.device, now_ms())
         server = gw.settings.server
         heartbeat = math.ceil(server.heartbeat)
@@ -146,7 +148,9 @@ class Connection:
 
     async def _detach(self) -> None:
         gw = self.gateway
+        gw.presence.remove_subscriber(self.id)
         if gw.registry.detach(self):
+            gw.presence.device_disconnected(self.user, self.device)
             with trio.move_on_after(CLOSE_TIMEOUT):
                 try:
                     await gw.store.touch_device(self.user, self.device, now_ms())

@@ -77,6 +77,11 @@ class ClientState:
 
 
 @dataclass(frozen=True, slots=True)
+class Privacy:
+    hide_presence: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PushRegistration:
     provider: str | None
     token: str | None
@@ -85,7 +90,16 @@ class PushRegistration:
 
 
 ClientFrame = (
-    Hello | Send | Ack | Read | Typing | Subscribe | Unsubscribe | ClientState | PushRegistration
+    Hello
+    | Send
+    | Ack
+    | Read
+    | Typing
+    | Subscribe
+    | Unsubscribe
+    | ClientState
+    | Privacy
+    | PushRegistration
 )
 
 
@@ -103,6 +117,7 @@ class FrameParser:
             "sub": self._sub,
             "unsub": self._unsub,
             "state": self._state,
+            "privacy": self._privacy,
             "push": self._push,
         }
 
@@ -194,6 +209,12 @@ class FrameParser:
         if not isinstance(active, bool):
             raise FrameError("bad_field", "'active' must be a boolean")
         return ClientState(active)
+
+    def _privacy(self, f: dict[str, Any]) -> Privacy:
+        hide = f.get("hide_presence")
+        if not isinstance(hide, bool):
+            raise FrameError("bad_field", "'hide_presence' must be a boolean")
+        return Privacy(hide)
 
     def _push(self, f: dict[str, Any]) -> PushRegistration:
         if "provider" not in f:

@@ -17,6 +17,7 @@ from gateway.frames import (
     Ack,
     ClientFrame,
     ClientState,
+    Privacy,
     PushRegistration,
     Read,
     Send,
@@ -26,6 +27,8 @@ from gateway.frames import (
 )
 from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
 from gateway.store.base import Ticket
+from presence.fanout import SubscriptionLimit
+from presence.service import PresenceService
 
 if TYPE_CHECKING:
     from gateway.connection import Connection
@@ -44,6 +47,7 @@ class Router:
         self,
         store: MessageStore,
         registry: Registry,
+        presence: PresenceService,
         metrics: Metrics,
         *,
         clock: Callable[[], int],
@@ -51,6 +55,7 @@ class Router:
     ) -> None:
         self.store = store
         self.registry = registry
+        self.presence = presence
         self.metrics = metrics
         self.clock = clock
         self.max_ttl = max_ttl
@@ -62,6 +67,7 @@ class Router:
             Subscribe: self._subscribe,
             Unsubscribe: self._unsubscribe,
             ClientState: self._state,
+            Privacy: self._privacy,
             PushRegistration: self._push,
         }
 
@@ -121,21 +127,25 @@ class Router:
             log.warning("%s not stored: %s", what, exc)
 
     async def _typing(self, conn: Connection, f: Typing) -> None:
-        frame = frames.typing(conn.user, f.on)
-        for target in self.registry.of_user(f.to):
-            if target is conn or not target.active:
-                continue
-            if not target.outbox.offer(frame):
-                self.metrics.shed["typing"] += 1
+        self.presence.typing(conn.user, conn.device, f.to, f.on)
 
     async def _subscribe(self, conn: Connection, f: Subscribe) -> None:
-        conn.outbox.push(frames.error("unsupported", "presence is not enabled", ref="sub"))
+        try:
+            snapshot = self.presence.subscribe(conn.id, f.users)
+        except SubscriptionLimit as exc:
+            conn.outbox.push(frames.error("limit_exceeded", str(exc), ref="sub"))
+            return
+        conn.outbox.push(snapshot)
 
     async def _unsubscribe(self, conn: Connection, f: Unsubscribe) -> None:
-        pass
+        self.presence.unsubscribe(conn.id, f.users)
 
     async def _state(self, conn: Connection, f: ClientState) -> None:
         conn.active = f.active
+        self.presence.set_active(conn.id, f.active)
+
+    async def _privacy(self, conn: Connection, f: Privacy) -> None:
+        self.presence.set_hidden(conn.user, f.hide_presence)
 
     async def _push(self, conn: Connection, f: PushRegistration) -> None:
         token = None

@@ -2,9 +2,9 @@
 
 ```
 serve_gateway
-└─ services nursery: store writer (group commit), expiry sweeper
-   └─ connections nursery: one task per connection (reader, writer, heartbeat inside)
-   └─ WebSocket listener
+└─ services nursery: store writer (group commit)
+   └─ background nursery: expiry sweeper, load probe, presence clock, WebSocket listener
+      └─ connections nursery: one task per connection (reader, writer, heartbeat inside)
 ```
 
 Start it with ``server = await nursery.start(serve_gateway, settings)``; the `GatewayServer`
@@ -25,6 +25,8 @@ from gateway.auth import TokenVerifier
 from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
 from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
+from gateway.overload import LoadMonitor
+from gateway.presence_link import build_presence
 from gateway.registry import Registry
 from gateway.router import Router
 from gateway.session import CloseCode
@@ -60,17 +62,19 @@ class Gateway:
         self.registry = Registry(waker or LogWaker())
         self.store: MessageStore = open_store(settings, self.registry.ring)
         self.verifier = TokenVerifier(settings.auth)
+        self.load = LoadMonitor(settings.server.overload_lag)
+        self.connections: dict[int, Connection] = {}  # by id, including those before hello
+        self.presence = build_presence(self)
         self.router = Router(
             self.store,
             self.registry,
+            self.presence,
             self.metrics,
             clock=now_ms,
             max_ttl=settings.server.max_ttl,
         )
         self.parser = FrameParser(max_ttl=settings.server.max_ttl)
         self.draining = False
-        self.connections: set[Connection] = set()  # including those still awaiting hello
-        self.sweeper = trio.CancelScope()
         self._close_waiters: dict[tuple[str, str], list[tuple[trio.Event, list[int]]]] = {}
 
     async def wait_for_close(self, user: str, device: str) -> int:
@@ -140,44 +144,51 @@ async def serve_gateway(
     ssl_context = _ssl_context(settings)
     async with trio.open_nursery() as services:
         await services.start(gateway.store.run)
-        services.start_soon(_sweep_expired, gateway)
-        async with trio.open_nursery() as connections:
-            try:
-                listeners = await trio.open_tcp_listeners(
-                    server_settings.port, host=server_settings.host
+        async with trio.open_nursery() as background:
+            background.start_soon(_sweep_expired, gateway)
+            await background.start(gateway.load.run)
+            await background.start(gateway.presence.run)
+            async with trio.open_nursery() as connections:
+                listeners = await _open_listeners(settings)
+                port = listeners[0].socket.getsockname()[1]
+                ws_server = WebSocketServer(
+                    lambda request: _handle_request(request, gateway),
+                    _with_tls(listeners, ssl_context),
+                    handler_nursery=connections,
+                    max_message_size=server_settings.max_message_size,
+                    connect_timeout=server_settings.handshake_timeout,
+                    disconnect_timeout=CLOSE_TIMEOUT,
                 )
-            except OSError as exc:
-                raise GatewayError(
-                    f"cannot listen on {server_settings.host}:{server_settings.port}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            port = listeners[0].socket.getsockname()[1]
-            serving: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
-            serving = listeners
-            if ssl_context is not None:
-                serving = [
-                    trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners
-                ]
-            ws_server = WebSocketServer(
-                lambda request: _handle_request(request, gateway),
-                serving,
-                handler_nursery=connections,
-                max_message_size=server_settings.max_message_size,
-                connect_timeout=server_settings.handshake_timeout,
-                disconnect_timeout=CLOSE_TIMEOUT,
-            )
-            listener_scope = trio.CancelScope()
-            services.start_soon(_listen, ws_server, listener_scope)
-            server = GatewayServer(gateway, port)
-            log.info("gateway listening on %s", server.url)
-            task_status.started(server)
-            await server._shutdown.wait()
-            listener_scope.cancel()
-            await _drain(gateway, connections)
-        gateway.sweeper.cancel()
-        gateway.store.close()
+                listener_scope = trio.CancelScope()
+                background.start_soon(_listen, ws_server, listener_scope)
+                server = GatewayServer(gateway, port)
+                log.info("gateway listening on %s", server.url)
+                task_status.started(server)
+                await server._shutdown.wait()
+                listener_scope.cancel()
+                await _drain(gateway, connections)
+            background.cancel_scope.cancel()  # the sweeper, load probe and presence clock
+        gateway.store.close()  # flushes what was submitted, then store.run returns
         services.cancel_scope.deadline = trio.current_time() + server_settings.shutdown_timeout
     log.info("gateway stopped")
+
+
+async def _open_listeners(settings: Settings) -> list[trio.SocketListener]:
+    server = settings.server
+    try:
+        return await trio.open_tcp_listeners(server.port, host=server.host)
+    except OSError as exc:
+        raise GatewayError(
+            f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}"
+        ) from None
+
+
+def _with_tls(
+    listeners: list[trio.SocketListener], context: ssl.SSLContext | None
+) -> list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]:
+    if context is None:
+        return listeners
+    return [trio.SSLListener(lst, context, https_compatible=True) for lst in listeners]
 
 
 async def _listen(ws_server: WebSocketServer, scope: trio.CancelScope) -> None:
@@ -189,7 +200,7 @@ async def _listen(ws_server: WebSocketServer, scope: trio.CancelScope) -> None:
 async def _drain(gateway: Gateway, connections: trio.Nursery) -> None:
     """Close every connection with 1012 and give them `shutdown_timeout` to finish."""
     gateway.draining = True
-    for conn in list(gateway.connections):
+    for conn in list(gateway.connections.values()):
         conn.request_close(CloseCode.RESTARTING, "server restarting")
     connections.cancel_scope.deadline = (
         trio.current_time() + gateway.settings.server.shutdown_timeout
@@ -215,22 +226,17 @@ async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
         return
     gateway.metrics.connections_opened += 1
     conn = Connection(ws, gateway, gateway.parser)
-    gateway.connections.add(conn)
+    gateway.connections[conn.id] = conn
     try:
         await conn.run()
     finally:
-        gateway.connections.discard(conn)
+        del gateway.connections[conn.id]
         gateway._closed(conn)
 
 
 async def _sweep_expired(gateway: Gateway) -> None:
     """Delete expired items every `sweep_interval` seconds."""
     interval = gateway.settings.store.sweep_interval
-    with gateway.sweeper:
-        await _sweep_forever(gateway, interval)
-
-
-async def _sweep_forever(gateway: Gateway, interval: float) -> None:
     while True:
         try:
             removed = await gateway.store.sweep_expired(now_ms())

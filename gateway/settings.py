@@ -43,6 +43,7 @@ class ServerSettings:
     max_bad_frames: int = 10
     drain_seconds: float = 5.0
     shutdown_timeout: float = 15.0
+    overload_lag: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class PresenceSettings:
 
     batch_ms: int = 250
     offline_grace: float = 5.0
+    max_watch: int = 1000
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,13 @@ class PushSettings:
     linger: float = 60.0
     collapse_id: str = "incoming-message"
     alert_loc_key: str = "NEW_MESSAGE"
+    ttl: int = 24 * 3600
+    workers: int = 64
+    queue_size: int = 10000
+    max_attempts: int = 5
+    retry_base: float = 1.0
+    max_retry_delay: float = 60.0
+    request_timeout: float = 10.0
     apns: ApnsSettings = field(default_factory=ApnsSettings)
     fcm: FcmSettings = field(default_factory=FcmSettings)
 
@@ -189,6 +198,15 @@ _POSITIVE = {
     "batch_ms",
     "token_ttl",
     "shutdown_timeout",
+    "ttl",
+    "workers",
+    "queue_size",
+    "max_attempts",
+    "retry_base",
+    "max_retry_delay",
+    "request_timeout",
+    "overload_lag",
+    "max_watch",
 }
 
 
