@@ -195,7 +195,6 @@ _POSITIVE = {
     "max_bad_frames",
     "max_batch",
     "sweep_interval",
-    "batch_ms",
     "token_ttl",
     "shutdown_timeout",
     "ttl",
@@ -328,6 +327,8 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Pat
         raise ConfigError(f"{origin}: {name} must be {expected}, not {type(value).__name__}")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{origin}: {name} must be positive, not {value}")
+    if key == "batch_ms" and value < 0:
+        raise ConfigError(f"{origin}: {name} must be 0 (no batching) or more, not {value}")
     if key == "port" and not 0 <= value <= 65535:
         raise ConfigError(f"{origin}: {name} must be a port number (0-65535), not {value}")
     choices = _CHOICES.get((path[0], key)) if len(path) == 2 else None

@@ -151,7 +151,7 @@ def test_a_wrong_type_names_the_file_and_the_key(config, text, key):
         ("[server]\nport = -1", "[server] port"),
         ("[server]\nheartbeat = 0", "[server] heartbeat"),
         ("[server]\nmax_message_size = -5", "[server] max_message_size"),
-        ("[presence]\nbatch_ms = 0", "[presence] batch_ms"),
+        ("[presence]\nbatch_ms = -1", "[presence] batch_ms"),
     ],
 )
 def test_out_of_range_values_name_the_key(config, text, key):
