@@ -18,6 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway import frames
+from gateway.coalesce import coalesce
 from gateway.codec import encode_frames
 from gateway.errors import AuthError, Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
@@ -59,6 +60,7 @@ class Connection:
         self.active = True
         self.cursor = 0  # highest sid sent on this connection
         self.drained = False
+        self.merged_sids: dict[int, tuple[int, ...]] = {}  # merged receipt sid -> absorbed
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._scope = trio.CancelScope()
@@ -216,7 +218,8 @@ class Connection:
             await trio.sleep(STORE_RETRY)
             self.outbox.ring()
             return []
-        out = [item.to_frame() for item in items]
+        out, merged = coalesce(items)
+        self.merged_sids.update(merged)
         if items:
             self.cursor = items[-1].sid
         if len(items) == FETCH_LIMIT:
@@ -225,6 +228,13 @@ class Connection:
             self.drained = True
             out.append(frames.DRAINED)
         return out
+
+    def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored items an ack stands for: merged receipts bring their absorbed sids."""
+        if not self.merged_sids:
+            return sids
+        extra = [s for sid in sids for s in self.merged_sids.pop(sid, ())]
+        return sids + tuple(extra) if extra else sids
 
     async def _heartbeat(self) -> None:
         interval = self.gateway.settings.server.heartbeat

@@ -108,7 +108,8 @@ class Router:
         conn.outbox.push_pending(ticket, render, lambda exc: _store_failed(f.id, exc))
 
     async def _ack(self, conn: Connection, f: Ack) -> None:
-        await self._fire(self.store.submit_ack(conn.user, conn.device, f.sids, self.clock()), "ack")
+        sids = conn.expand_acks(f.sids)
+        await self._fire(self.store.submit_ack(conn.user, conn.device, sids, self.clock()), "ack")
 
     async def _read(self, conn: Connection, f: Read) -> None:
         now = self.clock()
