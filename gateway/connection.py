@@ -24,6 +24,7 @@ from gateway.errors import AuthError, Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
 from gateway.outbox import Frame, Outbox
 from gateway.session import Close, CloseCode, Command, Event, Reply, Session
+from gateway.store.base import QueueItem
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -61,6 +62,7 @@ class Connection:
         self.cursor = 0  # highest sid sent on this connection
         self.drained = False
         self.merged_sids: dict[int, tuple[int, ...]] = {}  # merged receipt sid -> absorbed
+        self._reading = False  # a store read of this device's queue is in flight
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._scope = trio.CancelScope()
@@ -211,6 +213,7 @@ class Connection:
     async def _read_queue(self) -> list[Frame]:
         """The device's next stored items after the cursor, then `drained` once."""
         gw = self.gateway
+        self._reading = True
         try:
             items = await gw.store.fetch(self.user, self.device, self.cursor, FETCH_LIMIT, now_ms())
         except StoreError as exc:
@@ -218,6 +221,8 @@ class Connection:
             await trio.sleep(STORE_RETRY)
             self.outbox.ring()
             return []
+        finally:
+            self._reading = False
         out, merged = coalesce(items)
         self.merged_sids.update(merged)
         if items:
@@ -228,6 +233,22 @@ class Connection:
             self.drained = True
             out.append(frames.DRAINED)
         return out
+
+    def deliver_live(self, item: QueueItem) -> None:
+        """An item was just committed for this device: hand it to the writer directly
+        when nothing older can be pending, else ring so the writer reads the store."""
+        outbox = self.outbox
+        if (
+            self.drained
+            and not self._reading
+            and not outbox.rung
+            and len(outbox) < outbox.limit // 2
+        ):
+            if item.sid > self.cursor:
+                self.cursor = item.sid
+                outbox.push(item.to_frame())
+            return
+        outbox.ring()
 
     def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
         """The stored items an ack stands for: merged receipts bring their absorbed sids."""

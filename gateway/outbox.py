@@ -58,6 +58,11 @@ class Outbox:
         self._queue_dirty = True
         self._wakeup.set()
 
+    @property
+    def rung(self) -> bool:
+        """Whether the doorbell has been rung and not yet answered by a store read."""
+        return self._queue_dirty
+
     def take_ring(self) -> bool:
         """Consume the doorbell; True if it had been rung."""
         dirty, self._queue_dirty = self._queue_dirty, False

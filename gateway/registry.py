@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from gateway.store.base import QueueItem
 from push.waker import Waker
 
 if TYPE_CHECKING:
@@ -62,10 +63,10 @@ class Registry:
         """Every live connection."""
         return list(self._by_device.values())
 
-    def ring(self, user: str, device: str, urgent: bool) -> None:
+    def ring(self, user: str, device: str, urgent: bool, item: QueueItem) -> None:
         """Doorbell: an item was committed for (user, device)."""
         conn = self._by_device.get((user, device))
         if conn is not None:
-            conn.outbox.ring()
+            conn.deliver_live(item)
         else:
             self.waker.stored(user, device, urgent)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from presence.fanout import Fanout, SubscriptionLimit
@@ -121,7 +122,9 @@ async def test_changes_within_a_window_collapse_into_the_latest(harness, autojum
     ]
 
 
-async def test_subscribers_only_hear_of_users_they_watch_and_unsubscribe_works(harness, autojump_clock):
+async def test_subscribers_only_hear_of_users_they_watch_and_unsubscribe_works(
+    harness, autojump_clock
+):
     svc = harness.service
     svc.add_subscriber(1, active=True)
     svc.add_subscriber(2, active=True)
@@ -163,7 +166,7 @@ async def test_an_inactive_device_gets_held_changes_when_it_becomes_active(harne
         await trio.sleep(GRACE + 1)
     assert harness.frames == []
     svc.set_active(1, True)
-    await trio.sleep(0)
+    await trio.lowlevel.checkpoint()
     await trio.testing.wait_all_tasks_blocked()
     (items,) = harness.items_for(1)
     assert items == [{"user": "alice", "online": False, "last_seen": harness.wall}]
@@ -262,8 +265,8 @@ async def test_hidden_users_look_offline_with_no_last_seen(harness, autojump_clo
     svc.set_hidden("alice", True)
     svc.add_subscriber(1, active=True)
     snapshot = svc.subscribe(1, ("alice",))
-    assert snapshot == {"t": "presence",
-                        "items": [{"user": "alice", "online": False, "last_seen": None}]}  # fmt: skip
+    hidden = {"user": "alice", "online": False, "last_seen": None}
+    assert snapshot == {"t": "presence", "items": [hidden]}
     svc.device_disconnected("alice", "phone")
     svc.device_connected("alice", "phone")
     await trio.sleep(GRACE * 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import cbor2
 import jwt
 import pytest
+import trio
 
 from gateway.client import SendRefused, connect
 from tests.rawws import close_code, hello, raw_ws, recv, recv_until, send
@@ -324,3 +325,38 @@ async def test_a_failing_connection_closes_with_1011_and_the_server_carries_on(s
         async with connect(server.url, token("carol", "phone")) as carol:
             sent = await carol.send("bob", b"unaffected")
         assert (await bob.next_delivery()).frame["id"] == sent.id
+
+
+async def test_concurrent_senders_reach_an_online_device_in_order_without_store_reads(
+    server, token
+):
+    store = server.gateway.store
+    reads = 0
+    fetch = store.fetch
+
+    async def counting_fetch(user, *args, **kwargs):
+        nonlocal reads
+        reads += user == "bob"
+        return await fetch(user, *args, **kwargs)
+
+    store.fetch = counting_fetch
+    async with connect(server.url, token("bob", "phone")) as bob:
+        await bob.wait_drained()
+        reads_after_drain = reads
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+
+                async def sender(n: int = n) -> None:
+                    async with connect(server.url, token(f"sender{n}", "phone")) as client:
+                        for i in range(50):
+                            await client.send("bob", b"x", id=f"{n}-{i}")
+
+                nursery.start_soon(sender)
+        got = [(await bob.next_delivery()).frame for _ in range(250)]
+    sids = [f["sid"] for f in got]
+    assert sids == sorted(sids) and len(set(sids)) == 250
+    for n in range(5):  # each sender's own order holds
+        assert [f["id"] for f in got if f["from"] == f"sender{n}"] == [
+            f"{n}-{i}" for i in range(50)
+        ]
+    assert reads == reads_after_drain  # delivered from the commit, not read back

@@ -33,7 +33,7 @@ Ring = tuple[str, str, bool]
 
 @asynccontextmanager
 async def open_backend(
-    backend: str, path: Path, doorbell: Callable[[str, str, bool], None]
+    backend: str, path: Path, doorbell: Callable[..., None]
 ) -> AsyncIterator[MessageStore]:
     """A started store for the block; closed (and flushed) on the way out."""
     if backend == "sqlite":
@@ -67,7 +67,7 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def store(backend: str, db_path: Path, rings: list[Ring]) -> AsyncIterator[MessageStore]:
     async with open_backend(
-        backend, db_path, lambda u, d, urgent: rings.append((u, d, urgent))
+        backend, db_path, lambda u, d, urgent, item: rings.append((u, d, urgent))
     ) as s:
         yield s
 
@@ -318,7 +318,7 @@ async def test_the_doorbell_rings_only_after_the_item_is_committed(backend, db_p
         pytest.skip("reads the committed rows of the SQLite file")
     visible: list[int] = []
 
-    def doorbell(user: str, device: str, urgent: bool) -> None:
+    def doorbell(user: str, device: str, urgent: bool, item: object) -> None:
         # A separate connection sees only committed data.
         conn = sqlite3.connect(db_path)
         try:

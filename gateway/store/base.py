@@ -20,8 +20,9 @@ from gateway.errors import StoreError
 
 T = TypeVar("T")
 
-#: Called after a commit for each device that got an item: (user, device, urgent).
-Doorbell = Callable[[str, str, bool], None]
+#: Called after a commit for each item stored: (user, device, urgent, item). The item lets
+#: a connected device receive it without reading it back from the store.
+Doorbell = Callable[[str, str, bool, "QueueItem"], None]
 
 
 class ItemKind(enum.IntEnum):
@@ -202,7 +203,7 @@ class MessageStore(abc.ABC):
 
     @abc.abstractmethod
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
-        """Record when a device was last connected."""
+        """Record when a device was last connected; returns once queued for commit."""
 
     @abc.abstractmethod
     async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:

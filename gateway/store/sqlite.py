@@ -81,7 +81,7 @@ SWEEP_SLICE = 5000
 READERS = 2
 SUBMIT_QUEUE = 4096
 
-Ring = tuple[str, str, bool]
+Ring = tuple[str, str, bool, QueueItem]
 OpResult = tuple[Any, list[Ring]]
 
 
@@ -114,6 +114,7 @@ class SqliteStore(MessageStore):
         self._reader_conns: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
         self._closed = False
+        self._known: set[tuple[str, str]] = set()  # devices known to be registered
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
         self.commits = 0
 
@@ -210,9 +211,9 @@ class SqliteStore(MessageStore):
         for op, (ok, value, rings) in zip(batch, outcomes, strict=True):
             if ok:
                 op.ticket.resolve(value)
-                for user, device, urgent in rings:
+                for user, device, urgent, item in rings:
                     try:
-                        self._doorbell(user, device, urgent)
+                        self._doorbell(user, device, urgent, item)
                     except Exception:  # a doorbell is a hint; the item is stored regardless
                         log.exception("doorbell for %s/%s failed", user, device)
             else:
@@ -272,6 +273,9 @@ class SqliteStore(MessageStore):
         return await self._submit(apply)
 
     async def register_device(self, user: str, device: str, now: int) -> bool:
+        if (user, device) in self._known:
+            return False  # known devices cost no commit on every hello
+
         def apply(conn: sqlite3.Connection) -> OpResult:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO devices (user, device, created, last_seen) VALUES (?,?,?,?)",
@@ -280,9 +284,12 @@ class SqliteStore(MessageStore):
             return cur.rowcount == 1, []
 
         result: bool = await (await self._submit(apply)).result()
+        self._known.add((user, device))
         return result
 
     async def remove_device(self, user: str, device: str) -> bool:
+        self._known.discard((user, device))
+
         def apply(conn: sqlite3.Connection) -> OpResult:
             row = conn.execute(
                 "DELETE FROM devices WHERE user=? AND device=? RETURNING did", (user, device)
@@ -302,7 +309,7 @@ class SqliteStore(MessageStore):
             )
             return None, []
 
-        await (await self._submit(apply)).result()
+        await self._submit(apply)  # last-seen is informational: queue it, don't wait
 
     async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
         def apply(conn: sqlite3.Connection) -> OpResult:
@@ -442,30 +449,28 @@ def _apply_send(conn: sqlite3.Connection, env: Envelope) -> OpResult:
         names = {dev for _, dev in known}
         skipped = tuple(sorted(d for d in env.bodies if d not in names or d == own))
         targets = [(did, dev) for did, dev in targets if dev in env.bodies]
+    bodies = [(env.body or b"") if env.bodies is None else env.bodies[dev] for _, dev in targets]
     conn.executemany(
         "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
         " VALUES (?,?,?,?,?,?,?,?,?)",
         [
-            (
-                did,
-                ItemKind.MESSAGE,
-                env.msg_id,
-                env.sender,
-                env.sender_device,
-                env.ts,
-                env.expires,
-                int(env.urgent),
-                env.body if env.bodies is None else env.bodies[dev],
-            )
-            for did, dev in targets
+            (did, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+             env.expires, int(env.urgent), body)
+            for (did, _), body in zip(targets, bodies, strict=True)
         ],
-    )
+    )  # fmt: skip
+    sids = _inserted_sids(conn, len(targets))
     conn.execute(
         "INSERT OR REPLACE INTO sent_ids (sender, sender_device, msg_id, ts, expires)"
         " VALUES (?,?,?,?,?)",
         (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
     )
-    rings = [(env.to, dev, env.urgent) for _, dev in targets]
+    rings = [
+        (env.to, dev, env.urgent,
+         QueueItem(sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+                   env.urgent, body))
+        for (_, dev), sid, body in zip(targets, sids, bodies, strict=True)
+    ]  # fmt: skip
     return SendOutcome(ts=env.ts, devices=len(targets), skipped=skipped), rings
 
 
@@ -517,7 +522,22 @@ def _insert_receipts(
         " VALUES (?,?,?,?,?,?,?,0,?)",
         [(did, kind, "", by, by_device, now, expires, body) for did, _ in known],
     )
-    return [(to, dev, False) for _, dev in known]
+    sids = _inserted_sids(conn, len(known))
+    return [
+        (to, dev, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids))
+        for (_, dev), sid in zip(known, sids, strict=True)
+    ]
+
+
+def _inserted_sids(conn: sqlite3.Connection, count: int) -> range:
+    """The sids of the rows the last `executemany` inserted, in order.
+
+    One writer and AUTOINCREMENT make them consecutive, ending at `last_insert_rowid()`.
+    """
+    if count == 0:
+        return range(0)
+    last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    return range(last - count + 1, last + 1)
 
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
