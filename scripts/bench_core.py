@@ -1,0 +1,1366 @@
+"""Core benchmark of the gateway: routing, latency, idle memory, backlog drain, handshakes.
+
+Run it from the repository root:
+
+    python scripts/bench_core.py            # full: 3 runs of every scenario
+    python scripts/bench_core.py --quick    # one small, fast run
+
+The gateway under test runs in its own OS process (``python -m gateway.cli serve`` with a
+temporary TOML file and SQLite file on a free loopback port). The load generator is this
+script's main process. A baseline server runs the same scenarios in the same invocation:
+the *in-memory floor*, a small server in this file that speaks the same subset of protocol
+v1 on the same stack (Trio, trio-websocket, cbor2) with in-memory queues, no SQLite, no
+JWT signature check and no frame validation. Each scenario gets a fresh server process.
+
+Scenarios (defaults; ``--quick`` shrinks them):
+
+1. routed durable messages/s between online devices: 500 senders -> 500 receivers, 200-byte
+   bodies, each sender keeps at most ``--window`` sends without a ``sent`` outstanding,
+   receivers ack every delivery and senders ack every receipt;
+2. p50/p99 send -> arrival latency at half the gateway's median rate from (1), paced;
+3. VmRSS growth per idle authenticated connection, 10,000 connections;
+4. hello -> ``drained`` time for a backlog of 10,000 queued messages, acking as it goes;
+5. connect + hello + welcome + close per second, with ``--handshake-concurrency`` at once.
+
+Only 127.0.0.1 is used. Every loop is bounded in count and time, and every server process
+this script starts is stopped on the way out, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    WebSocketRequest,
+    connect_websocket_url,
+    serve_websocket,
+)
+
+from gateway.auth import mint_token
+from gateway.settings import Settings
+
+HOST = "127.0.0.1"
+SUBPROTOCOL = "gateway.v1"
+FD_CAP = 20_000
+BODY_BYTES = 200
+CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
+CLIENT_RECEIVE_BUFFER = 64 * 1024
+CONNECT_TIMEOUT = 30.0
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A loop that waits for frames never runs more than this many times.
+MAX_LOOP = 10_000_000
+
+Frame = dict[str, Any]
+
+
+# ---- targets and results ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    unit: str
+    op: str  # ">=" or "<="
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.op == ">=" else value <= self.bound
+
+
+TARGETS = (
+    Target("msgs_per_s", "routed durable msgs/s", "msg/s", ">=", 8000),
+    Target("p99_ms", "p99 latency @ half rate", "ms", "<=", 25),
+    Target("rss_kb_per_conn", "RSS per idle connection", "KB", "<=", 12),
+    Target("drain_s", "drain 10k backlog", "s", "<=", 1.0),
+    Target("handshakes_per_s", "handshakes + hello/s", "conn/s", ">=", 2000),
+)
+
+
+@dataclass
+class Usage:
+    """CPU use over a measured window, as fractions of one core."""
+
+    wall: float
+    server: float
+    server_main: float
+    generator: float
+
+
+@dataclass
+class Sample:
+    """One measurement of one scenario on one server kind."""
+
+    value: float
+    usage: Usage | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# ---- processes and /proc ---------------------------------------------------------------
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE to min(hard, 20,000); child processes inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_CAP)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all threads) or of one of its threads."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/{pid}/status")
+
+
+def proc_fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_fd_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    return -1
+
+
+def other_cpu_use(seconds: float = 1.0) -> float:
+    """Busy CPU time of the whole machine over a short sample, in cores."""
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    busy0, total0 = snapshot()
+    time.sleep(seconds)
+    busy1, total1 = snapshot()
+    cores = os.cpu_count() or 1
+    return (busy1 - busy0) / max(1, total1 - total0) * cores
+
+
+class Meter:
+    """CPU of the server process (and its main thread) and of this process, over a window."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._t0 = self._g0 = self._s0 = self._m0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._g0 = time.process_time()
+        self._s0 = proc_cpu_seconds(self.pid)
+        self._m0 = proc_cpu_seconds(self.pid, self.pid)
+
+    def stop(self) -> Usage:
+        wall = time.perf_counter() - self._t0
+        return Usage(
+            wall=wall,
+            server=(proc_cpu_seconds(self.pid) - self._s0) / wall,
+            server_main=(proc_cpu_seconds(self.pid, self.pid) - self._m0) / wall,
+            generator=(time.process_time() - self._g0) / wall,
+        )
+
+
+class ServerProcess:
+    """The gateway (``kind="gateway"``) or the in-memory floor, in its own OS process."""
+
+    def __init__(self, kind: str, workdir: Path, args: argparse.Namespace, tag: str) -> None:
+        self.kind = kind
+        self.dir = workdir / tag
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.args = args
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/ws"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self) -> list[str]:
+        if self.kind == "gateway":
+            config = self.dir / "gateway.toml"
+            config.write_text(
+                "[server]\n"
+                f'host = "{HOST}"\n'
+                f"port = {self.port}\n"
+                "[store]\n"
+                f'path = "{self.dir / "gateway.db"}"\n'
+                f'synchronous = "{self.args.synchronous}"\n'
+                "[log]\n"
+                f'level = "{self.args.log_level}"\n',
+                encoding="utf-8",
+            )
+            launcher = ["-m", "gateway.cli"]
+            if self.args.gateway_launcher:
+                launcher = [str(Path(self.args.gateway_launcher).resolve())]
+            return [sys.executable, *launcher, "serve", "--config", str(config)]
+        return [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "floor-server",
+            "--port",
+            str(self.port),
+        ]
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+            )
+        _LIVE.add(self)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited at start:\n{self.log_tail()}")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.kind} did not listen on {self.port} within 20 s")
+
+    def stop(self) -> None:
+        _LIVE.discard(self)
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def warnings(self) -> list[str]:
+        """Log lines at WARNING or above, for the run report."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        return [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
+
+
+_LIVE: set[ServerProcess] = set()
+
+
+def stop_all_servers() -> None:
+    for server in list(_LIVE):
+        server.stop()
+
+
+@contextlib.contextmanager
+def running(
+    kind: str, workdir: Path, args: argparse.Namespace, tag: str
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(kind, workdir, args, tag)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+# ---- load generator helpers --------------------------------------------------------------
+
+
+def frames_of(message: bytes | str) -> list[Frame]:
+    if isinstance(message, str):
+        return []
+    item = cbor2.loads(message)
+    return item if isinstance(item, list) else [item]
+
+
+def encode(frame: Frame) -> bytes:
+    return cbor2.dumps(frame)
+
+
+class Tokens:
+    """Development tokens for the default auth settings, minted before any timing."""
+
+    def __init__(self) -> None:
+        self._auth = Settings().auth
+
+    def many(self, prefix: str, count: int) -> list[tuple[str, str]]:
+        """[(user, token)]: user ``prefix-i`` with device ``phone``."""
+        users = [f"{prefix}-{i}" for i in range(count)]
+        return [(u, mint_token(self._auth, u, "phone")) for u in users]
+
+
+class LeanClient:
+    """A minimal RFC 6455 client: binary messages, pongs, close; nothing else.
+
+    It keeps the load generator cheap so that it does not limit what is measured. Client
+    frames carry the all-zero masking key (legal, and masking becomes a no-op), which is
+    fine on loopback where no intermediary can be confused.
+    """
+
+    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+        self._stream = stream
+        self._buf = bytearray(buffered)
+        self._lock = trio.Lock()
+        self._fragments: list[bytes] = []
+
+    @classmethod
+    async def open(cls, url: str) -> LeanClient:
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname != HOST or parts.port is None:
+            raise ValueError(f"benchmark connects only to {HOST}, not {url}")
+        stream = await trio.open_tcp_stream(HOST, parts.port)
+        try:
+            key = base64.b64encode(os.urandom(16)).decode()
+            request = (
+                f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {HOST}:{parts.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+            )
+            await stream.send_all(request.encode())
+            buf = b""
+            for _ in range(64):
+                if b"\r\n\r\n" in buf:
+                    break
+                data = await stream.receive_some(CLIENT_RECEIVE_BUFFER)
+                if not data:
+                    raise ConnectionClosed(CloseReason(1006, "eof in handshake"))
+                buf += data
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest())
+            if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+                raise HandshakeError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return cls(stream, rest)
+
+    async def send_message(self, payload: bytes, opcode: int = 0x2) -> None:
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+        async with self._lock:
+            try:
+                await self._stream.send_all(header + b"\0\0\0\0" + payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ConnectionClosed(CloseReason(1006, "broken")) from None
+
+    async def _frame(self) -> tuple[bool, int, bytes]:
+        buf = self._buf
+        for _ in range(MAX_LOOP):
+            if len(buf) >= 2:
+                length, offset = buf[1] & 0x7F, 2
+                if length == 126 and len(buf) >= 4:
+                    length, offset = struct.unpack_from("!H", buf, 2)[0], 4
+                elif length == 127 and len(buf) >= 10:
+                    length, offset = struct.unpack_from("!Q", buf, 2)[0], 10
+                if length < 126 or offset > 2:
+                    end = offset + length
+                    if len(buf) >= end:
+                        first = buf[0]
+                        payload = bytes(buf[offset:end])
+                        del buf[:end]
+                        return bool(first & 0x80), first & 0x0F, payload
+            try:
+                data = await self._stream.receive_some(CLIENT_RECEIVE_BUFFER)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                raise ConnectionClosed(CloseReason(1006, "eof"))
+            buf += data
+        raise RuntimeError("frame loop bound")
+
+    async def get_message(self) -> bytes:
+        for _ in range(MAX_LOOP):
+            fin, opcode, payload = await self._frame()
+            if opcode == 0x9:
+                await self.send_message(payload, 0xA)
+            elif opcode == 0x8:
+                code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
+                with contextlib.suppress(ConnectionClosed):
+                    await self.send_message(payload[:2], 0x8)
+                await trio.aclose_forcefully(self._stream)
+                raise ConnectionClosed(CloseReason(code, payload[2:].decode(errors="replace")))
+            elif opcode in (0x0, 0x1, 0x2):
+                self._fragments.append(payload)
+                if fin:
+                    message = b"".join(self._fragments)
+                    self._fragments.clear()
+                    return message
+        raise RuntimeError("message loop bound")
+
+    async def aclose(self) -> None:
+        """Close handshake (bounded), then the socket."""
+        with trio.move_on_after(2):
+            try:
+                await self.send_message(struct.pack("!H", 1000), 0x8)
+                for _ in range(MAX_LOOP):
+                    await self._frame()
+            except ConnectionClosed:
+                pass
+        await trio.aclose_forcefully(self._stream)
+
+
+Wire = WebSocketConnection | LeanClient
+CLIENT = {"kind": "lean"}
+
+
+async def connect(nursery: trio.Nursery, url: str) -> Wire:
+    """A connection to the server under test, with the client chosen by ``--client``."""
+    with trio.fail_after(CONNECT_TIMEOUT):
+        if CLIENT["kind"] == "lean":
+            return await LeanClient.open(url)
+        return await connect_websocket_url(
+            nursery,
+            url,
+            subprotocols=[SUBPROTOCOL],
+            max_message_size=CLIENT_MAX_MESSAGE,
+            receive_buffer_size=CLIENT_RECEIVE_BUFFER,
+        )
+
+
+async def hello(ws: Wire, token: str, *, until: str = "drained") -> Frame:
+    """Send hello; return the welcome once `until` (``welcome`` or ``drained``) arrived."""
+    await ws.send_message(encode({"t": "hello", "v": 1, "token": token}))
+    welcome: Frame | None = None
+    with trio.fail_after(CONNECT_TIMEOUT):
+        for _ in range(MAX_LOOP):
+            sids: list[int] = []
+            for f in frames_of(await ws.get_message()):
+                kind = f.get("t")
+                if kind == "welcome":
+                    welcome = f
+                    if until == "welcome":
+                        return f
+                elif kind in ("msg", "receipt"):
+                    sids.append(f["sid"])
+                elif kind == "drained" and welcome is not None:
+                    return welcome
+            if sids:
+                await ws.send_message(encode({"t": "ack", "sids": sids}))
+    raise RuntimeError("no welcome")
+
+
+async def open_many(
+    nursery: trio.Nursery, url: str, tokens: Sequence[tuple[str, str]], concurrency: int
+) -> list[Wire]:
+    """Connect and authenticate every device (hello -> drained), `concurrency` at a time."""
+    result: list[Wire | None] = [None] * len(tokens)
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(i: int, token: str) -> None:
+        async with limiter:
+            ws = await connect(nursery, url)
+            await hello(ws, token)
+            result[i] = ws
+
+    async with trio.open_nursery() as opening:
+        for i, (_, token) in enumerate(tokens):
+            opening.start_soon(one, i, token)
+    return [ws for ws in result if ws is not None]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# ---- scenario 1 and 2: routed messages ------------------------------------------------------
+
+
+@dataclass
+class RouteState:
+    stop: bool = False
+    delivered: int = 0
+    sent_ok: int = 0
+    errors: int = 0
+    closed: int = 0
+    send_times: list[float] = field(default_factory=list)  # paced mode only
+    lateness: list[float] = field(default_factory=list)  # paced mode only
+    arrivals: list[tuple[float, float]] = field(default_factory=list)  # (t_send, latency)
+
+
+async def _route_receiver(ws: Wire, st: RouteState) -> None:
+    try:
+        for _ in range(MAX_LOOP):
+            message = await ws.get_message()
+            now = trio.current_time()
+            sids: list[int] = []
+            for f in frames_of(message):
+                if f["t"] == "msg":
+                    sids.append(f["sid"])
+                    t_send = struct.unpack_from("<d", f["body"])[0]
+                    st.arrivals.append((t_send, now - t_send))
+            if sids:
+                st.delivered += len(sids)
+                await ws.send_message(encode({"t": "ack", "sids": sids}))
+    except ConnectionClosed:
+        st.closed += 1
+
+
+async def _route_sender(
+    ws: Wire,
+    to: str,
+    st: RouteState,
+    window: int,
+    pad: bytes,
+    first_at: float,
+    interval: float | None,
+    max_sends: int,
+) -> None:
+    room = trio.Semaphore(window)
+
+    async def replies() -> None:
+        for _ in range(MAX_LOOP):
+            sids: list[int] = []
+            for f in frames_of(await ws.get_message()):
+                kind = f["t"]
+                if kind == "sent":
+                    st.sent_ok += 1
+                    room.release()
+                elif kind == "receipt":
+                    sids.append(f["sid"])
+                elif kind == "error":
+                    st.errors += 1
+                    if "ref" in f:
+                        room.release()
+            if sids:
+                await ws.send_message(encode({"t": "ack", "sids": sids}))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replies)
+            await trio.sleep_until(first_at)
+            for n in range(max_sends):
+                if interval is not None:
+                    await trio.sleep_until(first_at + n * interval)
+                await room.acquire()
+                if st.stop:
+                    break
+                now = trio.current_time()
+                body = struct.pack("<d", now) + pad
+                await ws.send_message(encode({"t": "send", "id": f"m{n}", "to": to, "body": body}))
+                if interval is not None:
+                    st.send_times.append(now)
+                    st.lateness.append(now - (first_at + n * interval))
+            nursery.cancel_scope.cancel()
+    except* ConnectionClosed:
+        st.closed += 1
+
+
+async def scenario_route(
+    server: ServerProcess,
+    tokens: Tokens,
+    args: argparse.Namespace,
+    rate: float | None,
+) -> Sample:
+    """Scenario 1 (``rate`` None: saturation) or 2 (paced at ``rate`` msgs/s in total)."""
+    pairs = args.pairs
+    pad = random.Random(1).randbytes(BODY_BYTES - 8)
+    receivers = tokens.many("rx", pairs)
+    senders = tokens.many("tx", pairs)
+    st = RouteState()
+    meter = Meter(server.pid)
+    hard_limit = args.warmup + args.duration + 120
+    with trio.fail_after(hard_limit):
+        async with trio.open_nursery() as nursery:
+            rx = await open_many(nursery, server.url, receivers, args.connect_concurrency)
+            tx = await open_many(nursery, server.url, senders, args.connect_concurrency)
+            if len(rx) != pairs or len(tx) != pairs:
+                raise RuntimeError(f"only {len(rx)}+{len(tx)} of {2 * pairs} devices connected")
+            start = trio.current_time() + 0.2
+            interval = None if rate is None else pairs / rate
+            total_time = args.warmup + args.duration + 1
+            for ws in rx:
+                nursery.start_soon(_route_receiver, ws, st)
+            for i, ws in enumerate(tx):
+                if interval is None:
+                    first_at, max_sends = start, 10_000_000
+                else:
+                    first_at = start + i * interval / pairs
+                    max_sends = int(total_time / interval) + 1
+                to = receivers[i][0]
+                nursery.start_soon(
+                    _route_sender, ws, to, st, args.window, pad, first_at, interval, max_sends
+                )
+            await trio.sleep_until(start + args.warmup)
+            t0 = trio.current_time()
+            meter.start()
+            d0, s0 = st.delivered, st.sent_ok
+            await trio.sleep(args.duration)
+            usage = meter.stop()
+            t1 = trio.current_time()
+            d1, s1 = st.delivered, st.sent_ok
+            st.stop = True
+            await trio.sleep(2.0 if rate is not None else 0.1)  # in-flight arrivals
+            nursery.cancel_scope.cancel()
+    measured = t1 - t0
+    in_window = [lat for ts, lat in st.arrivals if t0 <= ts < t1]
+    extra: dict[str, float] = {
+        "sent_per_s": (s1 - s0) / measured,
+        "errors": st.errors,
+        "closed": st.closed,
+    }
+    if rate is None:
+        extra["p50_ms_at_saturation"] = percentile(in_window, 0.5) * 1000
+        extra["p99_ms_at_saturation"] = percentile(in_window, 0.99) * 1000
+        return Sample((d1 - d0) / measured, usage, extra)
+    sent_in_window = sum(1 for ts in st.send_times if t0 <= ts < t1)
+    missing = max(0, sent_in_window - len(in_window))
+    samples = in_window + [math.inf] * missing  # not arrived within 2 s: counted as worst
+    extra.update(
+        offered_per_s=rate,
+        achieved_per_s=sent_in_window / measured,
+        p50_ms=percentile(samples, 0.5) * 1000,
+        missing=missing,
+        sender_lateness_p99_ms=percentile(st.lateness, 0.99) * 1000,
+        samples=len(samples),
+    )
+    return Sample(percentile(samples, 0.99) * 1000, usage, extra)
+
+
+# ---- scenario 3: idle connections ------------------------------------------------------------
+
+
+async def scenario_idle(server: ServerProcess, tokens: Tokens, args: argparse.Namespace) -> Sample:
+    warm = tokens.many("warm", 100)
+    idle = tokens.many("idle", args.idle_conns)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            await open_many(nursery, server.url, warm, args.connect_concurrency)
+            nursery.cancel_scope.cancel()
+        await trio.sleep(1.0)
+        rss0 = proc_status_kb(server.pid, "VmRSS")
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            conns = await open_many(nursery, server.url, idle, args.connect_concurrency)
+            opened = time.perf_counter() - t0
+            await trio.sleep(2.0)  # let transient buffers go
+            rss1 = proc_status_kb(server.pid, "VmRSS")
+            fds = proc_fd_count(server.pid)
+            nursery.cancel_scope.cancel()
+    if len(conns) != len(idle):
+        raise RuntimeError(f"only {len(conns)} of {len(idle)} idle connections opened")
+    extra = {
+        "rss_before_mb": rss0 / 1024,
+        "rss_after_mb": rss1 / 1024,
+        "server_fds": fds,
+        "open_seconds": opened,
+    }
+    return Sample((rss1 - rss0) / len(conns), None, extra)
+
+
+# ---- scenario 4: backlog drain ----------------------------------------------------------------
+
+
+async def scenario_drain(server: ServerProcess, tokens: Tokens, args: argparse.Namespace) -> Sample:
+    ((rx_user, rx_token),) = tokens.many("drain-rx", 1)
+    ((_, tx_token),) = tokens.many("drain-tx", 1)
+    n = args.backlog
+    pad = random.Random(2).randbytes(BODY_BYTES - 8)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:  # make the receiver known, then offline
+            ws = await connect(nursery, server.url)
+            await hello(ws, rx_token)
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:  # queue the backlog
+            ws = await connect(nursery, server.url)
+            await hello(ws, tx_token)
+            room = trio.Semaphore(256)
+            done = trio.Event()
+            answered = 0
+
+            async def replies() -> None:
+                nonlocal answered
+                for _ in range(MAX_LOOP):
+                    for f in frames_of(await ws.get_message()):
+                        if f["t"] in ("sent", "error"):
+                            answered += 1
+                            room.release()
+                    if answered >= n:
+                        done.set()
+                        return
+
+            nursery.start_soon(replies)
+            for i in range(n):
+                await room.acquire()
+                body = struct.pack("<d", 0.0) + pad
+                await ws.send_message(
+                    encode({"t": "send", "id": f"b{i}", "to": rx_user, "body": body})
+                )
+            await done.wait()
+            nursery.cancel_scope.cancel()
+        await trio.sleep(1.0)
+        meter = Meter(server.pid)
+        async with trio.open_nursery() as nursery:
+            ws = await connect(nursery, server.url)
+            meter.start()
+            t0 = trio.current_time()
+            await ws.send_message(encode({"t": "hello", "v": 1, "token": rx_token}))
+            queued = received = 0
+            first_msg = math.nan
+            t1 = math.nan
+            for _ in range(MAX_LOOP):
+                message = await ws.get_message()
+                sids: list[int] = []
+                finished = False
+                for f in frames_of(message):
+                    kind = f["t"]
+                    if kind == "welcome":
+                        queued = f["queued"]
+                    elif kind == "msg":
+                        sids.append(f["sid"])
+                    elif kind == "drained":
+                        finished = True
+                if sids:
+                    if not received:
+                        first_msg = trio.current_time() - t0
+                    received += len(sids)
+                    await ws.send_message(encode({"t": "ack", "sids": sids}))
+                if finished:
+                    t1 = trio.current_time()
+                    break
+            usage = meter.stop()
+            nursery.cancel_scope.cancel()
+    if received != n or queued != n:
+        raise RuntimeError(f"drain: queued {queued}, received {received}, expected {n}")
+    extra = {"first_msg_ms": first_msg * 1000, "msgs_per_s": n / (t1 - t0)}
+    return Sample(t1 - t0, usage, extra)
+
+
+# ---- scenario 5: handshakes --------------------------------------------------------------------
+
+
+async def _handshake(url: str, token: str) -> bool:
+    ok = False
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await connect(nursery, url)
+            await hello(ws, token, until="welcome")
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+            ok = True
+    except* (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError):
+        pass
+    return ok
+
+
+async def scenario_handshakes(
+    server: ServerProcess, tokens: Tokens, args: argparse.Namespace
+) -> Sample:
+    c = args.handshake_concurrency
+    pool = tokens.many("hs", c * max(1, args.handshake_pool // c))
+    total = args.handshakes
+    failures = 0
+
+    async def worker(w: int, rounds: int, counts: list[int]) -> None:
+        nonlocal failures
+        mine = pool[w::c]  # each device belongs to one worker: no two live at once
+        for r in range(rounds):
+            if await _handshake(server.url, mine[r % len(mine)][1]):
+                counts[0] += 1
+            else:
+                failures += 1
+
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:  # known devices, warmed up (untimed)
+            for w in range(c):
+                nursery.start_soon(worker, w, len(pool) // c, [0])
+        failures = 0
+        await trio.sleep(0.5)
+        meter = Meter(server.pid)
+        counts = [0]
+        meter.start()
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for w in range(c):
+                nursery.start_soon(worker, w, total // c, counts)
+        elapsed = time.perf_counter() - t0
+        usage = meter.stop()
+    return Sample(counts[0] / elapsed, usage, {"failures": failures, "completed": counts[0]})
+
+
+# ---- the in-memory floor (baseline server) ------------------------------------------------------
+
+
+class _FloorConn:
+    def __init__(self, ws: WebSocketConnection, user: str, device: str) -> None:
+        self.ws, self.user, self.device = ws, user, device
+        self.out: list[Frame] = []
+        self.dirty = True
+        self.cursor = 0
+        self.drained = False
+        self.wake = trio.Event()
+
+    def push(self, frame: Frame) -> None:
+        self.out.append(frame)
+        self.wake.set()
+
+    def ring(self) -> None:
+        self.dirty = True
+        self.wake.set()
+
+
+class Floor:
+    """Protocol v1's message path in memory: hello/welcome/drained, send/sent/msg, ack/receipt.
+
+    The same batching as the gateway's writer (whatever is pending goes out in one message,
+    256 queue items per read), without durability, signature checks or validation.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[tuple[str, str], dict[int, Frame]] = {}
+        self.devices: dict[str, set[str]] = {}
+        self.online: dict[tuple[str, str], _FloorConn] = {}
+        self.sid = 0
+
+    def _store(self, user: str, device: str, frame: Frame) -> None:
+        self.sid += 1
+        frame["sid"] = self.sid
+        self.queues[(user, device)][self.sid] = frame
+        conn = self.online.get((user, device))
+        if conn is not None:
+            conn.ring()
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        offered = SUBPROTOCOL in request.proposed_subprotocols
+        try:
+            ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+            with trio.move_on_after(10):
+                first = frames_of(await ws.get_message())[0]
+            claims = _unverified_claims(first["token"])
+        except (ConnectionClosed, IndexError, KeyError, NameError, ValueError):
+            return
+        user, device = claims["sub"], claims["dev"]
+        key = (user, device)
+        self.devices.setdefault(user, set()).add(device)
+        queue = self.queues.setdefault(key, {})
+        conn = _FloorConn(ws, user, device)
+        self.online[key] = conn
+        conn.push(
+            {"t": "welcome", "user": user, "device": device, "ts": _now_ms(), "heartbeat": 30,
+             "queued": len(queue)}
+        )  # fmt: skip
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn, queue)
+                await self._reader(conn, queue)
+                nursery.cancel_scope.cancel()
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            if self.online.get(key) is conn:
+                del self.online[key]
+
+    async def _reader(self, conn: _FloorConn, queue: dict[int, Frame]) -> None:
+        for _ in range(MAX_LOOP * 100):
+            message = await conn.ws.get_message()
+            for f in frames_of(message):
+                kind = f.get("t")
+                if kind == "send":
+                    self._send(conn, f)
+                elif kind == "ack":
+                    self._ack(conn, queue, f["sids"])
+
+    def _send(self, conn: _FloorConn, f: Frame) -> None:
+        now = _now_ms()
+        to = f["to"]
+        targets = [
+            d for d in self.devices.get(to, ()) if not (to == conn.user and d == conn.device)
+        ]
+        if not targets:
+            conn.push({"t": "error", "code": "unknown_recipient", "ref": f["id"]})
+            return
+        for device in targets:
+            self._store(to, device, {
+                "t": "msg", "id": f["id"], "from": conn.user, "dev": conn.device, "ts": now,
+                "body": f["body"], "urgent": f.get("urgent", True),
+            })  # fmt: skip
+        conn.push({"t": "sent", "id": f["id"], "ts": now})
+
+    def _ack(self, conn: _FloorConn, queue: dict[int, Frame], sids: list[int]) -> None:
+        by_sender: dict[str, list[str]] = {}
+        for sid in sids:
+            item = queue.pop(sid, None)
+            if item is not None and item["t"] == "msg":
+                by_sender.setdefault(item["from"], []).append(item["id"])
+        now = _now_ms()
+        for sender, ids in by_sender.items():
+            for device in self.devices.get(sender, ()):
+                self._store(sender, device, {
+                    "t": "receipt", "kind": "delivered", "ids": ids, "by": conn.user,
+                    "dev": conn.device, "ts": now,
+                })  # fmt: skip
+
+    async def _writer(self, conn: _FloorConn, queue: dict[int, Frame]) -> None:
+        for _ in range(MAX_LOOP * 100):
+            if not conn.out and not conn.dirty:
+                conn.wake = trio.Event()
+                await conn.wake.wait()
+            out, conn.out = conn.out, []
+            if conn.dirty:
+                conn.dirty = False
+                items: list[Frame] = []
+                for sid, item in queue.items():
+                    if sid > conn.cursor:
+                        items.append(item)
+                        if len(items) == 256:
+                            break
+                if items:
+                    conn.cursor = items[-1]["sid"]
+                if len(items) == 256:
+                    conn.dirty = True
+                elif not conn.drained:
+                    conn.drained = True
+                    items.append({"t": "drained"})
+                out += items
+            if out:
+                await conn.ws.send_message(cbor2.dumps(out[0] if len(out) == 1 else out))
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _serve_floor(port: int) -> None:
+    floor = Floor()
+    await serve_websocket(
+        floor.handle, HOST, port, None, max_message_size=64 * 1024, connect_timeout=10,
+        disconnect_timeout=2,
+    )  # fmt: skip
+
+
+# ---- orchestration -----------------------------------------------------------------------------
+
+
+Scenario = Callable[[ServerProcess, Tokens, argparse.Namespace], Awaitable[Sample]]
+KINDS = ("gateway", "floor")
+
+
+def run_one(
+    kind: str, name: str, run: int, workdir: Path, args: argparse.Namespace, tokens: Tokens,
+    scenario: Scenario,
+) -> Sample:  # fmt: skip
+    with running(kind, workdir, args, f"{name}-{kind}-{run}") as server:
+        if run == 0 and name == "idle":
+            limit = proc_fd_limit(server.pid)
+            print(f"    ({kind} pid {server.pid}, RLIMIT_NOFILE {limit})", flush=True)
+        profiler = _start_profiler(args, server, f"{name}-{kind}-{run}")
+        try:
+            sample: Sample = trio.run(scenario, server, tokens, args)
+        finally:
+            _stop_profiler(profiler)
+        for line in server.warnings()[:5]:
+            print(f"    {kind} log: {line}", flush=True)
+        return sample
+
+
+def _start_profiler(
+    args: argparse.Namespace, server: ServerProcess, tag: str
+) -> subprocess.Popen[bytes] | None:
+    if not args.profile_dir:
+        return None
+    out = Path(args.profile_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    command = [str(py_spy), "record", "--pid", str(server.pid), "--format", "raw", "--rate", "200"]
+    command += ["--gil"] if args.profile_mode == "gil" else ["--threads"]
+    command += ["--output", str(out / f"{tag}-{args.profile_mode}.txt")]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is None:
+        return
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        profiler.wait(timeout=5)
+
+
+def describe(name: str, sample: Sample) -> str:
+    if name == "route":
+        text = (
+            f"{sample.value:,.0f} delivered msg/s (sent {sample.extra['sent_per_s']:,.0f}/s,"
+            f" p50 {sample.extra['p50_ms_at_saturation']:.0f} ms /"
+            f" p99 {sample.extra['p99_ms_at_saturation']:.0f} ms at saturation)"
+        )
+    elif name == "latency":
+        text = (
+            f"p99 {sample.value:.1f} ms, p50 {sample.extra['p50_ms']:.1f} ms at"
+            f" {sample.extra['achieved_per_s']:,.0f} msg/s ({int(sample.extra['samples']):,}"
+            f" samples, {int(sample.extra['missing'])} missing, sender lateness p99"
+            f" {sample.extra['sender_lateness_p99_ms']:.1f} ms)"
+        )
+    elif name == "idle":
+        text = (
+            f"{sample.value:.1f} KB/conn (VmRSS {sample.extra['rss_before_mb']:.1f} ->"
+            f" {sample.extra['rss_after_mb']:.1f} MB, {int(sample.extra['server_fds']):,} fds,"
+            f" opened in {sample.extra['open_seconds']:.1f} s)"
+        )
+    elif name == "drain":
+        text = (
+            f"{sample.value:.3f} s hello->drained ({sample.extra['msgs_per_s']:,.0f} msg/s,"
+            f" first msg after {sample.extra['first_msg_ms']:.0f} ms)"
+        )
+    else:
+        text = (
+            f"{sample.value:,.0f} handshakes/s ({int(sample.extra['completed']):,} done,"
+            f" {int(sample.extra['failures'])} failed)"
+        )
+    for key in ("errors", "closed"):
+        if sample.extra.get(key):
+            text += f" [{key}: {int(sample.extra[key])}]"
+    if sample.usage is not None and sample.usage.wall >= 0.5:  # /proc counts 10 ms ticks
+        u = sample.usage
+        text += (
+            f"\n      cpu over {u.wall:.2f} s: server {u.server:.0%} of a core (main thread"
+            f" {u.server_main:.0%}), generator {u.generator:.0%}"
+        )
+        if max(u.server, u.server_main) >= 0.9:
+            text += "  (server at ~100% of a core)"
+        if u.generator >= 0.9:
+            text += "  !! generator near 100%: result may be generator-bound"
+    return text
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    fd_limit = raise_fd_limit()
+    CLIENT["kind"] = args.client
+    if args.quick:
+        args.runs = args.runs_set or 1
+        args.pairs = args.pairs_set or 100
+        args.duration = args.duration_set or 3.0
+        args.warmup = args.warmup_set or 1.0
+        args.idle_conns = args.idle_set or 2000
+        args.backlog = args.backlog_set or 2000
+        args.handshakes = args.handshakes_set or 1000
+    if args.idle_conns + 100 > fd_limit - 200:
+        print(f"--idle-conns {args.idle_conns} needs more fds than {fd_limit}", file=sys.stderr)
+        return 2
+    only = set(args.only.split(",")) if args.only else {"route", "latency", "idle", "drain", "hs"}
+    kinds = KINDS if not args.no_baseline else ("gateway",)
+    tokens = Tokens()
+    print(_machine_line(), flush=True)
+    busy = other_cpu_use()
+    print(f"CPU in use by other processes before start: {busy:.0%} of one core", flush=True)
+    if busy > 0.2:
+        print("  !! the machine is busy with other work: expect noisier, lower results", flush=True)
+    print(
+        f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
+        f" warmup {args.warmup:g} s + {args.duration:g} s measured; idle {args.idle_conns:,};"
+        f" backlog {args.backlog:,}; handshakes {args.handshakes:,} x"
+        f" {args.handshake_concurrency} concurrent; store synchronous={args.synchronous},"
+        f" gateway log level {args.log_level}; client {args.client}; RLIMIT_NOFILE {fd_limit}",
+        flush=True,
+    )
+    results: dict[str, dict[str, list[Sample]]] = {k: {} for k in KINDS}
+    workdir = Path(tempfile.mkdtemp(prefix="bench_core_", dir=args.tmpdir))
+
+    def series(name: str, scenario: Scenario, title: str) -> None:
+        print(f"\n== {title}", flush=True)
+        for run in range(args.runs):
+            for kind in kinds:
+                sample = run_one(kind, name, run, workdir, args, tokens, scenario)
+                results[kind].setdefault(name, []).append(sample)
+                print(f"  run {run + 1} {kind:7}: {describe(name, sample)}", flush=True)
+
+    async def saturate(server: ServerProcess, tok: Tokens, a: argparse.Namespace) -> Sample:
+        return await scenario_route(server, tok, a, None)
+
+    try:
+        if "route" in only or ("latency" in only and not args.rate):
+            series("route", saturate, "1. routed durable msgs/s at saturation")
+        if "latency" in only:
+            rate = args.rate or statistics.median(s.value for s in results["gateway"]["route"]) / 2
+
+            async def paced(server: ServerProcess, tok: Tokens, a: argparse.Namespace) -> Sample:
+                return await scenario_route(server, tok, a, rate)
+
+            series("latency", paced, f"2. latency, paced at {rate:,.0f} msg/s (half of 1.)")
+        if "idle" in only:
+            series("idle", scenario_idle, f"3. RSS per idle connection ({args.idle_conns:,})")
+        if "drain" in only:
+            series("drain", scenario_drain, f"4. drain a backlog of {args.backlog:,} on reconnect")
+        if "hs" in only:
+            series("hs", scenario_handshakes, "5. handshakes + hello/welcome + close per second")
+    finally:
+        stop_all_servers()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return 0
+
+
+def summarize(
+    results: dict[str, dict[str, list[Sample]]], args: argparse.Namespace
+) -> dict[str, Any]:
+    names = {
+        "msgs_per_s": "route",
+        "p99_ms": "latency",
+        "rss_kb_per_conn": "idle",
+        "drain_s": "drain",
+        "handshakes_per_s": "hs",
+    }
+    print(f"\n== summary: medians of {args.runs} run(s); ratio = gateway / in-memory floor")
+    header = (
+        f"{'metric':28} {'gateway':>10} {'floor':>10} {'ratio':>7}  {'target':>12}  "
+        f"{'result':6}  gateway at ~100% of a core?"
+    )
+    print(header)
+    print("-" * len(header))
+    summary: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "metrics": {}}
+    for target in TARGETS:
+        name = names[target.key]
+        gw = results["gateway"].get(name)
+        if not gw:
+            continue
+        fl = results["floor"].get(name)
+        g = statistics.median(s.value for s in gw)
+        f = statistics.median(s.value for s in fl) if fl else math.nan
+        ratio = g / f if fl and f else math.nan
+        verdict = "PASS" if target.met(g) else "MISS"
+        usages = [s.usage for s in gw if s.usage is not None and s.usage.wall >= 0.5]
+        busy = "-"
+        if usages:
+            main = statistics.median(u.server_main for u in usages)
+            proc = statistics.median(u.server for u in usages)
+            gen = statistics.median(u.generator for u in usages)
+            busy = (
+                f"{'yes' if max(main, proc) >= 0.9 else 'no'} (process {proc:.0%},"
+                f" main thread {main:.0%}; generator {gen:.0%})"
+            )
+        bound = f"{target.op} {target.bound:,g}"
+        print(
+            f"{target.label + ' (' + target.unit + ')':28} {_fmt(g):>10} {_fmt(f):>10}"
+            f" {ratio:>7.2f}  {bound:>12}  {verdict:6}  {busy}"
+        )
+        summary["metrics"][target.key] = {
+            "gateway_median": g,
+            "floor_median": f,
+            "ratio": ratio,
+            "target": f"{target.op} {target.bound:g}",
+            "result": verdict,
+            "gateway_runs": [asdict(s) for s in gw],
+            "floor_runs": [asdict(s) for s in fl] if fl else [],
+        }
+    if args.quick:
+        print("(--quick: smaller scales than the targets assume; use the full run for verdicts)")
+    return summary
+
+
+def _fmt(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _machine_line() -> str:
+    model = platform.processor() or "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"gateway code: {_gateway_source()}\n"
+        f"machine: {os.cpu_count()} cpus ({model}), Python {platform.python_version()},"
+        f" trio {trio.__version__}, cbor2 {_version('cbor2')},"
+        f" trio-websocket {_version('trio-websocket')}"
+    )
+
+
+def _gateway_source() -> str:
+    """Where the benchmarked gateway package comes from, with its git commit if known."""
+    import gateway
+
+    where = Path(gateway.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return str(where)
+    return f"{where} (commit {commit}{', uncommitted changes' if dirty else ''})"
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small, fast run")
+    p.add_argument(
+        "--client",
+        choices=("lean", "trio-websocket"),
+        default="lean",
+        help="the generator's WebSocket client (default: lean, see LeanClient)",
+    )
+    p.add_argument("--runs", type=int, default=None, help="runs per scenario (default 3)")
+    p.add_argument("--pairs", type=int, default=None, help="sender->receiver pairs (default 500)")
+    p.add_argument("--window", type=int, default=16, help="outstanding sends per sender")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds (default 3)")
+    p.add_argument(
+        "--rate", type=float, default=None, help="paced rate for 2. (default: half of 1.)"
+    )
+    p.add_argument("--idle-conns", type=int, default=None, help="idle connections (default 10000)")
+    p.add_argument("--backlog", type=int, default=None, help="queued messages (default 10000)")
+    p.add_argument("--handshakes", type=int, default=None, help="timed handshakes (default 5000)")
+    p.add_argument("--handshake-concurrency", type=int, default=50)
+    p.add_argument("--handshake-pool", type=int, default=1000, help="devices reconnecting")
+    p.add_argument("--connect-concurrency", type=int, default=200)
+    p.add_argument("--synchronous", choices=("full", "normal"), default="full",
+                   help="[store] synchronous of the gateway under test")  # fmt: skip
+    p.add_argument("--log-level", default="info", help="[log] level of the gateway under test")
+    p.add_argument(
+        "--gateway-launcher",
+        help="a Python file run instead of `-m gateway.cli` (A/B tests of patched gateways)",
+    )
+    p.add_argument("--only", help="comma list of route,latency,idle,drain,hs")
+    p.add_argument("--no-baseline", action="store_true", help="skip the floor (debugging only)")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--profile-dir", help="record each server with py-spy (raw stacks) here")
+    p.add_argument(
+        "--profile-mode",
+        choices=("cpu", "gil"),
+        default="cpu",
+        help="py-spy: every thread's CPU, or only the thread holding the GIL",
+    )
+    p.add_argument("--tmpdir", help="where server files go (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep server logs and databases")
+    args = p.parse_args(argv)
+    # Remember what was given explicitly, so that --quick only changes the rest.
+    for name, default in (
+        ("runs", 3), ("pairs", 500), ("duration", 10.0), ("warmup", 3.0), ("idle_conns", 10_000),
+        ("backlog", 10_000), ("handshakes", 5000),
+    ):  # fmt: skip
+        given = getattr(args, name)
+        short = {"idle_conns": "idle", "handshakes": "handshakes"}.get(name, name)
+        setattr(args, f"{short}_set", given)
+        setattr(args, name, default if given is None else given)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["floor-server"]:
+        raise_fd_limit()
+        port = int(argv[argv.index("--port") + 1])
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(_serve_floor, port)
+        return 0
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return main_bench(args)
+    finally:
+        stop_all_servers()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
