@@ -136,6 +136,9 @@ class Connection:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
         gw.presence.add_subscriber(self.id, active=self.active)
         gw.presence.device_connected(self.user, self.device)
+        # Acks from this device's previous connection may still be queued for commit;
+        # reading the backlog after them means nothing acked is delivered again.
+        await gw.store.sync()
         queued = await gw.store.count(self.user, self.device, now_ms())
         server = gw.settings.server
         heartbeat = math.ceil(server.heartbeat)

@@ -149,7 +149,8 @@ async def test_devices_lists_only_that_users_devices(store):
 async def test_touch_device_records_last_seen(store):
     await register(store, "bob", "phone")
 
-    await store.touch_device("bob", "phone", T0 + 1234)
+    await store.touch_device("bob", "phone", T0 + 1234)  # queued for commit, not awaited
+    await register(store, "carol", "phone")  # committed after it: a barrier
 
     [record] = await store.devices("bob")
     assert record.last_seen == T0 + 1234

@@ -194,6 +194,10 @@ class MessageStore(abc.ABC):
         """Queue a read receipt for every device of `to`."""
 
     @abc.abstractmethod
+    async def sync(self) -> None:
+        """Wait until everything submitted before this call is committed."""
+
+    @abc.abstractmethod
     async def register_device(self, user: str, device: str, now: int) -> bool:
         """Make a device known (durably); returns True if it is new."""
 

@@ -83,12 +83,48 @@ SUBMIT_QUEUE = 4096
 
 Ring = tuple[str, str, bool, QueueItem]
 OpResult = tuple[Any, list[Ring]]
+# Users whose device lists are cached on the writer; past this the cache starts afresh.
+DEVICE_CACHE_USERS = 100_000
+
+
+class _Tx:
+    """What an operation sees on the writer thread: the connection, plus a cache of
+    each user's devices (every change to devices goes through this writer)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._devices: dict[str, list[tuple[int, str]]] = {}
+
+    def devices(self, user: str) -> list[tuple[int, str]]:
+        """(did, device) of every known device of `user`."""
+        known = self._devices.get(user)
+        if known is None:
+            if len(self._devices) >= DEVICE_CACHE_USERS:
+                self._devices.clear()
+            known = self._devices[user] = self.conn.execute(
+                "SELECT did, device FROM devices WHERE user=?", (user,)
+            ).fetchall()
+        return known
+
+    def forget(self, user: str | None = None) -> None:
+        """Drop cached devices of `user` (or of everyone, after a rollback)."""
+        if user is None:
+            self._devices.clear()
+        else:
+            self._devices.pop(user, None)
+
+
+Apply = Callable[[_Tx], OpResult]
 
 
 @dataclass(slots=True)
 class _Op:
-    apply: Callable[[sqlite3.Connection], OpResult]
+    apply: Apply
     ticket: Ticket[Any]
+
+
+class _OperationFailed(Exception):
+    """An operation of a batch raised; the batch is redone with each one isolated."""
 
 
 class SqliteStore(MessageStore):
@@ -109,7 +145,7 @@ class SqliteStore(MessageStore):
         self._max_batch = max_batch
         self._receipt_ttl_ms = receipt_ttl_ms
         self._send, self._receive = trio.open_memory_channel[_Op](SUBMIT_QUEUE)
-        self._writer: sqlite3.Connection | None = None
+        self._tx: _Tx | None = None
         self._readers_send, self._readers = trio.open_memory_channel[sqlite3.Connection](READERS)
         self._reader_conns: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
@@ -133,7 +169,7 @@ class SqliteStore(MessageStore):
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode})")
         writer.executescript(SCHEMA)
-        self._writer = writer
+        self._tx = _Tx(writer)
         self._reader_conns = [self._connect() for _ in range(READERS)]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -176,18 +212,24 @@ class SqliteStore(MessageStore):
             op.ticket.fail(StoreClosed("the store stopped before this was committed"))
 
     def _close_connections(self) -> None:
-        for conn in [self._writer, *self._reader_conns]:
+        for conn in [self._tx.conn if self._tx else None, *self._reader_conns]:
             if conn is not None:
                 conn.close()
 
     # -- group commit ---------------------------------------------------------------------
 
-    async def _submit(self, apply: Callable[[sqlite3.Connection], OpResult]) -> Ticket[Any]:
+    async def _submit(self, apply: Apply) -> Ticket[Any]:
         if self._closed:
             raise StoreClosed("the store is shutting down")
         ticket: Ticket[Any] = Ticket()
+        op = _Op(apply, ticket)
         try:
-            await self._send.send(_Op(apply, ticket))
+            try:
+                # Most submissions find room: skip the scheduler round trip that a
+                # blocking send costs, and wait only when the queue is really full.
+                self._send.send_nowait(op)
+            except trio.WouldBlock:
+                await self._send.send(op)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreClosed("the store is shutting down") from None
         return ticket
@@ -220,18 +262,39 @@ class SqliteStore(MessageStore):
                 op.ticket.fail(value)
 
     def _apply_batch(self, batch: Sequence[_Op]) -> list[tuple[bool, Any, list[Ring]]]:
-        conn = self._writer
-        assert conn is not None
+        """Apply a batch in one transaction. Every SQLite call hands the GIL back and forth
+        with the event loop, so the common case runs with no per-operation savepoints; if
+        an operation fails, the batch is rolled back and redone with one savepoint each,
+        so that only the failing operation fails."""
+        tx = self._tx
+        assert tx is not None
+        try:
+            return self._run_batch(tx, batch, isolate=False)
+        except _OperationFailed:
+            return self._run_batch(tx, batch, isolate=True)
+
+    def _run_batch(
+        self, tx: _Tx, batch: Sequence[_Op], *, isolate: bool
+    ) -> list[tuple[bool, Any, list[Ring]]]:
+        conn = tx.conn
         outcomes: list[tuple[bool, Any, list[Ring]]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in batch:
+                if not isolate:
+                    try:
+                        value, rings = op.apply(tx)
+                    except Exception as exc:
+                        raise _OperationFailed from exc
+                    outcomes.append((True, value, rings))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
-                    value, rings = op.apply(conn)
+                    value, rings = op.apply(tx)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
+                    tx.forget()
                     log.warning("store operation failed: %s", exc)
                     outcomes.append((False, StoreError(str(exc)), []))
                 else:
@@ -241,19 +304,20 @@ class SqliteStore(MessageStore):
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            tx.forget()
             raise
         return outcomes
 
     # -- mutations ------------------------------------------------------------------------
 
     async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
-        return await self._submit(lambda conn: _apply_send(conn, envelope))
+        return await self._submit(lambda tx: _apply_send(tx, envelope))
 
     async def submit_ack(
         self, user: str, device: str, sids: tuple[int, ...], now: int
     ) -> Ticket[int]:
         expires = now + self._receipt_ttl_ms
-        return await self._submit(lambda conn: _apply_ack(conn, user, device, sids, now, expires))
+        return await self._submit(lambda tx: _apply_ack(tx, user, device, sids, now, expires))
 
     async def submit_read(
         self,
@@ -264,23 +328,27 @@ class SqliteStore(MessageStore):
         now: int,
         expires: int,
     ) -> Ticket[int]:
-        def apply(conn: sqlite3.Connection) -> OpResult:
+        def apply(tx: _Tx) -> OpResult:
             rings = _insert_receipts(
-                conn, ItemKind.READ, to, reader, reader_device, ids, now, expires
+                tx, ItemKind.READ, to, reader, reader_device, ids, now, expires
             )
             return len(rings), rings
 
         return await self._submit(apply)
 
+    async def sync(self) -> None:
+        await (await self._submit(lambda tx: (None, []))).result()
+
     async def register_device(self, user: str, device: str, now: int) -> bool:
         if (user, device) in self._known:
             return False  # known devices cost no commit on every hello
 
-        def apply(conn: sqlite3.Connection) -> OpResult:
-            cur = conn.execute(
+        def apply(tx: _Tx) -> OpResult:
+            cur = tx.conn.execute(
                 "INSERT OR IGNORE INTO devices (user, device, created, last_seen) VALUES (?,?,?,?)",
                 (user, device, now, now),
             )
+            tx.forget(user)
             return cur.rowcount == 1, []
 
         result: bool = await (await self._submit(apply)).result()
@@ -290,20 +358,21 @@ class SqliteStore(MessageStore):
     async def remove_device(self, user: str, device: str) -> bool:
         self._known.discard((user, device))
 
-        def apply(conn: sqlite3.Connection) -> OpResult:
-            row = conn.execute(
+        def apply(tx: _Tx) -> OpResult:
+            row = tx.conn.execute(
                 "DELETE FROM devices WHERE user=? AND device=? RETURNING did", (user, device)
             ).fetchone()
+            tx.forget(user)
             if row is not None:
-                conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
+                tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
             return row is not None, []
 
         result: bool = await (await self._submit(apply)).result()
         return result
 
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
-        def apply(conn: sqlite3.Connection) -> OpResult:
-            conn.execute(
+        def apply(tx: _Tx) -> OpResult:
+            tx.conn.execute(
                 "UPDATE devices SET last_seen=? WHERE user=? AND device=?",
                 (last_seen, user, device),
             )
@@ -312,7 +381,7 @@ class SqliteStore(MessageStore):
         await self._submit(apply)  # last-seen is informational: queue it, don't wait
 
     async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
-        def apply(conn: sqlite3.Connection) -> OpResult:
+        def apply(tx: _Tx) -> OpResult:
             if token is None:
                 values: tuple[Any, ...] = (None, None, None, 0, None)
             else:
@@ -323,7 +392,7 @@ class SqliteStore(MessageStore):
                     int(token.sandbox),
                     token.registered_at,
                 )
-            conn.execute(
+            tx.conn.execute(
                 "UPDATE devices SET push_provider=?, push_token=?, push_topic=?, push_sandbox=?,"
                 " push_registered_at=? WHERE user=? AND device=?",
                 (*values, user, device),
@@ -333,8 +402,8 @@ class SqliteStore(MessageStore):
         await (await self._submit(apply)).result()
 
     async def clear_push_token(self, user: str, device: str, token: str, sent_at: int) -> bool:
-        def apply(conn: sqlite3.Connection) -> OpResult:
-            cur = conn.execute(
+        def apply(tx: _Tx) -> OpResult:
+            cur = tx.conn.execute(
                 "UPDATE devices SET push_provider=NULL, push_token=NULL, push_topic=NULL,"
                 " push_sandbox=0, push_registered_at=NULL"
                 " WHERE user=? AND device=? AND push_token=? AND push_registered_at<=?",
@@ -346,12 +415,12 @@ class SqliteStore(MessageStore):
         return result
 
     async def sweep_expired(self, now: int) -> int:
-        def apply(conn: sqlite3.Connection) -> OpResult:
-            items: int = conn.execute(
+        def apply(tx: _Tx) -> OpResult:
+            items: int = tx.conn.execute(
                 "DELETE FROM queue WHERE sid IN (SELECT sid FROM queue WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
             ).rowcount
-            ids: int = conn.execute(
+            ids: int = tx.conn.execute(
                 "DELETE FROM sent_ids WHERE (sender, sender_device, msg_id) IN"
                 " (SELECT sender, sender_device, msg_id FROM sent_ids WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
@@ -430,17 +499,33 @@ class SqliteStore(MessageStore):
 
 
 # -- operations, run on the writer thread inside the batch transaction -------------------
+# Each SQLite call costs two GIL hand-offs with the event loop, so operations use as few
+# statements as they can: an upsert for idempotency, cached device lists, RETURNING sids.
 
 
-def _apply_send(conn: sqlite3.Connection, env: Envelope) -> OpResult:
-    row = conn.execute(
-        "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=? AND expires>?",
-        (env.sender, env.sender_device, env.msg_id, env.ts),
-    ).fetchone()
-    if row is not None:
+def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
+    conn = tx.conn
+    # Claims the id, or finds it claimed by a live earlier send (an expired claim is
+    # taken over, as if swept).
+    claimed = conn.execute(
+        "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires) VALUES (?,?,?,?,?)"
+        " ON CONFLICT DO UPDATE SET ts=excluded.ts, expires=excluded.expires"
+        " WHERE sent_ids.expires <= excluded.ts",
+        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
+    ).rowcount
+    if not claimed:
+        row = conn.execute(
+            "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+            (env.sender, env.sender_device, env.msg_id),
+        ).fetchone()
         return SendOutcome(ts=row[0], duplicate=True), []
-    known = conn.execute("SELECT did, device FROM devices WHERE user=?", (env.to,)).fetchall()
+    known = tx.devices(env.to)
     if not known:
+        # Release the claim: a later retry, once the recipient exists, must be stored.
+        conn.execute(
+            "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+            (env.sender, env.sender_device, env.msg_id),
+        )
         return SendOutcome(ts=env.ts, unknown_recipient=True), []
     own = env.sender_device if env.to == env.sender else None
     targets = [(did, dev) for did, dev in known if dev != own]
@@ -450,21 +535,14 @@ def _apply_send(conn: sqlite3.Connection, env: Envelope) -> OpResult:
         skipped = tuple(sorted(d for d in env.bodies if d not in names or d == own))
         targets = [(did, dev) for did, dev in targets if dev in env.bodies]
     bodies = [(env.body or b"") if env.bodies is None else env.bodies[dev] for _, dev in targets]
-    conn.executemany(
-        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
-        " VALUES (?,?,?,?,?,?,?,?,?)",
+    sids = _insert_items(
+        conn,
         [
             (did, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
              env.expires, int(env.urgent), body)
             for (did, _), body in zip(targets, bodies, strict=True)
         ],
     )  # fmt: skip
-    sids = _inserted_sids(conn, len(targets))
-    conn.execute(
-        "INSERT OR REPLACE INTO sent_ids (sender, sender_device, msg_id, ts, expires)"
-        " VALUES (?,?,?,?,?)",
-        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
-    )
     rings = [
         (env.to, dev, env.urgent,
          QueueItem(sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
@@ -475,7 +553,7 @@ def _apply_send(conn: sqlite3.Connection, env: Envelope) -> OpResult:
 
 
 def _apply_ack(
-    conn: sqlite3.Connection,
+    tx: _Tx,
     user: str,
     device: str,
     sids: tuple[int, ...],
@@ -484,11 +562,13 @@ def _apply_ack(
 ) -> OpResult:
     if not sids:
         return 0, []
+    did = next((d for d, name in tx.devices(user) if name == device), None)
+    if did is None:
+        return 0, []
     marks = ",".join("?" * len(sids))
-    deleted = conn.execute(
-        f"DELETE FROM queue WHERE did = (SELECT did FROM devices WHERE user=? AND device=?)"
-        f" AND sid IN ({marks}) RETURNING kind, msg_id, sender",
-        (user, device, *sids),
+    deleted = tx.conn.execute(
+        f"DELETE FROM queue WHERE did=? AND sid IN ({marks}) RETURNING kind, msg_id, sender",
+        (did, *sids),
     ).fetchall()
     acked_by_sender: dict[str, list[str]] = defaultdict(list)
     for kind, msg_id, sender in deleted:
@@ -497,13 +577,13 @@ def _apply_ack(
     rings: list[Ring] = []
     for sender, ids in acked_by_sender.items():
         rings += _insert_receipts(
-            conn, ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires
+            tx, ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires
         )
     return len(deleted), rings
 
 
 def _insert_receipts(
-    conn: sqlite3.Connection,
+    tx: _Tx,
     kind: ItemKind,
     to: str,
     by: str,
@@ -515,29 +595,32 @@ def _insert_receipts(
     """One receipt item per device of `to`, carrying all `ids` at once."""
     if not ids:
         return []
-    known = conn.execute("SELECT did, device FROM devices WHERE user=?", (to,)).fetchall()
+    known = tx.devices(to)
     body = cbor2.dumps(list(ids))
-    conn.executemany(
-        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
-        " VALUES (?,?,?,?,?,?,?,0,?)",
-        [(did, kind, "", by, by_device, now, expires, body) for did, _ in known],
+    sids = _insert_items(
+        tx.conn, [(did, kind, "", by, by_device, now, expires, 0, body) for did, _ in known]
     )
-    sids = _inserted_sids(conn, len(known))
     return [
         (to, dev, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids))
         for (_, dev), sid in zip(known, sids, strict=True)
     ]
 
 
-def _inserted_sids(conn: sqlite3.Connection, count: int) -> range:
-    """The sids of the rows the last `executemany` inserted, in order.
-
-    One writer and AUTOINCREMENT make them consecutive, ending at `last_insert_rowid()`.
-    """
-    if count == 0:
-        return range(0)
-    last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-    return range(last - count + 1, last + 1)
+def _insert_items(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
+    """Insert queue rows with one statement; return their sids in order."""
+    if not rows:
+        return []
+    values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * len(rows))
+    cursor = conn.execute(
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
+        f" VALUES {values} RETURNING sid",
+        [value for row in rows for value in row],
+    )
+    sids = [sid for (sid,) in cursor.fetchall()]
+    # SQLite does not promise RETURNING order; one writer and AUTOINCREMENT make the
+    # sids consecutive in insertion order, so sorting restores it.
+    sids.sort()
+    return sids
 
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
