@@ -14,6 +14,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.errors import ConfigError, GatewayError
 from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
+from push.providers import check_credentials
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(mint_token(settings.auth, args.user, args.device, args.ttl))
             return 0
         settings = load_settings(args.file)
-        print(f"{args.file}: OK ({_summary(settings)})")
+        push = check_credentials(settings.push)  # loads every key file, connects nowhere
+        push_summary = f"push: {', '.join(push)}" if push else "push: log provider only"
+        print(f"{args.file}: OK ({_summary(settings)}, {push_summary})")
         return 0
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)

@@ -32,7 +32,9 @@ from gateway.router import Router
 from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore, open_store
-from push.waker import LogWaker, Waker
+from push.dispatcher import PushDispatcher
+from push.providers import build_providers
+from push.waker import Waker
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,10 @@ class Gateway:
     def __init__(self, settings: Settings, *, waker: Waker | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = Registry(waker or LogWaker())
+        self.push: PushDispatcher | None = None  # None when the caller brings its own waker
+        if waker is None:
+            waker = self.push = PushDispatcher(settings.push, build_providers(settings.push))
+        self.registry = Registry(waker)
         self.store: MessageStore = open_store(settings, self.registry.ring)
         self.verifier = TokenVerifier(settings.auth)
         self.load = LoadMonitor(settings.server.overload_lag)
@@ -136,7 +141,7 @@ async def serve_gateway(
 
     Args:
         settings: The configuration.
-        waker: Where wake-up decisions go (default: the `log` waker).
+        waker: Where wake-up decisions go (default: a `PushDispatcher` built from `[push]`).
         task_status: Receives the `GatewayServer` once the port is listening.
     """
     gateway = Gateway(settings, waker=waker)
@@ -144,6 +149,8 @@ async def serve_gateway(
     ssl_context = _ssl_context(settings)
     async with trio.open_nursery() as services:
         await services.start(gateway.store.run)
+        if gateway.push is not None:
+            await services.start(gateway.push.run, gateway.store)
         async with trio.open_nursery() as background:
             background.start_soon(_sweep_expired, gateway)
             await background.start(gateway.load.run)
@@ -168,6 +175,8 @@ async def serve_gateway(
                 listener_scope.cancel()
                 await _drain(gateway, connections)
             background.cancel_scope.cancel()  # the sweeper, load probe and presence clock
+        if gateway.push is not None:
+            gateway.push.close()  # unsent wake-ups are dropped; their items stay stored
         gateway.store.close()  # flushes what was submitted, then store.run returns
         services.cancel_scope.deadline = trio.current_time() + server_settings.shutdown_timeout
     log.info("gateway stopped")

@@ -1,0 +1,25 @@
+"""Loopback stand-ins for APNs and FCM that speak the real wire protocols.
+
+`FakeApns` is HTTP/2 over TLS with a self-signed CA made at start-up; it verifies the ES256
+provider token (or a client certificate) and the request headers, records every request and
+answers as scripted. `FakeFcm` serves the OAuth token endpoint named by the service-account
+file it writes, verifies the signed assertion, and serves the HTTP v1 `messages:send`
+endpoint. Both are used by the tests, the benchmark and ``python -m scripts.fake_push``.
+"""
+
+from push.fakes.apns import ApnsRecord, FakeApns
+from push.fakes.fcm import FakeFcm, FcmRecord
+from push.fakes.http import HttpRequest, HttpResponse, serve_http
+from push.fakes.script import Reply, Script
+
+__all__ = [
+    "ApnsRecord",
+    "FakeApns",
+    "FakeFcm",
+    "FcmRecord",
+    "HttpRequest",
+    "HttpResponse",
+    "Reply",
+    "Script",
+    "serve_http",
+]

@@ -1,0 +1,285 @@
+"""The wake-up policy: which idle device gets which push, and when. Plain code, no I/O.
+
+The rules (protocol v1, "Wake-up"):
+
+- An urgent item stored for an offline device gets an **alert** wake-up at once. Further
+  urgent items within `urgent_cooldown` are coalesced into one trailing alert at the end of
+  the cooldown, so a device gets at most one alert per `urgent_cooldown` until it reconnects.
+- Anything else (receipts, non-urgent messages) gets a **background** wake-up, at most one
+  per `background_cooldown`; items within the cooldown are coalesced into one trailing
+  background wake-up at its end. An alert sent within `urgent_cooldown` already covers them.
+- A disconnect starts a `linger` timer. When it runs out and the device is still offline,
+  the driver is asked to check the store (`LingerCheck`); if items are still unacked, the
+  device gets one wake-up (`linger_checked`): an alert if one of them is an urgent message,
+  a background wake-up otherwise. Any wake-up sent in between replaces it.
+- A connect forgets everything about the device: pending wake-ups, timers and cooldowns.
+- Nothing happens at start-up: a device is only ever woken because of an event.
+
+The policy holds state only for offline devices with a cooldown or timer running, plus the
+set of connected device keys, and drops a device's state as soon as nothing is left to
+enforce. Time comes from an injected clock in seconds (`trio.current_time` in the
+dispatcher, a plain float in unit tests).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DeviceKey = tuple[str, str]
+
+
+class WakeKind(enum.Enum):
+    """The two kinds of wake-up push."""
+
+    ALERT = "alert"
+    BACKGROUND = "background"
+
+
+@dataclass(frozen=True, slots=True)
+class WakeUp:
+    """Send one wake-up of `kind` to a device now. `reason` is for counters and logs."""
+
+    user: str
+    device: str
+    kind: WakeKind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LingerCheck:
+    """The device's linger ran out while it was offline: ask the store what is unacked."""
+
+    user: str
+    device: str
+
+
+Decision = WakeUp | LingerCheck
+
+
+@dataclass(frozen=True, slots=True)
+class WakeRules:
+    """The policy's timing, in seconds (the `[push]` keys of the same names)."""
+
+    urgent_cooldown: float = 10.0
+    background_cooldown: float = 20 * 60.0
+    linger: float = 60.0
+
+
+class _Device:
+    """Per-device state while offline; every time is on the policy's clock."""
+
+    __slots__ = (
+        "alert_at",
+        "alert_due",
+        "background_at",
+        "background_due",
+        "checking",
+        "linger_due",
+        "timer_at",
+    )
+
+    def __init__(self) -> None:
+        self.alert_at: float | None = None  # when the last alert was sent
+        self.background_at: float | None = None  # when the last background push was sent
+        self.alert_due: float | None = None  # a coalesced alert is owed at this time
+        self.background_due: float | None = None  # a coalesced background push is owed
+        self.linger_due: float | None = None  # the linger check runs at this time
+        self.checking = False  # a LingerCheck was handed out and not answered yet
+        self.timer_at: float | None = None  # the one live heap entry for this device
+
+
+class WakePolicy:
+    """Decides wake-ups from store and connection events; see the module docstring.
+
+    Every method returns at once. `stored` returns a `WakeUp` to send now (or None); timed
+    decisions come out of `due`, which the driver calls once `next_deadline` has passed.
+    """
+
+    def __init__(self, rules: WakeRules, clock: Callable[[], float]) -> None:
+        self.rules = rules
+        self._clock = clock
+        self._devices: dict[DeviceKey, _Device] = {}
+        self._online: set[DeviceKey] = set()
+        self._timers: list[tuple[float, int, DeviceKey]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        """How many offline devices the policy is tracking."""
+        return len(self._devices)
+
+    def is_online(self, user: str, device: str) -> bool:
+        """Whether the device is connected (a queued wake-up for it is moot)."""
+        return (user, device) in self._online
+
+    # -- events -----------------------------------------------------------------------------
+
+    def stored(self, user: str, device: str, urgent: bool) -> WakeUp | None:
+        """An item was committed for a device with no live connection.
+
+        Returns:
+            The wake-up to send now, or None when a cooldown holds it back (a trailing
+            wake-up is then scheduled) or the device is in fact connected.
+        """
+        key = (user, device)
+        if key in self._online:
+            return None
+        now = self._clock()
+        state = self._devices.get(key)
+        if state is None:
+            state = self._devices[key] = _Device()
+        if urgent:
+            if state.alert_at is None or now - state.alert_at >= self.rules.urgent_cooldown:
+                return self._send(key, state, WakeKind.ALERT, "urgent", now)
+            if state.alert_due is None:
+                state.alert_due = state.alert_at + self.rules.urgent_cooldown
+                self._schedule(key, state)
+            return None
+        if self._alert_covers(state, now):
+            return None
+        bg_cooldown = self.rules.background_cooldown
+        if state.background_at is None or now - state.background_at >= bg_cooldown:
+            return self._send(key, state, WakeKind.BACKGROUND, "background", now)
+        if state.background_due is None:
+            state.background_due = state.background_at + bg_cooldown
+            self._schedule(key, state)
+        return None
+
+    def connected(self, user: str, device: str) -> None:
+        """A device authenticated: cancel everything pending and forget its cooldowns."""
+        key = (user, device)
+        self._online.add(key)
+        self._devices.pop(key, None)
+
+    def disconnected(self, user: str, device: str) -> None:
+        """A device's connection ended: start its linger timer."""
+        key = (user, device)
+        self._online.discard(key)
+        state = self._devices.get(key)
+        if state is None:
+            state = self._devices[key] = _Device()
+        state.linger_due = self._clock() + self.rules.linger
+        state.checking = False
+        self._schedule(key, state)
+
+    def linger_checked(self, user: str, device: str, unacked: int, urgent: bool) -> WakeUp | None:
+        """The driver's answer to a `LingerCheck`.
+
+        Args:
+            user: The device's user.
+            device: The device.
+            unacked: How many items the device still has queued.
+            urgent: Whether one of them is an urgent message.
+
+        Returns:
+            The wake-up to send now, or None if nothing is unacked, the device reconnected
+            meanwhile, or another wake-up was sent in between.
+        """
+        key = (user, device)
+        state = self._devices.get(key)
+        if state is None or not state.checking or key in self._online:
+            return None
+        state.checking = False
+        now = self._clock()
+        if unacked > 0:
+            kind = WakeKind.ALERT if urgent else WakeKind.BACKGROUND
+            return self._send(key, state, kind, "linger", now)
+        self._settle(key, state, now)
+        return None
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The clock time at which `due` next has something to do, if any."""
+        timers = self._timers
+        while timers:
+            when, _, key = timers[0]
+            state = self._devices.get(key)
+            if state is not None and state.timer_at == when:
+                return when
+            heapq.heappop(timers)  # stale: the device connected or was rescheduled
+        return None
+
+    def due(self) -> list[Decision]:
+        """Every timed decision whose time has come, in time order."""
+        now = self._clock()
+        decisions: list[Decision] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, key = heapq.heappop(timers)
+            state = self._devices.get(key)
+            if state is None or state.timer_at != when:
+                continue
+            state.timer_at = None
+            decisions.extend(self._fire(key, state, now))
+        return decisions
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _alert_covers(self, state: _Device, now: float) -> bool:
+        """An alert sent or owed within the urgent cooldown wakes the device anyway."""
+        if state.alert_due is not None:
+            return True
+        return state.alert_at is not None and now - state.alert_at < self.rules.urgent_cooldown
+
+    def _send(
+        self, key: DeviceKey, state: _Device, kind: WakeKind, reason: str, now: float
+    ) -> WakeUp:
+        if kind is WakeKind.ALERT:
+            state.alert_at = now
+            state.alert_due = None
+            state.background_due = None
+        else:
+            state.background_at = now
+            state.background_due = None
+        state.linger_due = None  # the device has been woken; no separate linger wake-up
+        state.checking = False
+        self._schedule(key, state)
+        return WakeUp(key[0], key[1], kind, reason)
+
+    def _fire(self, key: DeviceKey, state: _Device, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        if state.alert_due is not None and state.alert_due <= now:
+            out.append(self._send(key, state, WakeKind.ALERT, "coalesced", now))
+        if state.background_due is not None and state.background_due <= now:
+            state.background_due = None
+            if not self._alert_covers(state, now):
+                out.append(self._send(key, state, WakeKind.BACKGROUND, "coalesced", now))
+        if state.linger_due is not None and state.linger_due <= now:
+            state.linger_due = None
+            state.checking = True
+            out.append(LingerCheck(key[0], key[1]))
+        self._settle(key, state, now)
+        return out
+
+    def _settle(self, key: DeviceKey, state: _Device, now: float) -> None:
+        """Schedule the device's next timer, or forget it when nothing is left to enforce."""
+        if self._next_time(state, now) is None and not state.checking:
+            del self._devices[key]
+            return
+        self._schedule(key, state)
+
+    def _next_time(self, state: _Device, now: float) -> float | None:
+        """The earliest future moment the device's state changes: a due time or a cooldown
+        running out (after which its state can be dropped)."""
+        due = (state.alert_due, state.background_due, state.linger_due)
+        times = [t for t in due if t is not None]
+        if state.alert_at is not None and now < state.alert_at + self.rules.urgent_cooldown:
+            times.append(state.alert_at + self.rules.urgent_cooldown)
+        bg_end = (state.background_at or 0.0) + self.rules.background_cooldown
+        if state.background_at is not None and now < bg_end:
+            times.append(bg_end)
+        return min(times) if times else None
+
+    def _schedule(self, key: DeviceKey, state: _Device) -> None:
+        when = self._next_time(state, self._clock())
+        if when is None or state.timer_at == when:
+            return
+        if state.timer_at is not None and state.timer_at < when:
+            # An earlier entry is live; it reschedules when it fires.
+            return
+        state.timer_at = when
+        heapq.heappush(self._timers, (when, next(self._seq), key))

@@ -1,0 +1,193 @@
+"""The wake-up policy as plain code: a fake clock, no Trio, no sockets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from push.policy import LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
+
+ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
+RULES = WakeRules(urgent_cooldown=10.0, background_cooldown=1200.0, linger=60.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def policy(clock: Clock) -> WakePolicy:
+    return WakePolicy(RULES, clock)
+
+
+def advance(policy: WakePolicy, clock: Clock, seconds: float) -> list[WakeUp | LingerCheck]:
+    """Move the clock forward, firing timers in order as the driver would."""
+    end = clock.now + seconds
+    fired: list[WakeUp | LingerCheck] = []
+    while (deadline := policy.next_deadline()) is not None and deadline <= end:
+        clock.now = max(clock.now, deadline)
+        fired.extend(policy.due())
+    clock.now = end
+    return fired
+
+
+def test_an_urgent_message_gets_an_alert_at_once(policy: WakePolicy) -> None:
+    assert policy.stored("bob", "phone", urgent=True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+
+def test_urgent_messages_within_the_cooldown_coalesce_into_one_trailing_alert(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    assert policy.stored("bob", "phone", True) is not None
+    clock.now += 2
+    assert policy.stored("bob", "phone", True) is None
+    clock.now += 3
+    assert policy.stored("bob", "phone", True) is None
+    assert policy.next_deadline() == 1010.0
+    fired = advance(policy, clock, 20)
+    assert fired == [WakeUp("bob", "phone", ALERT, "coalesced")]
+
+
+def test_at_most_one_alert_per_cooldown_while_messages_keep_coming(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    sent = []
+    for _ in range(100):  # one urgent message a second for 100 seconds
+        if policy.stored("bob", "phone", True) is not None:
+            sent.append(clock.now)
+        for decision in advance(policy, clock, 1):
+            assert isinstance(decision, WakeUp)
+            sent.append(clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert sent[0] == 1000.0 and sent[-1] == 1100.0  # the first at once, the last trailing
+    assert len(sent) == 11 and all(gap >= RULES.urgent_cooldown for gap in gaps)
+
+
+def test_a_receipt_gets_a_background_wake_up_then_nothing_within_the_cooldown(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    assert policy.stored("bob", "phone", False) == WakeUp("bob", "phone", BACKGROUND, "background")
+    clock.now += 60
+    assert policy.stored("bob", "phone", False) is None
+    assert advance(policy, clock, 1000) == []
+    fired = advance(policy, clock, 200)
+    assert fired == [WakeUp("bob", "phone", BACKGROUND, "coalesced")]
+    assert clock.now - 1000.0 >= RULES.background_cooldown
+
+
+def test_an_alert_covers_background_items_stored_in_its_cooldown(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    assert policy.stored("bob", "phone", True) is not None
+    clock.now += 1
+    assert policy.stored("bob", "phone", False) is None
+    assert advance(policy, clock, 3600) == []
+
+
+def test_urgent_is_not_held_back_by_the_background_cooldown(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    assert policy.stored("bob", "phone", False) is not None
+    clock.now += 1
+    assert policy.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+
+def test_connect_cancels_pending_wake_ups_and_resets_cooldowns(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    policy.stored("bob", "phone", True)
+    clock.now += 1
+    policy.stored("bob", "phone", True)  # a trailing alert is now owed
+    policy.connected("bob", "phone")
+    assert advance(policy, clock, 100) == []
+    assert len(policy) == 0
+    policy.disconnected("bob", "phone")
+    assert policy.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+
+def test_nothing_is_stored_for_a_connected_device(policy: WakePolicy) -> None:
+    policy.connected("bob", "phone")
+    assert policy.stored("bob", "phone", True) is None
+    assert policy.is_online("bob", "phone")
+
+
+def test_disconnect_lingers_then_asks_for_a_check(policy: WakePolicy, clock: Clock) -> None:
+    policy.disconnected("bob", "phone")
+    assert advance(policy, clock, 59) == []
+    assert advance(policy, clock, 1) == [LingerCheck("bob", "phone")]
+    wake = policy.linger_checked("bob", "phone", unacked=3, urgent=False)
+    assert wake == WakeUp("bob", "phone", BACKGROUND, "linger")
+
+
+def test_linger_with_an_urgent_message_unacked_is_an_alert(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    policy.disconnected("bob", "phone")
+    advance(policy, clock, 60)
+    assert policy.linger_checked("bob", "phone", 1, urgent=True) == WakeUp(
+        "bob", "phone", ALERT, "linger"
+    )
+
+
+def test_linger_with_nothing_unacked_sends_nothing_and_forgets_the_device(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    policy.disconnected("bob", "phone")
+    advance(policy, clock, 60)
+    assert policy.linger_checked("bob", "phone", 0, False) is None
+    assert len(policy) == 0
+
+
+def test_a_reconnect_during_linger_cancels_it(policy: WakePolicy, clock: Clock) -> None:
+    policy.disconnected("bob", "phone")
+    clock.now += 30
+    policy.connected("bob", "phone")
+    assert advance(policy, clock, 100) == []
+
+
+def test_a_reconnect_while_the_check_runs_voids_its_answer(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    policy.disconnected("bob", "phone")
+    advance(policy, clock, 60)
+    policy.connected("bob", "phone")
+    assert policy.linger_checked("bob", "phone", 5, True) is None
+
+
+def test_a_wake_up_during_linger_replaces_the_linger_wake_up(
+    policy: WakePolicy, clock: Clock
+) -> None:
+    policy.disconnected("bob", "phone")
+    clock.now += 10
+    assert policy.stored("bob", "phone", True) is not None
+    assert [d for d in advance(policy, clock, 120) if isinstance(d, LingerCheck)] == []
+
+
+def test_nothing_happens_at_start_up(policy: WakePolicy, clock: Clock) -> None:
+    assert policy.next_deadline() is None
+    assert advance(policy, clock, 10_000) == []
+
+
+def test_devices_are_independent(policy: WakePolicy) -> None:
+    assert policy.stored("bob", "phone", True) is not None
+    assert policy.stored("bob", "tablet", True) is not None
+    assert policy.stored("carol", "phone", True) is not None
+
+
+def test_state_is_dropped_once_cooldowns_run_out(policy: WakePolicy, clock: Clock) -> None:
+    for i in range(1000):
+        policy.stored(f"user{i}", "phone", i % 2 == 0)
+    assert len(policy) == 1000
+    advance(policy, clock, RULES.background_cooldown + 1)
+    assert len(policy) == 0
+    assert policy.next_deadline() is None
