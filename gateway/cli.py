@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -66,6 +67,7 @@ def _serve(settings: Settings) -> int:
         logging.getLogger("gateway").warning(
             "using the development JWT secret; set [auth] jwt_secret before production"
         )
+    _tune_garbage_collection()
     try:
         trio.run(_serve_until_signalled, settings)
     except BaseExceptionGroup as group:
@@ -74,6 +76,19 @@ def _serve(settings: Settings) -> int:
             raise
         raise _first_leaf(expected) from None
     return 0
+
+
+def _tune_garbage_collection() -> None:
+    """Keep full collections rare and short.
+
+    Thousands of long-lived connections are hundreds of thousands of tracked objects that
+    are never garbage; with CPython's defaults every full collection rescans them all and
+    stops the event loop for hundreds of milliseconds. Objects alive after start-up are
+    frozen out of collection, and the young generation is collected less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _first_leaf(group: BaseExceptionGroup[GatewayError]) -> GatewayError:
