@@ -115,7 +115,8 @@ class AsyncioIsland:
             call.cancelled = True
             task = call.task
             if task is not None:
-                loop.call_soon_threadsafe(task.cancel)
+                with contextlib.suppress(RuntimeError):  # the loop already closed: nothing runs
+                    loop.call_soon_threadsafe(task.cancel)
             raise
         if call.error is not None:
             raise call.error

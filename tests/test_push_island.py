@@ -72,8 +72,11 @@ async def test_the_trio_loop_keeps_running_while_asyncio_blocks() -> None:
             release.wait(5)  # a blocking call, as google-auth's token refresh is
             return "done"
 
+        answered = trio.Event()
+
         async def caller() -> None:
             assert await island.call(blocking) == "done"
+            answered.set()
 
         nursery.start_soon(caller)
         ticks = 0
@@ -81,8 +84,9 @@ async def test_the_trio_loop_keeps_running_while_asyncio_blocks() -> None:
             await trio.sleep(0.01)
             ticks += 1
         assert ticks == 10
+        assert not answered.is_set()  # the asyncio side is still blocked
         release.set()
-        await trio.testing.wait_all_tasks_blocked()
+        await answered.wait()
         nursery.cancel_scope.cancel()
 
 
