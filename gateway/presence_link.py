@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway import frames
+from gateway.connection import now_ms
 from presence.fanout import Fanout
 from presence.service import PresenceService
 from presence.state import MemoryPresence
@@ -40,14 +41,8 @@ def build_presence(gateway: Gateway) -> PresenceService:
         TypingTracker(),
         deliver=deliver,
         relay_typing=relay_typing,
-        wall_ms=frames_clock,
+        wall_ms=now_ms,
         overloaded=lambda: gateway.load.overloaded,
         shed=gateway.metrics.shed,
     )
 
-
-def frames_clock() -> int:
-    """Wall-clock milliseconds, for `last_seen`."""
-    from gateway.connection import now_ms
-
-    return now_ms()
