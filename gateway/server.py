@@ -53,6 +53,8 @@ class Metrics:
     sends: Counter[str] = field(default_factory=Counter)
     shed: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
+    # Redis backend and cluster bus: errors, recoveries, doorbells and kicks across nodes.
+    redis: Counter[str] = field(default_factory=Counter)
 
 
 class Gateway:
@@ -65,7 +67,9 @@ class Gateway:
         if waker is None:
             waker = self.push = PushDispatcher(settings.push, build_providers(settings.push))
         self.registry = Registry(waker)
-        self.store: MessageStore = open_store(settings, self.registry.ring)
+        self.store: MessageStore = open_store(
+            settings, self.registry.ring, counters=self.metrics.redis
+        )
         self.verifier = TokenVerifier(settings.auth)
         self.load = LoadMonitor(settings.server.overload_lag)
         self.connections: dict[int, Connection] = {}  # by id, including those before hello

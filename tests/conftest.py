@@ -1,8 +1,9 @@
-"""Shared fixtures: a real gateway on a loopback port with a real SQLite file."""
+"""Shared fixtures: a real gateway on a loopback port with a real SQLite file, and a real
+redis-server on a random loopback port for the cluster backend."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, serve_gateway
 from gateway.settings import Settings
+from tests.redisproc import RedisProcess
 
 
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
@@ -48,3 +50,23 @@ def token(settings: Settings) -> Callable[..., str]:
         return mint_token(settings.auth, user, device, ttl)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One redis-server for the whole run (AOF on, appendfsync always)."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """The shared redis-server, emptied for this test."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()  # a previous test stopped it
+    redis_server.command("FLUSHALL")
+    return redis_server.url

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from gateway.store.base import (
@@ -30,12 +32,27 @@ __all__ = [
 ]
 
 
-def open_store(settings: Settings, doorbell: Doorbell) -> MessageStore:
-    """Build the configured backend; start it with ``await nursery.start(store.run)``."""
+def open_store(
+    settings: Settings, doorbell: Doorbell, *, counters: Counter[str] | None = None
+) -> MessageStore:
+    """Build the configured backend; start it with ``await nursery.start(store.run)``.
+
+    `counters` receives the Redis backend's error and recovery counts.
+    """
+    if settings.store.backend == "redis":
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(
+            settings.store.redis_url,
+            doorbell=doorbell,
+            max_batch=settings.store.max_batch,
+            receipt_ttl_ms=settings.server.max_ttl * 1000,
+            counters=counters,
+        )
     from gateway.store.sqlite import SqliteStore
 
     if settings.store.backend != "sqlite":
-        raise ConfigError(f"[store] backend = {settings.store.backend!r} is not available yet")
+        raise ConfigError(f"[store] backend = {settings.store.backend!r} is not available")
     return SqliteStore(
         settings.store.path,
         doorbell=doorbell,

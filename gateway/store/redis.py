@@ -1,0 +1,579 @@
+"""The cluster backend: per-device queues in Redis (or Redis Cluster) through coredis.
+
+Submissions queue up in a bounded channel, as in the SQLite backend. The writer task takes
+everything waiting and runs it as one pipeline of Lua script calls, in submission order;
+`Ticket`s resolve once Redis has answered, which with ``appendfsync always`` means the
+change is in the append-only file on disk (see docs/scaling.md for what that does and
+does not promise). Every multi-key change is one script on one user's keys (one hash
+slot): see `gateway.store.redis_scripts`.
+
+An operation is a generator of steps: each step is a list of script calls, and the
+writer runs step 1 of every operation of a batch in one pipeline, then step 2 of those
+that have one, and so on. An ack needs three steps, because its delivered receipts live
+under the senders' keys: read the acked items, store the receipts, then delete the items.
+A failure between the steps leaves the items in place, to be delivered (and acked) again:
+at-least-once, never lost.
+
+When Redis is unreachable, every operation of the batch fails with `StoreError` (callers
+answer an error, never a false `sent`); the next batch tries again, so service resumes by
+itself once Redis is back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import coredis
+import trio
+from coredis.exceptions import NoScriptError, RedisError, ResponseError
+
+from gateway.errors import StoreClosed, StoreError
+from gateway.store.base import (
+    DeviceRecord,
+    Doorbell,
+    Envelope,
+    ItemKind,
+    MessageStore,
+    PushToken,
+    QueueItem,
+    SendOutcome,
+    Ticket,
+)
+from gateway.store.redis_scripts import SCRIPTS, prefix
+
+log = logging.getLogger(__name__)
+
+SUBMIT_QUEUE = 4096
+SCAN_COUNT = 1000
+MAX_SID = 2**63 - 1
+# Seconds to wait for a Redis answer before the operation counts as failed, and for a
+# connection to be set up.
+STREAM_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+STARTUP_RETRY_MAX = 5.0
+
+Call = tuple[str, Sequence[str], Sequence[str | int | bytes]]
+Ring = tuple[str, str, bool, QueueItem]
+OpResult = tuple[Any, list[Ring]]
+Steps = Generator[list[Call], list[Any], OpResult]
+REDIS_ERRORS = (RedisError, TimeoutError, OSError)
+
+
+class RedisUnavailable(StoreError):
+    """Redis did not answer; nothing of the operation is known to be committed."""
+
+
+@dataclass(slots=True)
+class _Op:
+    steps: Callable[[], Steps]
+    ticket: Ticket[Any]
+
+
+def connect(url: str) -> coredis.Redis[bytes]:
+    """A coredis client for `url`, not yet entered (use it as an async context manager)."""
+    return coredis.Redis.from_url(
+        url,
+        stream_timeout=STREAM_TIMEOUT,
+        connect_timeout=CONNECT_TIMEOUT,
+    )
+
+
+class RedisStore(MessageStore):
+    """Redis-backed `MessageStore`; see the module docstring for the commit model.
+
+    Other services of the process (the cluster bus, presence) use `client` once `run`
+    has started; it stays open until `run` returns.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        doorbell: Doorbell,
+        max_batch: int = 512,
+        receipt_ttl_ms: int = 30 * 24 * 3600 * 1000,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        self.url = url
+        self._doorbell = doorbell
+        self._max_batch = max_batch
+        self._receipt_ttl_ms = receipt_ttl_ms
+        self._send, self._receive = trio.open_memory_channel[_Op](SUBMIT_QUEUE)
+        self._closed = False
+        self._shas = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
+        }
+        self.client: coredis.Redis[bytes] = connect(url)
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        self.available = False  # whether the last exchange with Redis succeeded
+        self.batch_sizes: list[int] = []
+        self.commits = 0
+        self.last_commit_seconds = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (waiting for Redis if needed) and commit submissions until `close`."""
+        async with self.client:
+            await self._wait_for_redis()
+            task_status.started()
+            try:
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < self._max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    with trio.CancelScope(shield=True):
+                        await self._commit(batch)
+            finally:
+                self.close()
+                self._fail_unsubmitted()
+
+    async def _wait_for_redis(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._load_scripts()
+            except REDIS_ERRORS as exc:
+                self._unavailable(exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, STARTUP_RETRY_MAX)
+            else:
+                self._available()
+                return
+
+    async def _load_scripts(self) -> None:
+        for name, text in SCRIPTS.items():
+            self._shas[name] = (await self.client.script_load(text)).decode()
+
+    def close(self) -> None:
+        """Stop accepting submissions; `run` commits those already queued, then returns."""
+        self._closed = True
+        self._send.close()
+
+    def _fail_unsubmitted(self) -> None:
+        while True:
+            try:
+                op = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            op.ticket.fail(StoreClosed("the store stopped before this was committed"))
+
+    def _available(self) -> None:
+        if not self.available:
+            log.info("redis at %s is available", _safe_url(self.url))
+            self.counters["recoveries"] += 1
+        self.available = True
+
+    def _unavailable(self, exc: BaseException) -> None:
+        self.counters["errors"] += 1
+        if self.available or self.counters["errors"] == 1:
+            log.error("redis at %s is unavailable: %s", _safe_url(self.url), exc)
+        self.available = False
+
+    # -- group commit ---------------------------------------------------------------------
+
+    async def _submit(self, steps: Callable[[], Steps]) -> Ticket[Any]:
+        if self._closed:
+            raise StoreClosed("the store is shutting down")
+        ticket: Ticket[Any] = Ticket()
+        op = _Op(steps, ticket)
+        try:
+            try:
+                self._send.send_nowait(op)
+            except trio.WouldBlock:
+                await self._send.send(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreClosed("the store is shutting down") from None
+        return ticket
+
+    async def _commit(self, batch: list[_Op]) -> None:
+        started = time.perf_counter()
+        running: list[tuple[_Op, Steps, list[Call]]] = []
+        done: list[tuple[_Op, OpResult]] = []
+        for op in batch:
+            self._advance(op, op.steps(), None, running, done)
+        try:
+            while running:
+                calls = [call for _, _, step in running for call in step]
+                results = await self._pipeline(calls)
+                current, running = running, []
+                offset = 0
+                for op, gen, step in current:
+                    answers = results[offset : offset + len(step)]
+                    offset += len(step)
+                    failed = next((a for a in answers if isinstance(a, Exception)), None)
+                    if failed is not None:
+                        gen.close()
+                        log.warning("store operation failed: %s", failed)
+                        op.ticket.fail(StoreError(str(failed)))
+                    else:
+                        self._advance(op, gen, answers, running, done)
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            error = RedisUnavailable(f"redis unavailable: {exc}")
+            for op, gen, _ in running:
+                gen.close()
+                op.ticket.fail(error)
+        else:
+            self._available()
+        self.commits += 1
+        self.batch_sizes.append(len(batch))
+        del self.batch_sizes[:-1000]
+        self.last_commit_seconds = time.perf_counter() - started
+        for op, (value, rings) in done:
+            op.ticket.resolve(value)
+            for user, device, urgent, item in rings:
+                try:
+                    self._doorbell(user, device, urgent, item)
+                except Exception:  # a doorbell is a hint; the item is stored regardless
+                    log.exception("doorbell for %s/%s failed", user, device)
+
+    @staticmethod
+    def _advance(
+        op: _Op,
+        gen: Steps,
+        answers: list[Any] | None,
+        running: list[tuple[_Op, Steps, list[Call]]],
+        done: list[tuple[_Op, OpResult]],
+    ) -> None:
+        """Feed an operation the answers to its last step; file it as running or done."""
+        try:
+            step = gen.send(answers)  # type: ignore[arg-type]  # None primes the generator
+            while not step:  # a step with no calls needs no round trip
+                step = gen.send([])
+        except StopIteration as stop:
+            done.append((op, stop.value))
+        except StoreError as exc:
+            op.ticket.fail(exc)
+        else:
+            running.append((op, gen, step))
+
+    async def _pipeline(self, calls: list[Call]) -> list[Any]:
+        """Run script calls in one pipeline, in order; a script Redis lost (after a restart
+        without its script cache) is loaded again and its call redone."""
+        results = await self._run_calls(calls)
+        missing = [n for n, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._load_scripts()
+            redone = await self._run_calls([calls[n] for n in missing])
+            for n, result in zip(missing, redone, strict=True):
+                results[n] = result
+        return results
+
+    async def _run_calls(self, calls: list[Call]) -> list[Any]:
+        async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            requests = [
+                pipe.evalsha(self._shas[name], keys=list(keys), args=list(args))
+                for name, keys, args in calls
+            ]
+        results: list[Any] = []
+        for request in requests:
+            try:
+                results.append(await request)
+            except ResponseError as exc:
+                results.append(exc)
+        return results
+
+    # -- mutations ------------------------------------------------------------------------
+
+    async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
+        return await self._submit(lambda: _send_steps(envelope))
+
+    async def submit_ack(
+        self, user: str, device: str, sids: tuple[int, ...], now: int
+    ) -> Ticket[int]:
+        expires = now + self._receipt_ttl_ms
+        return await self._submit(lambda: _ack_steps(user, device, sids, now, expires))
+
+    async def submit_read(
+        self,
+        reader: str,
+        reader_device: str,
+        to: str,
+        ids: tuple[str, ...],
+        now: int,
+        expires: int,
+    ) -> Ticket[int]:
+        def steps() -> Steps:
+            rings = yield from _receipt_steps(
+                ItemKind.READ, to, reader, reader_device, ids, now, expires
+            )
+            return len(rings), rings
+
+        return await self._submit(steps)
+
+    async def sync(self) -> None:
+        await (await self._submit(_no_steps)).result()
+
+    async def register_device(self, user: str, device: str, now: int) -> bool:
+        p = prefix(user)
+
+        def steps() -> Steps:
+            [created] = yield [("register", [f"{p}:devs", f"{p}:d:{device}"], [device, now])]
+            return created == 1, []
+
+        result: bool = await (await self._submit(steps)).result()
+        return result
+
+    async def remove_device(self, user: str, device: str) -> bool:
+        p = prefix(user)
+
+        def steps() -> Steps:
+            keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}"]
+            [removed] = yield [("remove", keys, [device])]
+            return removed == 1, []
+
+        result: bool = await (await self._submit(steps)).result()
+        return result
+
+    async def touch_device(self, user: str, device: str, last_seen: int) -> None:
+        await self._submit(lambda: _update_steps(user, device, ("set", ["seen", last_seen])))
+
+    async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
+        changes: list[tuple[str, list[str | int]]] = [("del", ["pp", "pt", "ptopic", "psb", "pra"])]
+        if token is not None:
+            fields: list[str | int] = ["pp", token.provider, "pt", token.token]
+            fields += ["psb", int(token.sandbox), "pra", token.registered_at]
+            if token.topic is not None:
+                fields += ["ptopic", token.topic]
+            changes.append(("set", fields))
+        await (await self._submit(lambda: _update_steps(user, device, *changes))).result()
+
+    async def clear_push_token(self, user: str, device: str, token: str, sent_at: int) -> bool:
+        p = prefix(user)
+
+        def steps() -> Steps:
+            [cleared] = yield [("clear_token", [f"{p}:d:{device}"], [token, sent_at])]
+            return cleared == 1, []
+
+        result: bool = await (await self._submit(steps)).result()
+        return result
+
+    async def sweep_expired(self, now: int) -> int:
+        """Delete expired items of every queue. Idempotency records expire by themselves
+        (each has a Redis TTL), as do the queues of devices that never come back."""
+        if self._closed:
+            raise StoreClosed("the store is shutting down")
+        total = 0
+        try:
+            keys: list[bytes] = []
+            async for key in self.client.scan_iter(match="gw:{*}:q:*", count=SCAN_COUNT):
+                keys.append(key)
+                if len(keys) >= SCAN_COUNT:
+                    total += await self._prune(keys, now)
+                    keys = []
+            total += await self._prune(keys, now)
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            raise RedisUnavailable(f"redis unavailable: {exc}") from None
+        return total
+
+    async def _prune(self, keys: list[bytes], now: int) -> int:
+        if not keys:
+            return 0
+        calls: list[Call] = [("prune", [key.decode()], [now]) for key in keys]
+        return sum(r for r in await self._pipeline(calls) if isinstance(r, int))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            [result] = await self._pipeline([(name, keys, args)])
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            raise RedisUnavailable(f"redis unavailable: {exc}") from None
+        if isinstance(result, Exception):
+            raise StoreError(f"read failed: {result}")
+        return result
+
+    async def fetch(
+        self, user: str, device: str, after_sid: int, limit: int, now: int
+    ) -> list[QueueItem]:
+        key = f"{prefix(user)}:q:{device}"
+        members = await self._call("fetch", [key], [after_sid, now, limit])
+        return [_decode(m) for m in members]
+
+    async def count(self, user: str, device: str, now: int) -> int:
+        return int(await self._call("count", [f"{prefix(user)}:q:{device}"], [now]))
+
+    async def devices(self, user: str) -> list[DeviceRecord]:
+        p = prefix(user)
+        flat = await self._call("devices", [f"{p}:devs"], [p])
+        records = []
+        for n in range(0, len(flat), 3):
+            device, created, fields = flat[n].decode(), int(flat[n + 1]), _fields(flat[n + 2])
+            seen = None if fields.get("seen") is None else int(fields["seen"])
+            records.append(DeviceRecord(user, device, created, seen, _push(fields)))
+        return sorted(records, key=lambda r: r.device)
+
+    async def push_token(self, user: str, device: str) -> PushToken | None:
+        try:
+            values = await self.client.hgetall(f"{prefix(user)}:d:{device}")
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            raise RedisUnavailable(f"redis unavailable: {exc}") from None
+        return _push({k.decode(): v for k, v in values.items()})
+
+
+# -- operations: generators of script-call steps ----------------------------------------
+
+
+def _no_steps() -> Steps:
+    yield []  # a barrier: no calls, resolved with the rest of its batch
+    return None, []
+
+
+def _update_steps(user: str, device: str, *changes: tuple[str, list[str | int]]) -> Steps:
+    """Set ("set", [field, value, ...]) or delete ("del", [field, ...]) fields of a known
+    device's record, in one step."""
+    p = prefix(user)
+    keys = [f"{p}:devs", f"{p}:d:{device}"]
+    yield [("update_device", keys, [device, mode, *fields]) for mode, fields in changes]
+    return None, []
+
+
+def _send_steps(env: Envelope) -> Steps:
+    p = prefix(env.to)
+    idem = f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
+    own = env.sender_device if env.to == env.sender else ""
+    head: list[str | int | bytes] = [p, env.ts, env.expires, int(env.urgent), own]
+    if env.bodies is None:
+        body = env.body or b""
+        args = [*head, "a", _payload(ItemKind.MESSAGE, env, body)]
+    else:
+        args = [*head, "p"]
+        for device, body in env.bodies.items():
+            args += [device, _payload(ItemKind.MESSAGE, env, body)]
+    [answer] = yield [("send", [f"{p}:devs", idem], args)]
+    status = answer[0]
+    if status == 0:
+        return SendOutcome(ts=int(answer[1]), duplicate=True), []
+    if status == -1:
+        return SendOutcome(ts=env.ts, unknown_recipient=True), []
+    nskipped = answer[1]
+    skipped = tuple(sorted(d.decode() for d in answer[2 : 2 + nskipped]))
+    placed = answer[2 + nskipped :]
+    rings: list[Ring] = []
+    for n in range(0, len(placed), 2):
+        device, sid = placed[n].decode(), int(placed[n + 1])
+        body = (env.body or b"") if env.bodies is None else env.bodies[device]
+        item = QueueItem(
+            sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+            env.urgent, body,
+        )  # fmt: skip
+        rings.append((env.to, device, env.urgent, item))
+    return SendOutcome(ts=env.ts, devices=len(rings), skipped=skipped), rings
+
+
+def _receipt_steps(
+    kind: ItemKind,
+    to: str,
+    by: str,
+    by_device: str,
+    ids: tuple[str, ...],
+    now: int,
+    expires: int,
+) -> Generator[list[Call], list[Any], list[Ring]]:
+    if not ids:
+        return []
+    p = prefix(to)
+    payload = cbor2.dumps([int(kind), "", by, by_device, now, False, list(ids)])
+    [placed] = yield [("receipts", [f"{p}:devs"], [p, now, expires, payload])]
+    rings: list[Ring] = []
+    for n in range(0, len(placed), 2):
+        item = QueueItem(int(placed[n + 1]), kind, "", by, by_device, now, False, b"", ids)
+        rings.append((to, placed[n].decode(), False, item))
+    return rings
+
+
+def _ack_steps(user: str, device: str, sids: tuple[int, ...], now: int, expires: int) -> Steps:
+    if not sids:
+        return 0, []
+    if any(not 0 <= sid <= MAX_SID for sid in sids):
+        raise StoreError("sid out of range")
+    queue = f"{prefix(user)}:q:{device}"
+    [members] = yield [("peek", [queue], list(sids))]
+    if not members:
+        return 0, []
+    acked_by_sender: dict[str, list[str]] = defaultdict(list)
+    for member in members:
+        item = _decode(member)
+        if item.kind is ItemKind.MESSAGE:
+            acked_by_sender[item.sender].append(item.msg_id)
+    rings: list[Ring] = []
+    if acked_by_sender:
+        # Receipts first: if deleting fails after this, the items are delivered again and
+        # acked again, which is at-least-once; the other order could lose the receipts.
+        step: list[Call] = []
+        for sender, ids in acked_by_sender.items():
+            p = prefix(sender)
+            payload = cbor2.dumps([int(ItemKind.DELIVERED), "", user, device, now, False, ids])
+            step.append(("receipts", [f"{p}:devs"], [p, now, expires, payload]))
+        answers = yield step
+        for (sender, ids), placed in zip(acked_by_sender.items(), answers, strict=True):
+            for n in range(0, len(placed), 2):
+                item = QueueItem(
+                    int(placed[n + 1]), ItemKind.DELIVERED, "", user, device, now, False, b"",
+                    tuple(ids),
+                )  # fmt: skip
+                rings.append((sender, placed[n].decode(), False, item))
+    [deleted] = yield [("remove_members", [queue], members)]
+    return int(deleted), rings
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def _payload(kind: ItemKind, env: Envelope, body: bytes) -> bytes:
+    return cbor2.dumps(
+        [int(kind), env.msg_id, env.sender, env.sender_device, env.ts, env.urgent, body]
+    )
+
+
+def _decode(member: bytes) -> QueueItem:
+    """A queue member ``EXPIRES|SID|PAYLOAD`` back into the item it stores."""
+    _, sid, payload = member.split(b"|", 2)
+    kind, msg_id, sender, sender_device, ts, urgent, body = cbor2.loads(payload)
+    kind = ItemKind(kind)
+    if kind is ItemKind.MESSAGE:
+        return QueueItem(int(sid), kind, msg_id, sender, sender_device, ts, urgent, body)
+    return QueueItem(int(sid), kind, msg_id, sender, sender_device, ts, False, b"", tuple(body))
+
+
+def _fields(flat: Any) -> dict[str, bytes]:
+    """A hash as Redis returns it from a script (flat list) or a command (dict)."""
+    if isinstance(flat, dict):
+        return {k.decode(): v for k, v in flat.items()}
+    return {flat[n].decode(): flat[n + 1] for n in range(0, len(flat), 2)}
+
+
+def _push(fields: dict[str, bytes]) -> PushToken | None:
+    provider, token = fields.get("pp"), fields.get("pt")
+    if provider is None or token is None:
+        return None
+    topic = fields.get("ptopic")
+    return PushToken(
+        provider.decode(),
+        token.decode(),
+        None if topic is None else topic.decode(),
+        fields.get("psb") == b"1",
+        int(fields.get("pra", b"0")),
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -1,0 +1,235 @@
+"""The Lua scripts of the Redis backend, and the key layout they share.
+
+Every key of one user carries the hash tag ``{user}``: the device list, each device's
+record, queue and sid counter, and the idempotency records of messages sent *to* that
+user. A script therefore only ever touches one slot, which Redis Cluster requires, and
+a send to every device of a user (plus its idempotency record) is one atomic step, like
+Signal-Server's insert script.
+
+Layout, with ``P = "gw:{" + user + "}"``:
+
+- ``P:devs``: hash, device -> created (ms);
+- ``P:d:DEVICE``: hash with ``seen`` (last seen) and the push token fields
+  ``pp`` (provider), ``pt`` (token), ``ptopic``, ``psb`` (sandbox), ``pra`` (registered at);
+- ``P:q:DEVICE``: sorted set, score = sid, member = ``EXPIRES|SID|PAYLOAD`` (the
+  payload is CBOR, see `gateway.store.redis`); the sid inside the member keeps members
+  unique and lets a script read the expiry without decoding the payload;
+- ``P:seq:DEVICE``: the device's sid counter; never deleted, so sids are never reused;
+- ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
+  as a garbage-collection backstop.
+
+Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
+data of a device that never comes back disappears by itself; the logical expiry that
+reads and sweeps apply uses the times the gateway passes in.
+"""
+
+from __future__ import annotations
+
+# Keys of a queue outlive their longest item by this much (ms), so that Redis's own
+# expiry never removes an item before the gateway's clock says it expired.
+KEY_TTL_SLACK_MS = 3_600_000
+
+# ARGV: P, ts, expires, urgent-flag, own device ("" for none), mode ("a" all / "p" per
+# device), then the payload (mode a) or pairs device, payload (mode p).
+# Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
+# {1, nskipped, skipped..., device, sid, device, sid, ...}.
+SEND = """
+local prefix, ts, expires, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
+local prev = redis.call('GET', KEYS[2])
+if prev then
+  local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
+  if tonumber(pexp) > tonumber(ts) then
+    return {0, pts}
+  end
+end
+local devs = redis.call('HKEYS', KEYS[1])
+if #devs == 0 then
+  return {-1}
+end
+local ttl = tonumber(expires) - tonumber(ts)
+if ttl < 1 then ttl = 1 end
+local known = {}
+for _, d in ipairs(devs) do known[d] = true end
+local targets = {}
+local skipped = {}
+if mode == 'a' then
+  for _, d in ipairs(devs) do
+    if d ~= own then targets[#targets + 1] = {d, ARGV[7]} end
+  end
+else
+  for i = 7, #ARGV, 2 do
+    local d = ARGV[i]
+    if known[d] and d ~= own then
+      targets[#targets + 1] = {d, ARGV[i + 1]}
+    else
+      skipped[#skipped + 1] = d
+    end
+  end
+end
+redis.call('SET', KEYS[2], ts .. '|' .. expires, 'PX', ttl)
+local out = {1, #skipped}
+for _, d in ipairs(skipped) do out[#out + 1] = d end
+local keyttl = ttl + KEY_TTL_SLACK
+for _, t in ipairs(targets) do
+  local sid = redis.call('INCR', prefix .. ':seq:' .. t[1])
+  local q = prefix .. ':q:' .. t[1]
+  redis.call('ZADD', q, sid, expires .. '|' .. sid .. '|' .. t[2])
+  if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
+  out[#out + 1] = t[1]
+  out[#out + 1] = sid
+end
+return out
+""".replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+
+# One receipt item for every device of the user. KEYS[1] = P:devs.
+# ARGV: P, ts, expires, payload. Returns {device, sid, ...}.
+RECEIPTS = """
+local prefix, ts, expires, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl = tonumber(expires) - tonumber(ts)
+if ttl < 1 then ttl = 1 end
+local keyttl = ttl + KEY_TTL_SLACK
+local out = {}
+for _, d in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local sid = redis.call('INCR', prefix .. ':seq:' .. d)
+  local q = prefix .. ':q:' .. d
+  redis.call('ZADD', q, sid, expires .. '|' .. sid .. '|' .. payload)
+  if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
+  out[#out + 1] = d
+  out[#out + 1] = sid
+end
+return out
+""".replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+
+# The members of a queue with these sids (ARGV), for an ack to read before it deletes.
+PEEK = """
+local out = {}
+for _, sid in ipairs(ARGV) do
+  local m = redis.call('ZRANGEBYSCORE', KEYS[1], sid, sid)
+  if m[1] then out[#out + 1] = m[1] end
+end
+return out
+"""
+
+# Up to ARGV[3] unexpired members (expires > ARGV[2]) with sid > ARGV[1], in sid order.
+FETCH = """
+local after, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+while #out < limit do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. after, '+inf', 'LIMIT', 0, limit)
+  if #page == 0 then break end
+  for _, m in ipairs(page) do
+    local e, sid = string.match(m, '^(%d+)|(%d+)|')
+    after = sid
+    if tonumber(e) > now then
+      out[#out + 1] = m
+      if #out >= limit then break end
+    end
+  end
+  if #page < limit then break end
+end
+return out
+"""
+
+# How many members of a queue are unexpired at ARGV[1].
+COUNT = """
+local now, n = tonumber(ARGV[1]), 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if tonumber(string.match(m, '^(%d+)|')) > now then n = n + 1 end
+end
+return n
+"""
+
+# Delete the members of a queue that expired by ARGV[1]; returns how many.
+PRUNE = """
+local now, gone = tonumber(ARGV[1]), {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if tonumber(string.match(m, '^(%d+)|')) <= now then gone[#gone + 1] = m end
+end
+for i = 1, #gone, 500 do
+  redis.call('ZREM', KEYS[1], unpack(gone, i, math.min(i + 499, #gone)))
+end
+return #gone
+"""
+
+# Delete exactly these members (as read by PEEK) from a queue; returns how many.
+REMOVE_MEMBERS = """
+local n = 0
+for i = 1, #ARGV, 500 do
+  n = n + redis.call('ZREM', KEYS[1], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+return n
+"""
+
+# Register a device. KEYS: P:devs, P:d:DEVICE. ARGV: device, now. Returns 1 if new.
+REGISTER = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'seen', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Forget a device and its queue (its sid counter stays). KEYS: P:devs, P:d:D, P:q:D.
+REMOVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 1
+end
+return 0
+"""
+
+# Set fields of a known device's record. KEYS: P:devs, P:d:D. ARGV: device, then
+# "set"|"del", then field names (del) or field, value pairs (set).
+UPDATE_DEVICE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'set' then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+else
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 3))
+end
+return 1
+"""
+
+# Remove a push token unless it changed or was registered after ARGV[2].
+# KEYS: P:d:D. ARGV: token, sent_at.
+CLEAR_TOKEN = """
+local pt, pra = unpack(redis.call('HMGET', KEYS[1], 'pt', 'pra'))
+if pt == ARGV[1] and pra and tonumber(pra) <= tonumber(ARGV[2]) then
+  redis.call('HDEL', KEYS[1], 'pp', 'pt', 'ptopic', 'psb', 'pra')
+  return 1
+end
+return 0
+"""
+
+# Every device of a user with its record. KEYS: P:devs. ARGV: P.
+# Returns {device, created, {field, value, ...}, ...}.
+DEVICES = """
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  out[#out + 1] = all[i]
+  out[#out + 1] = all[i + 1]
+  out[#out + 1] = redis.call('HGETALL', ARGV[1] .. ':d:' .. all[i])
+end
+return out
+"""
+
+SCRIPTS: dict[str, str] = {
+    "send": SEND,
+    "receipts": RECEIPTS,
+    "peek": PEEK,
+    "remove_members": REMOVE_MEMBERS,
+    "fetch": FETCH,
+    "count": COUNT,
+    "prune": PRUNE,
+    "register": REGISTER,
+    "remove": REMOVE,
+    "update_device": UPDATE_DEVICE,
+    "clear_token": CLEAR_TOKEN,
+    "devices": DEVICES,
+}
+
+
+def prefix(user: str) -> str:
+    """The key prefix (with the hash tag) of every key of `user`."""
+    return "gw:{" + user + "}"
