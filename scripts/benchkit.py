@@ -160,6 +160,14 @@ class LeanClient:
                 raise ConnectionClosed(CloseReason(1006, "closed"))
         raise RuntimeError("ping loop bound")
 
+    async def abort(self) -> None:
+        """Drop the connection as a lost network does: a TCP reset, no close frame; bytes
+        not yet read by either side are discarded."""
+        sock = self._stream.socket
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.aclose_forcefully(self._stream)
+
     async def aclose(self) -> None:
         """Close handshake (bounded to 2 s), then the socket, also when cancelled."""
         try:
