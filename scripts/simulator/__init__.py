@@ -1,0 +1,1 @@
+"""The idle-device simulator behind ``scripts/simulate_idle_devices.py``."""

@@ -1,0 +1,122 @@
+"""The fake APNs and FCM, served by the simulator, handing each wake-up to its phone.
+
+The gateway pushes to `push.fakes.FakeApns` (HTTP/2 over TLS, provider JWT verified) and
+`push.fakes.FakeFcm` (OAuth, then HTTP v1) exactly as it would to Apple and Google. Each
+request the fakes accept is recorded in the ledger and, unless the scenario's loss rate
+drops it (the provider said 200 and the phone never heard of it, as APNs does with
+throttled background pushes), handed to the phone that registered the token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from push.fakes import FakeApns, FakeFcm, HttpRequest, HttpResponse
+from scripts.simulator.knobs import Scenario
+from scripts.simulator.ledger import Ledger, PushRecord
+from scripts.simulator.phone import Phone
+
+TOPIC = "com.example.simulator"
+PROJECT = "simulator-project"
+
+
+class PushRelay:
+    """Both fakes, and the routing from a device token to its phone.
+
+    Args:
+        ledger: Where every push is recorded.
+        scenario: The loss rates.
+        apns: The fake APNs (`FakeApns.create` makes one with fresh credentials).
+        fcm: The fake FCM.
+    """
+
+    def __init__(self, ledger: Ledger, scenario: Scenario, apns: FakeApns, fcm: FakeFcm) -> None:
+        self.ledger = ledger
+        self.scenario = scenario
+        self.apns = apns
+        self.fcm = fcm
+        self.phones: dict[str, Phone] = {}  # by push token
+        apns.handle = self._routed("apns", apns.handle)  # type: ignore[method-assign,assignment]
+        fcm.handle = self._routed("fcm", fcm.handle)  # type: ignore[method-assign,assignment]
+
+    @classmethod
+    def create(cls, ledger: Ledger, scenario: Scenario, directory: Path) -> PushRelay:
+        """A relay with fresh fake credentials written to `directory`."""
+        return cls(ledger, scenario, FakeApns.create(directory), FakeFcm(project_id=PROJECT))
+
+    async def serve(
+        self, directory: Path, *, apns_port: int = 0, fcm_port: int = 0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """Serve both fakes on loopback until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: self.apns.serve(port=apns_port, task_status=task_status)
+            )
+            await nursery.start(
+                lambda task_status: self.fcm.serve(port=fcm_port, task_status=task_status)
+            )
+            if self.fcm.service_account is None:
+                self.fcm.write_service_account(directory / "service-account.json")
+            task_status.started()
+
+    def add(self, phone: Phone) -> None:
+        """Route pushes for the phone's token to it."""
+        self.phones[phone.push_token] = phone
+
+    def gateway_push_toml(self) -> str:
+        """The `[push.apns]` and `[push.fcm]` tables that point a gateway at these fakes."""
+        assert self.fcm.service_account is not None
+        apns = self.apns.files
+        return (
+            "[push.apns]\n"
+            f'key_file = "{apns["key_file"]}"\n'
+            f'key_id = "{self.apns.key_id}"\n'
+            f'team_id = "{self.apns.team_id}"\n'
+            f'topic = "{TOPIC}"\n'
+            f'endpoint = "{self.apns.endpoint}"\n'
+            f'ca_file = "{apns["ca_file"]}"\n'
+            "\n[push.fcm]\n"
+            f'service_account_file = "{self.fcm.service_account}"\n'
+            f'endpoint = "{self.fcm.url}"\n'
+        )
+
+    def _routed(
+        self, provider: str, handle: Callable[[HttpRequest], HttpResponse]
+    ) -> Callable[[HttpRequest], HttpResponse]:
+        def handler(request: HttpRequest) -> HttpResponse:
+            response = handle(request)
+            if request.method == "POST" and not request.path.startswith(("/_fake/", "/token")):
+                self._deliver(provider, request, response)
+            return response
+
+        return handler
+
+    def _deliver(self, provider: str, request: HttpRequest, response: HttpResponse) -> None:
+        if provider == "apns":
+            token = request.path.rsplit("/", 1)[-1]
+            kind = request.headers.get("apns-push-type", "?")
+        else:
+            try:
+                message = json.loads(request.body)["message"]
+                token = message["token"]
+                kind = "alert" if message["android"]["priority"] == "high" else "background"
+            except (ValueError, KeyError, TypeError):
+                self.ledger.errors["unreadable FCM request"] += 1
+                return
+        phone = self.phones.get(token)
+        if phone is None:
+            self.ledger.errors["push to an unknown token"] += 1
+            return
+        loss = self.scenario.alert_loss if kind == "alert" else self.scenario.push_loss
+        accepted = response.status == 200
+        lost = accepted and phone.push_rng.random() < loss
+        self.ledger.note_push(
+            PushRecord(request.arrived, provider, kind, phone.user, response.status, lost)
+        )
+        if accepted and not lost:
+            phone.on_push(request.arrived)

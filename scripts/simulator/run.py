@@ -1,0 +1,288 @@
+"""One simulated run: gateway, fake providers, fleet, traffic, network drops, final drain,
+and the end-of-run check of every device's queue.
+
+```
+simulate
+└─ nursery
+   ├─ fake APNs + fake FCM (PushRelay)      ├─ the gateway process (unless --url)
+   ├─ sampler (live display, timeline)      └─ phones: one task each
+   └─ traffic, network drops (and an injected fault) while the traffic phase lasts
+```
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cbor2
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError
+
+from scripts.benchkit import LeanClient
+from scripts.simulator.knobs import Scenario
+from scripts.simulator.ledger import Ledger, Sample, now
+from scripts.simulator.phone import FleetContext, Phone
+from scripts.simulator.push_relay import PushRelay
+
+SAMPLE_INTERVAL = 0.25
+SETUP_TIMEOUT = 30.0
+CHECK_CONCURRENCY = 8
+
+
+@dataclass
+class Run:
+    """A run in progress: what the live display reads."""
+
+    scenario: Scenario
+    ledger: Ledger
+    phones: list[Phone] = field(default_factory=list)
+    phase: str = "starting"
+    phase_started: float = field(default_factory=now)
+    faults: list[str] = field(default_factory=list)
+
+    def enter(self, phase: str) -> None:
+        """Move to the next phase."""
+        self.phase, self.phase_started = phase, now()
+
+
+def build_fleet(ctx: FleetContext) -> list[Phone]:
+    """The scenario's phones: platforms and idle-cycling phones drawn from the seed."""
+    scenario = ctx.scenario
+    rng = scenario.rng("fleet")
+    count = scenario.devices
+    ios = round(count * scenario.ios_share)
+    cycling = min(round(count * scenario.idle_fraction), count - 1)
+    platforms = ["ios"] * ios + ["android"] * (count - ios)
+    rng.shuffle(platforms)
+    cycles = [True] * cycling + [False] * (count - cycling)
+    rng.shuffle(cycles)
+    phones = [
+        Phone(ctx, i, platforms[i], cycles[i], scenario.rng(f"phone/{i}")) for i in range(count)
+    ]
+    ctx.phones.update((p.user, p) for p in phones)
+    return phones
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One scheduled message."""
+
+    at: float  # seconds after the traffic phase starts
+    sender: int
+    recipient: int
+    urgent: bool
+    read: bool
+
+
+def traffic_schedule(scenario: Scenario, phones: Sequence[Phone]) -> list[Send]:
+    """The messages the active phones send: Poisson arrivals at `rate` for `duration`."""
+    rng = scenario.rng("traffic")
+    senders = [p.index for p in phones if not p.cycles]
+    sends: list[Send] = []
+    at = 0.0
+    while scenario.rate > 0:
+        at += rng.expovariate(scenario.rate)
+        if at >= scenario.duration:
+            break
+        sender = rng.choice(senders)
+        recipient = rng.randrange(len(phones) - 1)
+        recipient += recipient >= sender  # anyone but the sender
+        sends.append(
+            Send(
+                at,
+                sender,
+                recipient,
+                rng.random() < scenario.urgent_share,
+                rng.random() < scenario.read_share,
+            )
+        )
+    return sends
+
+
+async def simulate(
+    run: Run,
+    relay: PushRelay,
+    url: str,
+    token: Callable[[str], str],
+    *,
+    database: Path | None = None,
+    fault: str | None = None,
+) -> None:
+    """Run the scenario against the gateway at `url`, whose pushes reach `relay`.
+
+    The fake providers and the gateway must already be serving. Fills `run.ledger`.
+    """
+    scenario, ledger = run.scenario, run.ledger
+    ctx = FleetContext(url, token, scenario, ledger)
+    run.phones = phones = build_fleet(ctx)
+    for phone in phones:
+        relay.add(phone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sample, run)
+        async with trio.open_nursery() as fleet:
+            run.enter("registering")
+            for phone in phones:
+                fleet.start_soon(phone.run)
+            with trio.move_on_after(SETUP_TIMEOUT):
+                for phone in phones:
+                    await phone.ready.wait()
+            if not all(p.ready.is_set() for p in phones):
+                ledger.errors["phones that could not register"] += sum(
+                    not p.ready.is_set() for p in phones
+                )
+            run.enter("traffic")
+            async with trio.open_nursery() as traffic:
+                traffic.start_soon(_drops, run)
+                if fault == "delete-queued" and database is not None:
+                    traffic.start_soon(_delete_one_queued, run, database)
+                await _send_traffic(run)
+                traffic.cancel_scope.cancel()
+            if scenario.final_drain:
+                run.enter("final drain")
+                ledger.final_drain_started = now()
+                ctx.final.set()
+                for phone in phones:
+                    phone.poke.set()
+            else:
+                run.enter("settling")
+            # Many tasks move the ledger; polling it (bounded by the timeout) is simplest.
+            with trio.move_on_after(scenario.final_drain_timeout):
+                while not (ledger.settled() and _quiet(phones, scenario)):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            run.enter("disconnecting")
+            ctx.stop.set()
+            for phone in phones:
+                phone.poke.set()
+        run.enter("checking queues")
+        await check_queues(ctx, phones)
+        run.enter("done")
+        nursery.cancel_scope.cancel()
+
+
+def _quiet(phones: Sequence[Phone], scenario: Scenario) -> bool:
+    """With the final drain, every phone is connected; without it, none is mid-wake."""
+    if scenario.final_drain:
+        return all(p.online for p in phones)
+    return not any(p.waking for p in phones)
+
+
+async def _send_traffic(run: Run) -> None:
+    start = trio.current_time()
+    phones = run.phones
+    for send in traffic_schedule(run.scenario, phones):
+        await trio.sleep_until(start + send.at)
+        await phones[send.sender].send_message(
+            phones[send.recipient], urgent=send.urgent, read_planned=send.read
+        )
+
+
+async def _drops(run: Run) -> None:
+    """Abrupt network drops: each connected phone loses its network at the scenario's rate.
+
+    Thinning: events arrive at the rate for the whole fleet, and hit a random phone; one
+    that is not connected at that moment is spared.
+    """
+    per_phone = run.scenario.drops_per_minute / 60.0
+    if per_phone <= 0:
+        return
+    rng = run.scenario.rng("drops")
+    while True:
+        await trio.sleep(rng.expovariate(per_phone * len(run.phones)))
+        phone = rng.choice(run.phones)
+        if phone.online:
+            await phone.drop()
+
+
+async def _delete_one_queued(run: Run, database: Path) -> None:
+    """A fault for testing the checker: delete one stored message behind the gateway's
+    back, for a phone that is idle, halfway through the traffic."""
+    await trio.sleep(run.scenario.duration / 2)
+    while True:
+        idle = [p.user for p in run.phones if not p.online and not p.waking]
+        deleted = await trio.to_thread.run_sync(_delete_row, database, idle)
+        if deleted is not None:
+            run.faults.append(f"deleted one queued message (sid {deleted}) from the store")
+            return
+        await trio.sleep(0.1)
+
+
+def _delete_row(database: Path, users: list[str]) -> int | None:
+    if not users:
+        return None
+    with sqlite3.connect(database, timeout=5) as db:
+        marks = ",".join("?" * len(users))
+        row = db.execute(
+            "SELECT q.sid FROM queue q JOIN devices d ON q.did = d.did "
+            f"WHERE q.kind = 0 AND d.user IN ({marks}) LIMIT 1",
+            users,
+        ).fetchone()
+        if row is None:
+            return None
+        db.execute("DELETE FROM queue WHERE sid = ?", (row[0],))
+        return int(row[0])
+
+
+async def _sample(run: Run) -> None:
+    ledger = run.ledger
+    while True:
+        phones = run.phones
+        ledger.samples.append(
+            Sample(
+                now(),
+                connected=sum(p.online for p in phones),
+                idle=sum(p.cycles and not p.online for p in phones),
+                in_flight=ledger.in_flight,
+                pushes=len(ledger.pushes),
+                lost_pushes=sum(p.lost for p in ledger.pushes),
+            )
+        )
+        await trio.sleep(SAMPLE_INTERVAL)
+
+
+async def check_queues(ctx: FleetContext, phones: Sequence[Phone]) -> None:
+    """Connect every device once more and read what is still queued for it, without
+    acking. Items found are recorded in `ledger.undrained` (and, for messages, as still
+    queued rather than lost)."""
+    limiter = trio.CapacityLimiter(CHECK_CONCURRENCY)
+
+    async def check(phone: Phone) -> None:
+        async with limiter:
+            found = await _read_queue(ctx, phone.user)
+        if found is None:
+            ctx.ledger.errors["end-of-run check could not connect"] += 1
+            return
+        for msg_id in found:
+            ctx.ledger.note_found_at_end(phone.user, msg_id)
+        if found:
+            ctx.ledger.undrained[phone.user] = len(found)
+
+    async with trio.open_nursery() as nursery:
+        for phone in phones:
+            nursery.start_soon(check, phone)
+
+
+async def _read_queue(ctx: FleetContext, user: str) -> list[str] | None:
+    """Hello, then every queued item's id until `drained`; None if that failed."""
+    found: list[str] = []
+    try:
+        with trio.fail_after(10):
+            client = await LeanClient.open(ctx.url)
+            try:
+                hello = {"t": "hello", "v": 1, "token": ctx.token(user), "active": False}
+                await client.send_message(cbor2.dumps(hello))
+                for _ in range(1_000_000):
+                    item = cbor2.loads(await client.get_message())
+                    frames = item if isinstance(item, list) else [item]
+                    for frame in frames:
+                        if frame.get("t") in ("msg", "receipt"):
+                            found.append(frame["id"] if frame["t"] == "msg" else "receipt")
+                    if any(f.get("t") == "drained" for f in frames):
+                        return found
+            finally:
+                await client.aclose()
+    except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError):
+        return None
+    return None

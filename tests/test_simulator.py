@@ -1,0 +1,139 @@
+"""The idle-device simulator: short end-to-end runs (a real gateway process, the fake APNs
+and FCM, simulated phones) and its accounting."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from scripts.simulator.knobs import Distribution
+from scripts.simulator.ledger import Ledger, Percentiles, PushRecord, failures
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "simulate_idle_devices.py"
+SHORT = ["--devices", "12", "--rate", "8", "--duration", "3", "--no-live", "--seed", "7"]
+
+
+async def simulate(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    """Run the simulator as a user would; return its exit status, JSON summary and output."""
+    out = tmp_path / "summary.json"
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, str(SCRIPT), *SHORT, "--json", str(out), *extra],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    text = done.stdout.decode() + done.stderr.decode()
+    assert out.exists(), text
+    return done.returncode, json.loads(out.read_text()), text
+
+
+async def test_a_short_scenario_delivers_everything_through_pushes(tmp_path: Path) -> None:
+    status, summary, text = await simulate(tmp_path, "--plot", str(tmp_path / "sim.png"))
+    assert status == 0, text
+    m, r, p = summary["messages"], summary["receipts"], summary["pushes"]
+    assert summary["ok"] and summary["failures"] == []
+    assert m["sent"] > 0 and m["delivered"] == m["sent"]
+    assert m["lost"] == 0 and m["unanswered"] == 0 and m["still_queued_at_end"] == 0
+    assert summary["undrained_devices"] == {}
+    assert r["delivered_arrived"] == r["delivered_expected"] == m["delivered"]
+    assert r["read_arrived"] == r["read_expected"] > 0
+    # Sleeping phones got messages, and wake-ups went out through both fake providers.
+    assert m["to_idle_phones"] > 0
+    kinds = p["by_provider_and_kind"]
+    assert sum(kinds.values()) == p["total"] > 0
+    assert {k.split()[0] for k in kinds} == {"apns", "fcm"}
+    assert p["wakes"] > 0 and p["wakes"] <= p["total"] - p["lost_by_provider"]
+    assert p["per_delivered_message"] == pytest.approx(p["total"] / m["delivered"])
+    latency = summary["latency_s"]
+    assert latency["end_to_end_active"]["n"] + latency["end_to_end_idle"]["n"] == m["delivered"]
+    assert latency["end_to_end_idle"]["n"] == m["to_idle_phones"]
+    assert latency["reconnect_to_drained"]["n"] <= latency["push_to_reconnect"]["n"] == p["wakes"]
+    for row in latency.values():
+        if row["n"]:
+            assert 0 <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert "OK: nothing lost" in text
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_a_message_deleted_from_the_store_fails_the_run(tmp_path: Path) -> None:
+    # Every push is lost and nothing drops, so sleeping phones keep their items queued
+    # until the final drain; one of them is deleted from the SQLite file behind the
+    # gateway's back.
+    status, summary, text = await simulate(
+        tmp_path, "--fault", "delete-queued", "--push-loss", "1", "--alert-loss", "1",
+        "--drops-per-minute", "0",
+    )  # fmt: skip
+    assert len(summary["faults_injected"]) == 1, text
+    assert status == 1, text
+    assert summary["messages"]["lost"] == 1
+    assert summary["messages"]["delivered"] == summary["messages"]["sent"] - 1
+    assert any("lost" in why for why in summary["failures"])
+    assert "FAIL" in text
+
+
+async def test_phones_left_asleep_fail_the_run_with_their_items_still_queued(
+    tmp_path: Path,
+) -> None:
+    status, summary, text = await simulate(
+        tmp_path, "--no-final-drain", "--push-loss", "1", "--alert-loss", "1",
+        "--final-drain-timeout", "1",
+    )  # fmt: skip
+    assert status == 1, text
+    m = summary["messages"]
+    assert m["lost"] == 0  # stranded, not lost: the end-of-run check found them queued
+    assert m["still_queued_at_end"] == m["sent"] - m["delivered"] > 0
+    assert sum(summary["undrained_devices"].values()) >= m["still_queued_at_end"]
+    assert any("left with" in why for why in summary["failures"])
+
+
+def test_distributions_parse_and_stay_within_their_cap() -> None:
+    rng = random.Random(1)
+    lognormal = Distribution.parse("lognormal:0.4,0.6", cap=2.0)
+    draws = [lognormal.draw(rng) for _ in range(2000)]
+    assert all(0 <= d <= 2.0 for d in draws)
+    assert 0.3 < sorted(draws)[1000] < 0.5  # the median is the first parameter
+    assert Distribution.parse("fixed:1.5").draw(rng) == 1.5
+    assert all(1 <= Distribution.parse("uniform:1,2").draw(rng) <= 2 for _ in range(100))
+    assert str(lognormal) == "lognormal:0.4,0.6"
+    for bad in ("gauss:1", "uniform:2,1", "exp:x", "fixed:1,2", "exp:-1", "fixed:inf"):
+        with pytest.raises(ValueError):
+            Distribution.parse(bad)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    p = Percentiles.of(float(i) for i in range(1, 101))
+    assert (p.n, p.p50, p.p90, p.p99) == (100, 50.0, 90.0, 99.0)
+    empty = Percentiles.of([])
+    assert empty.n == 0 and math.isnan(empty.p50)
+
+
+def test_the_ledger_tells_lost_from_duplicated_and_from_still_queued() -> None:
+    ledger = Ledger()
+    for n in range(4):
+        ledger.note_send(f"m{n}", "alice", "bob", urgent=True, recipient_idle=n > 0)
+        ledger.note_stored(f"m{n}")
+    ledger.note_message("bob", "m0")
+    ledger.note_message("bob", "m0")  # delivered again after a reset: a duplicate
+    ledger.note_message("bob", "m1")
+    ledger.note_found_at_end("bob", "m2")  # still queued: stranded, not lost
+    ledger.note_receipt("alice", "delivered", ["m0", "m1"])
+    ledger.note_push(PushRecord(1.0, "apns", "alert", "bob", 200, lost=True))
+    summary = ledger.summary()
+    m = summary["messages"]
+    assert (m["sent"], m["delivered"], m["duplicated"], m["lost"], m["still_queued_at_end"]) == (
+        4, 2, 1, 1, 1,
+    )  # fmt: skip
+    assert summary["pushes"]["lost_by_provider"] == 1
+    assert summary["latency_s"]["message_to_push"]["n"] == 3  # m1..m3 went to a sleeper
+    assert failures(summary) == ["1 message(s) lost"]
+    assert not ledger.settled()
