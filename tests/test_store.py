@@ -442,6 +442,10 @@ async def test_acking_receipts_generates_no_receipts(store, rings):
 
 async def test_a_read_queues_a_read_receipt_for_every_device_of_the_sender(store, rings):
     await register(store, "alice", "phone", "laptop")
+    await register(store, "bob", "tablet")
+    await send(store, envelope("m1", to="bob"))
+    await send(store, envelope("m2", device="laptop", to="bob"))
+    rings.clear()
 
     count = await (
         await store.submit_read("bob", "tablet", "alice", ("m1", "m2"), T0 + 9, T0 + DAY_MS)
@@ -454,6 +458,52 @@ async def test_a_read_queues_a_read_receipt_for_every_device_of_the_sender(store
         assert receipt.ids == ("m1", "m2")
         assert (receipt.sender, receipt.sender_device, receipt.ts) == ("bob", "tablet", T0 + 9)
     assert sorted(rings) == [("alice", "laptop", False), ("alice", "phone", False)]
+
+
+async def test_a_read_carries_only_ids_the_reader_was_sent_by_that_user(store, rings):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "tablet")
+    await register(store, "carol", "phone")
+    await send(store, envelope("to-bob", to="bob"))
+    await send(store, envelope("to-carol", to="carol"))
+    await send(store, envelope("carol-to-bob", sender="carol", to="bob"))
+    before = await fetch_all(store, "alice", "phone")
+
+    # bob names alice's message to carol, carol's message to him, and an id never sent.
+    ids = ("to-carol", "carol-to-bob", "made-up", "to-bob", "to-bob")
+    count = await (await store.submit_read("bob", "tablet", "alice", ids, T0, T0 + DAY_MS)).result()
+
+    assert count == 1
+    [receipt] = [i for i in await fetch_all(store, "alice", "phone") if i not in before]
+    assert receipt.ids == ("to-bob",)
+
+
+async def test_a_read_naming_only_ids_never_sent_to_the_reader_queues_nothing(store, rings):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await register(store, "mallory", "phone")
+    await send(store, envelope("secret", to="bob"))
+    rings.clear()
+
+    for ids in (("secret",), ("guess-1", "guess-2")):
+        queued = await (
+            await store.submit_read("mallory", "phone", "alice", ids, T0, T0 + DAY_MS)
+        ).result()
+        assert queued == 0
+    assert await fetch_all(store, "alice", "phone") == []
+    assert rings == []
+
+
+async def test_a_read_after_the_message_expired_queues_nothing(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await send(store, envelope("m1", to="bob", ttl_ms=1000))
+
+    late = T0 + 1000
+    assert (
+        await (await store.submit_read("bob", "phone", "alice", ("m1",), late, late + 1)).result()
+        == 0
+    )
 
 
 async def test_a_read_for_an_unknown_user_queues_nothing(store, rings):
@@ -741,3 +791,26 @@ async def test_after_close_submissions_raise_store_closed(store):
 
 def test_store_closed_is_a_store_error():
     assert issubclass(StoreClosed, StoreError)
+
+
+async def test_a_file_from_before_read_checking_gains_the_recipient_column(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE sent_ids (sender TEXT NOT NULL, sender_device TEXT NOT NULL,"
+        " msg_id TEXT NOT NULL, ts INTEGER NOT NULL, expires INTEGER NOT NULL,"
+        " PRIMARY KEY (sender, sender_device, msg_id)) WITHOUT ROWID;"
+        f"INSERT INTO sent_ids VALUES ('alice', 'phone', 'old', {T0}, {T0 + DAY_MS});"
+    )
+    old.close()
+
+    async with open_backend("sqlite", path, lambda *a: None) as store:
+        await register(store, "alice", "phone")
+        await register(store, "bob", "phone")
+        await send(store, envelope("new", to="bob"))
+        ids = ("old", "new")
+        assert (
+            await (await store.submit_read("bob", "phone", "alice", ids, T0, T0 + 1)).result() == 1
+        )
+        [receipt] = await fetch_all(store, "alice", "phone")
+    assert receipt.ids == ("new",)  # an id stored before the column names no recipient

@@ -191,7 +191,9 @@ class MessageStore(abc.ABC):
     async def submit_read(
         self, reader: str, reader_device: str, to: str, ids: tuple[str, ...], now: int, expires: int
     ) -> Ticket[int]:
-        """Queue a read receipt for every device of `to`."""
+        """Queue a read receipt for every device of `to`, carrying those of `ids` that
+        `to` sent to `reader` (and that have not expired); other ids are dropped, so no
+        one can mark as read what they were never sent. Returns the receipts queued."""
 
     @abc.abstractmethod
     async def sync(self) -> None:

@@ -71,10 +71,19 @@ CREATE TABLE IF NOT EXISTS sent_ids (
     msg_id TEXT NOT NULL,
     ts INTEGER NOT NULL,
     expires INTEGER NOT NULL,
+    recipient TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (sender, sender_device, msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sent_ids_by_expiry ON sent_ids (expires);
 """
+# `recipient` came later: a file made before it gains the column (older ids match no reader).
+MIGRATIONS = (
+    ("sent_ids", "recipient", "ALTER TABLE sent_ids ADD COLUMN recipient TEXT NOT NULL DEFAULT ''"),
+)
+# A `read` may name only ids the reader's user was sent by `to`; this finds them.
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS sent_ids_by_recipient ON sent_ids (recipient, sender, msg_id);"
+)
 
 # Sweeps delete in slices so one sweep never holds the write lock for long.
 SWEEP_SLICE = 5000
@@ -169,6 +178,11 @@ class SqliteStore(MessageStore):
         if mode.lower() != "wal":
             raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode})")
         writer.executescript(SCHEMA)
+        for table, column, alter in MIGRATIONS:
+            columns = {row[1] for row in writer.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                writer.execute(alter)
+        writer.executescript(INDEXES)
         self._tx = _Tx(writer)
         self._reader_conns = [self._connect() for _ in range(READERS)]
 
@@ -329,8 +343,9 @@ class SqliteStore(MessageStore):
         expires: int,
     ) -> Ticket[int]:
         def apply(tx: _Tx) -> OpResult:
+            received = _received_ids(tx.conn, reader, to, ids, now)
             rings = _insert_receipts(
-                tx, ItemKind.READ, to, reader, reader_device, ids, now, expires
+                tx, ItemKind.READ, to, reader, reader_device, received, now, expires
             )
             return len(rings), rings
 
@@ -508,10 +523,11 @@ def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
     # Claims the id, or finds it claimed by a live earlier send (an expired claim is
     # taken over, as if swept).
     claimed = conn.execute(
-        "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires) VALUES (?,?,?,?,?)"
-        " ON CONFLICT DO UPDATE SET ts=excluded.ts, expires=excluded.expires"
+        "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires, recipient)"
+        " VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET ts=excluded.ts,"
+        " expires=excluded.expires, recipient=excluded.recipient"
         " WHERE sent_ids.expires <= excluded.ts",
-        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
+        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires, env.to),
     ).rowcount
     if not claimed:
         row = conn.execute(
@@ -580,6 +596,24 @@ def _apply_ack(
             tx, ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires
         )
     return len(deleted), rings
+
+
+def _received_ids(
+    conn: sqlite3.Connection, reader: str, sender: str, ids: tuple[str, ...], now: int
+) -> tuple[str, ...]:
+    """Those of `ids` that `sender` sent to `reader` and that have not expired, in order."""
+    if not ids:
+        return ()
+    marks = ",".join("?" * len(ids))
+    found = {
+        msg_id
+        for (msg_id,) in conn.execute(
+            "SELECT msg_id FROM sent_ids WHERE recipient=? AND sender=? AND expires>?"
+            f" AND msg_id IN ({marks})",
+            (reader, sender, now, *ids),
+        )
+    }
+    return tuple(dict.fromkeys(i for i in ids if i in found))
 
 
 def _insert_receipts(
