@@ -305,8 +305,13 @@ class RedisStore(MessageStore):
         expires: int,
     ) -> Ticket[int]:
         def steps() -> Steps:
+            if not ids:
+                return 0, []
+            [found] = yield [("received", [f"{prefix(reader)}:rx:{to}\0"], [now, *ids])]
+            known = {i.decode() for i in found}
+            received = tuple(dict.fromkeys(i for i in ids if i in known))
             rings = yield from _receipt_steps(
-                ItemKind.READ, to, reader, reader_device, ids, now, expires
+                ItemKind.READ, to, reader, reader_device, received, now, expires
             )
             return len(rings), rings
 
@@ -454,7 +459,8 @@ def _send_steps(env: Envelope) -> Steps:
         args = [*head, "p"]
         for device, body in env.bodies.items():
             args += [device, _payload(ItemKind.MESSAGE, env, body)]
-    [answer] = yield [("send", [f"{p}:devs", idem], args)]
+    received = f"{p}:rx:{env.sender}\0{env.msg_id}"
+    [answer] = yield [("send", [f"{p}:devs", idem, received], args)]
     status = answer[0]
     if status == 0:
         return SendOutcome(ts=int(answer[1]), duplicate=True), []

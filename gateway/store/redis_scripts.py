@@ -16,7 +16,9 @@ Layout, with ``P = "gw:{" + user + "}"``:
   unique and lets a script read the expiry without decoding the payload;
 - ``P:seq:DEVICE``: the device's sid counter; never deleted, so sids are never reused;
 - ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
-  as a garbage-collection backstop.
+  as a garbage-collection backstop;
+- ``P:rx:SENDER\\0ID``: ``EXPIRES`` of a message SENDER sent to this user, whatever the
+  sending device, with the same TTL: a `read` of this user names only such ids.
 
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
@@ -67,6 +69,7 @@ else
   end
 end
 redis.call('SET', KEYS[2], ts .. '|' .. expires, 'PX', ttl)
+redis.call('SET', KEYS[3], expires, 'PX', ttl)
 local out = {1, #skipped}
 for _, d in ipairs(skipped) do out[#out + 1] = d end
 local keyttl = ttl + KEY_TTL_SLACK
@@ -80,6 +83,18 @@ for _, t in ipairs(targets) do
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+
+# Those of the ids (ARGV[2..]) whose P:rx: key (KEYS[1] is its prefix "P:rx:SENDER\0")
+# says unexpired at ARGV[1]. No KEYS beyond the prefix: the keys are built here, all in
+# the reader's slot.
+RECEIVED = """
+local now, out = tonumber(ARGV[1]), {}
+for i = 2, #ARGV do
+  local e = redis.call('GET', KEYS[1] .. ARGV[i])
+  if e and tonumber(e) > now then out[#out + 1] = ARGV[i] end
+end
+return out
+"""
 
 # One receipt item for every device of the user. KEYS[1] = P:devs.
 # ARGV: P, ts, expires, payload. Returns {device, sid, ...}.
@@ -217,6 +232,7 @@ return out
 SCRIPTS: dict[str, str] = {
     "send": SEND,
     "receipts": RECEIPTS,
+    "received": RECEIVED,
     "peek": PEEK,
     "remove_members": REMOVE_MEMBERS,
     "fetch": FETCH,
