@@ -27,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,21 @@ if __package__ in (None, ""):  # run as a file: make the `scripts` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.auth import mint_token
-from gateway.errors import GatewayError
-from gateway.settings import AuthSettings
+from gateway.errors import ConfigError, GatewayError
+from gateway.settings import AuthSettings, Settings, load_settings
 from scripts.benchkit import free_port, raise_fd_limit
 from scripts.simulator.gateway_proc import run_gateway, scenario_config
 from scripts.simulator.knobs import Distribution, PushRules, Scenario
 from scripts.simulator.ledger import Ledger, failures
 from scripts.simulator.push_relay import PushRelay
 from scripts.simulator.run import Run, simulate
+from scripts.simulator.setups import (
+    Ports,
+    running_relay,
+    staging_env,
+    staging_relay,
+    write_config_dir,
+)
 
 TOKEN_TTL = 3600
 LIVE_INTERVAL = 0.25
@@ -205,6 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workdir", type=Path, help="keep the gateway's configuration, database and log here"
     )
+    target = parser.add_argument_group("the gateway (default: one started for the run)")
+    target.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the gateway's configuration. Without --url: start the gateway on FILE (a staging "
+        "set-up, real push credentials welcome) with only the listener, SQLite file, push "
+        "endpoints and push timing overridden; the fakes verify FILE's APNs key and FCM "
+        "service account, nothing is sent to Apple or Google. With --url: the configuration "
+        "the running gateway uses (from --write-config)",
+    )
+    target.add_argument(
+        "--url",
+        help="a running gateway (ws://127.0.0.1:PORT/ws) started on --config FILE; the "
+        "simulator serves the fakes on the ports FILE names",
+    )
+    target.add_argument(
+        "--write-config",
+        type=Path,
+        metavar="DIR",
+        help="write fake push credentials and DIR/gateway.toml for a gateway that pushes to "
+        "this simulator's fakes, then exit",
+    )
+    target.add_argument("--gateway-port", type=int, default=8765, help="for --write-config")
+    target.add_argument("--apns-port", type=int, default=8443, help="for --write-config")
+    target.add_argument("--fcm-port", type=int, default=8444, help="for --write-config")
     run.add_argument(
         "--fault",
         choices=["delete-queued"],
@@ -240,38 +273,55 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
     )
 
 
-async def run_scenario(args: argparse.Namespace, run: Run, workdir: Path) -> None:
-    """Start the fakes and the gateway, then simulate, with the live display."""
-    scenario = run.scenario
-    relay = PushRelay.create(run.ledger, scenario, workdir / "push")
-    auth = AuthSettings(jwt_secret=secrets.token_hex(32))
-
-    def token(user: str) -> str:
-        return mint_token(auth, user, "phone", TOKEN_TTL)
-
+async def run_scenario(
+    args: argparse.Namespace, run: Run, workdir: Path, settings: Settings | None
+) -> None:
+    """Start the fakes (and the gateway, unless --url), then simulate with the live display."""
+    scenario, ledger = run.scenario, run.ledger
+    push_dir = workdir / "push"
+    database: Path | None = workdir / "gateway.db"
     async with trio.open_nursery() as nursery:
-        await nursery.start(relay.serve, workdir / "push")
-        port = free_port()
-        database = workdir / "gateway.db"
-        config = scenario_config(
-            workdir / "gateway.toml",
-            port=port,
-            database=database,
-            jwt_secret=auth.jwt_secret,
-            rules=scenario.rules,
-            push_toml=relay.gateway_push_toml(),
-        )
-        await nursery.start(run_gateway, config, port, workdir / "gateway.log")
+        if settings is None:  # the default: everything made for this run
+            relay = PushRelay.create(ledger, scenario, push_dir)
+            auth = AuthSettings(jwt_secret=secrets.token_hex(32))
+            await nursery.start(relay.serve, push_dir)
+            port = free_port()
+            config = scenario_config(
+                workdir / "gateway.toml",
+                port=port,
+                database=workdir / "gateway.db",
+                jwt_secret=auth.jwt_secret,
+                rules=scenario.rules,
+                push_toml=relay.gateway_push_toml(),
+            )
+            await nursery.start(run_gateway, config, port, workdir / "gateway.log")
+            url = f"ws://127.0.0.1:{port}/ws"
+        elif args.url is None:  # --config: a staging file, started by the simulator
+            relay = staging_relay(settings, args.config, ledger, scenario, push_dir)
+            auth = settings.auth
+            await nursery.start(relay.serve, push_dir)
+            port = free_port()
+            env = staging_env(relay, settings, args.config, port, workdir, scenario.rules)
+            if settings.store.backend != "sqlite":
+                database = None
+            await nursery.start(run_gateway, Path(args.config), port, workdir / "gateway.log", env)
+            url = f"ws://127.0.0.1:{port}/ws"
+        else:  # --url with --config: a running gateway that pushes to our fakes
+            relay, ports = running_relay(settings, args.config, ledger, scenario)
+            auth = settings.auth
+            await nursery.start(
+                partial(relay.serve, push_dir, apns_port=ports.apns, fcm_port=ports.fcm)
+            )
+            url = args.url
+            sqlite = settings.store.backend == "sqlite" and settings.store.path.is_file()
+            database = settings.store.path if sqlite else None
+
+        def token(user: str) -> str:
+            return mint_token(auth, user, "phone", TOKEN_TTL)
+
         with _live(run, enabled=not args.no_live) as refresh:
             nursery.start_soon(refresh)
-            await simulate(
-                run,
-                relay,
-                f"ws://127.0.0.1:{port}/ws",
-                token,
-                database=database,
-                fault=args.fault,
-            )
+            await simulate(run, relay, url, token, database=database, fault=args.fault)
         nursery.cancel_scope.cancel()
 
 
@@ -310,6 +360,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from scripts.simulator.display import print_summary
 
+    if args.write_config is not None:
+        return _write_config(args, scenario)
+    settings: Settings | None = None
+    if args.url is not None and args.config is None:
+        print(
+            "simulate_idle_devices.py: --url needs --config FILE, the running gateway's "
+            "configuration (its [auth] signs the phones' tokens; its push tables must name "
+            "this simulator's fakes: write one with --write-config DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.config is not None:
+            settings = load_settings(args.config)
+            mint_token(settings.auth, "check", "phone", TOKEN_TTL)  # fails early, clearly
+    except ConfigError as exc:
+        print(f"simulate_idle_devices.py: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if settings is not None and args.url is not None:
+        # The running gateway's own timing decides; the report should say so.
+        push = settings.push
+        scenario = replace(
+            scenario,
+            rules=PushRules(push.urgent_cooldown, push.background_cooldown, push.linger),
+        )
     raise_fd_limit()
     console = Console()
     run = Run(scenario, Ledger())
@@ -321,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idle-sim-")))
         problems: list[str] = []
         try:
-            trio.run(run_scenario, args, run, workdir)
+            trio.run(run_scenario, args, run, workdir, settings)
         except* GatewayError as group:  # the gateway would not start, or died
             problems = [str(exc) for exc in group.exceptions]
         if problems:
@@ -343,6 +418,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_plot(run.ledger, scenario, args.plot)
         console.print(f"plot written to {args.plot}")
     return 1 if why else 0
+
+
+def _write_config(args: argparse.Namespace, scenario: Scenario) -> int:
+    directory = args.write_config.resolve()
+    config = write_config_dir(
+        directory,
+        gateway_port=args.gateway_port,
+        ports=Ports(args.apns_port, args.fcm_port),
+        rules=scenario.rules,
+        scenario=scenario,
+    )
+    print(
+        f"wrote fake push credentials and {config}\n"
+        f"1. start the gateway:  gateway serve --config {config}\n"
+        f"2. then simulate:      python scripts/simulate_idle_devices.py "
+        f"--url ws://127.0.0.1:{args.gateway_port}/ws --config {config}"
+    )
+    return 0
 
 
 def _scenario_json(scenario: Scenario) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from push.fakes.credentials import make_p8, make_service_account
 from scripts.simulator.knobs import Distribution
 from scripts.simulator.ledger import Ledger, Percentiles, PushRecord, failures
 
@@ -94,6 +95,48 @@ async def test_phones_left_asleep_fail_the_run_with_their_items_still_queued(
     assert m["still_queued_at_end"] == m["sent"] - m["delivered"] > 0
     assert sum(summary["undrained_devices"].values()) >= m["still_queued_at_end"]
     assert any("left with" in why for why in summary["failures"])
+
+
+def staging_files(directory: Path, apns: str) -> Path:
+    """A staging configuration with credentials of the real kinds: an APNs `.p8` key and a
+    Google service account whose token_uri is Google's own."""
+    make_p8(directory / "AuthKey_ABC123DEFG.p8")
+    make_service_account(
+        directory / "firebase.json", "https://oauth2.googleapis.com/token", "staging-project"
+    )
+    config = directory / "staging.toml"
+    config.write_text(
+        '[auth]\njwt_secret = "staging-secret"\n[store]\npath = "staging.db"\n'
+        "[push]\nurgent_cooldown = 10.0\nbackground_cooldown = 1200.0\nlinger = 60.0\n"
+        f"[push.apns]\n{apns}\n"
+        '[push.fcm]\nservice_account_file = "firebase.json"\n'
+    )
+    return config
+
+
+async def test_a_staging_configuration_runs_with_its_credentials_checked_by_the_fakes(
+    tmp_path: Path,
+) -> None:
+    apns = 'key_file = "AuthKey_ABC123DEFG.p8"\nkey_id = "ABC123DEFG"\nteam_id = "DEF123GHIJ"\n'
+    config = staging_files(tmp_path, apns + 'topic = "com.example.staging"')
+    status, summary, text = await simulate(tmp_path, "--config", str(config))
+    assert status == 0, text
+    kinds = summary["pushes"]["by_provider_and_kind"]
+    assert {k.split()[0] for k in kinds} == {"apns", "fcm"}  # both providers accepted them
+    assert summary["pushes"]["rejected"] == 0
+    assert not (tmp_path / "staging.db").exists()  # the run used its own SQLite file
+
+
+async def test_certificate_auth_cannot_be_simulated_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "apns-cert.pem").write_text("not used")
+    config = staging_files(tmp_path, 'cert_file = "apns-cert.pem"\ntopic = "com.example.x"')
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, str(SCRIPT), "--config", str(config), "--no-live"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert b"[push.apns] cert_file: certificate auth cannot be simulated" in done.stderr
 
 
 def test_distributions_parse_and_stay_within_their_cap() -> None:

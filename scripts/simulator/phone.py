@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class FleetContext:
     final: trio.Event = field(default_factory=trio.Event)  # the final drain started
     stop: trio.Event = field(default_factory=trio.Event)  # everyone disconnects now
     phones: dict[str, Phone] = field(default_factory=dict)  # by user
+    # Message ids must be new to the gateway: it answers a repeated id from the same
+    # device with the original `sent` and stores nothing (a second run on one gateway).
+    run_tag: str = field(default_factory=lambda: secrets.token_hex(4))
 
 
 class Phone:
@@ -117,7 +121,7 @@ class Phone:
         """Send one message to `to`; `sent` is awaited in the background (and the send is
         repeated on the next connection if this one ends first)."""
         self._sent_count += 1
-        msg_id = f"{self.user}-{self._sent_count}"
+        msg_id = f"{self.user}-{self.ctx.run_tag}-{self._sent_count}"
         body = self.rng.randbytes(self.ctx.scenario.body_bytes)
         frame = {"t": "send", "id": msg_id, "to": to.user, "body": body, "urgent": urgent}
         record = self.ctx.ledger.note_send(msg_id, self.user, to.user, urgent, not to.online)
