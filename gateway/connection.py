@@ -134,6 +134,8 @@ class Connection:
         previous = gw.registry.attach(self)
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
+        if gw.cluster is not None:
+            await gw.cluster.claim(self)  # closes a connection of it on another node
         gw.presence.add_subscriber(self.id, active=self.active)
         gw.presence.device_connected(self.user, self.device)
         # Acks from this device's previous connection may still be queued for commit;
@@ -157,6 +159,8 @@ class Connection:
         gw = self.gateway
         gw.presence.remove_subscriber(self.id)
         if gw.registry.detach(self):
+            if gw.cluster is not None:
+                gw.cluster.release(self)
             gw.presence.device_disconnected(self.user, self.device)
             with trio.move_on_after(CLOSE_TIMEOUT):
                 try:

@@ -132,6 +132,10 @@ class Router:
 
     async def _subscribe(self, conn: Connection, f: Subscribe) -> None:
         try:
+            await self.presence.refresh(f.users)
+        except StoreError as exc:  # answer from what is known; changes follow when back
+            log.warning("presence not refreshed: %s", exc)
+        try:
             snapshot = self.presence.subscribe(conn.id, f.users)
         except SubscriptionLimit as exc:
             conn.outbox.push(frames.error("limit_exceeded", str(exc), ref="sub"))

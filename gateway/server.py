@@ -14,6 +14,7 @@ handed back knows the real port (port 0 picks a free one) and can `shutdown()` g
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
 from gateway.auth import TokenVerifier
+from gateway.cluster import ClusterLink
+from gateway.cluster_presence import ClusterPresence
 from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
 from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
@@ -32,6 +35,7 @@ from gateway.router import Router
 from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore, open_store
+from gateway.store.redis import RedisStore
 from push.dispatcher import PushDispatcher
 from push.providers import build_providers
 from push.waker import Waker
@@ -67,12 +71,17 @@ class Gateway:
         if waker is None:
             waker = self.push = PushDispatcher(settings.push, build_providers(settings.push))
         self.registry = Registry(waker)
+        self.node_id = secrets.token_hex(6)  # this process, among nodes sharing Redis
         self.store: MessageStore = open_store(
-            settings, self.registry.ring, counters=self.metrics.redis
+            settings, self.registry.ring, counters=self.metrics.redis, node_id=self.node_id
         )
+        self.cluster: ClusterLink | None = None
+        if isinstance(self.store, RedisStore):
+            self.cluster = ClusterLink(self, self.store)
         self.verifier = TokenVerifier(settings.auth)
         self.load = LoadMonitor(settings.server.overload_lag)
         self.connections: dict[int, Connection] = {}  # by id, including those before hello
+        self.cluster_presence: ClusterPresence | None = None  # set by build_presence
         self.presence = build_presence(self)
         self.router = Router(
             self.store,
@@ -159,6 +168,10 @@ async def serve_gateway(
             background.start_soon(_sweep_expired, gateway)
             await background.start(gateway.load.run)
             await background.start(gateway.presence.run)
+            if gateway.cluster is not None:
+                await background.start(gateway.cluster.run)
+                if gateway.cluster_presence is not None:
+                    await background.start(gateway.cluster_presence.run)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(settings)
                 port = listeners[0].socket.getsockname()[1]

@@ -70,6 +70,14 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """`[cluster]`: how nodes sharing Redis (``[store] backend = "redis"``) track devices."""
+
+    node_ttl: float = 30.0  # a dead node's devices count as connected for at most this long
+    catchup_interval: float = 30.0  # seconds between re-reads that catch lost doorbells
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """`[admin]`: the admin and backend HTTP API."""
 
@@ -147,6 +155,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     push: PushSettings = field(default_factory=PushSettings)
@@ -206,6 +215,8 @@ _POSITIVE = {
     "request_timeout",
     "overload_lag",
     "max_watch",
+    "node_ttl",
+    "catchup_interval",
 }
 
 

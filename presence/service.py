@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -49,6 +49,7 @@ class PresenceService:
         wall_ms: Callable[[], int],
         overloaded: Callable[[], bool] = lambda: False,
         shed: Counter[str] | None = None,
+        refresh: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
     ) -> None:
         self.state = state
         self.fanout = fanout
@@ -57,6 +58,7 @@ class PresenceService:
         self._relay_typing = relay_typing
         self._wall_ms = wall_ms
         self._overloaded = overloaded
+        self._refresh = refresh
         self._base_batch = fanout.batch
         self._wakeup = trio.Event()
         self.frames_sent = 0
@@ -83,6 +85,16 @@ class PresenceService:
     def remove_subscriber(self, sub: int) -> None:
         """A connection ended: its subscriptions end with it."""
         self.fanout.remove_subscriber(sub)
+
+    async def refresh(self, users: tuple[str, ...]) -> None:
+        """Bring the state of `users` up to date before a snapshot of them (a no-op unless
+        the state mirrors a shared store)."""
+        if self._refresh is not None:
+            await self._refresh(users)
+
+    def apply(self, items: list[PresenceItem]) -> None:
+        """Changes that arrived from elsewhere (another node), for subscribers here."""
+        self._publish(items)
 
     def subscribe(self, sub: int, users: tuple[str, ...]) -> dict[str, Any]:
         """Watch users; returns the snapshot frame to answer with.

@@ -33,11 +33,16 @@ __all__ = [
 
 
 def open_store(
-    settings: Settings, doorbell: Doorbell, *, counters: Counter[str] | None = None
+    settings: Settings,
+    doorbell: Doorbell,
+    *,
+    counters: Counter[str] | None = None,
+    node_id: str = "",
 ) -> MessageStore:
     """Build the configured backend; start it with ``await nursery.start(store.run)``.
 
-    `counters` receives the Redis backend's error and recovery counts.
+    `counters` receives the Redis backend's error and recovery counts; `node_id` names
+    this process among the nodes sharing Redis.
     """
     if settings.store.backend == "redis":
         from gateway.store.redis import RedisStore
@@ -48,6 +53,7 @@ def open_store(
             max_batch=settings.store.max_batch,
             receipt_ttl_ms=settings.server.max_ttl * 1000,
             counters=counters,
+            node_id=node_id,
         )
     from gateway.store.sqlite import SqliteStore
 

@@ -88,8 +88,13 @@ def connect(url: str) -> coredis.Redis[bytes]:
 class RedisStore(MessageStore):
     """Redis-backed `MessageStore`; see the module docstring for the commit model.
 
-    Other services of the process (the cluster bus, presence) use `client` once `run`
-    has started; it stays open until `run` returns.
+    Other services of the process (the cluster link, presence) use `client` and
+    `run_scripts` once `run` has started; the client stays open until `run` returns.
+
+    With a `node_id`, the scripts that queue items also ring the doorbell of a device
+    connected to another node (on that node's channel); the local doorbell then rings
+    only for devices connected here or nowhere, so a push is only ever considered for a
+    device connected nowhere in the cluster.
     """
 
     def __init__(
@@ -100,8 +105,10 @@ class RedisStore(MessageStore):
         max_batch: int = 512,
         receipt_ttl_ms: int = 30 * 24 * 3600 * 1000,
         counters: Counter[str] | None = None,
+        node_id: str = "",
     ) -> None:
         self.url = url
+        self.node_id = node_id
         self._doorbell = doorbell
         self._max_batch = max_batch
         self._receipt_ttl_ms = receipt_ttl_ms
@@ -233,6 +240,9 @@ class RedisStore(MessageStore):
         for op, (value, rings) in done:
             op.ticket.resolve(value)
             for user, device, urgent, item in rings:
+                if item.sid < 0:  # connected to another node, whose doorbell was rung
+                    self.counters["doorbells_published"] += 1
+                    continue
                 try:
                     self._doorbell(user, device, urgent, item)
                 except Exception:  # a doorbell is a hint; the item is stored regardless
@@ -257,6 +267,21 @@ class RedisStore(MessageStore):
             op.ticket.fail(exc)
         else:
             running.append((op, gen, step))
+
+    async def run_scripts(self, calls: list[Call]) -> list[Any]:
+        """Run script calls (see `gateway.store.redis_scripts`) in one pipeline, in order.
+        A call that Redis refused is returned as its exception.
+
+        Raises:
+            RedisUnavailable: Redis did not answer.
+        """
+        try:
+            results = await self._pipeline(calls)
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            raise RedisUnavailable(f"redis unavailable: {exc}") from None
+        self._available()
+        return results
 
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
         """Run script calls in one pipeline, in order; a script Redis lost (after a restart
@@ -287,13 +312,14 @@ class RedisStore(MessageStore):
     # -- mutations ------------------------------------------------------------------------
 
     async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
-        return await self._submit(lambda: _send_steps(envelope))
+        return await self._submit(lambda: _send_steps(envelope, self.node_id))
 
     async def submit_ack(
         self, user: str, device: str, sids: tuple[int, ...], now: int
     ) -> Ticket[int]:
         expires = now + self._receipt_ttl_ms
-        return await self._submit(lambda: _ack_steps(user, device, sids, now, expires))
+        node = self.node_id
+        return await self._submit(lambda: _ack_steps(user, device, sids, now, expires, node))
 
     async def submit_read(
         self,
@@ -311,7 +337,7 @@ class RedisStore(MessageStore):
             known = {i.decode() for i in found}
             received = tuple(dict.fromkeys(i for i in ids if i in known))
             rings = yield from _receipt_steps(
-                ItemKind.READ, to, reader, reader_device, received, now, expires
+                ItemKind.READ, to, reader, reader_device, received, now, expires, self.node_id
             )
             return len(rings), rings
 
@@ -406,7 +432,7 @@ class RedisStore(MessageStore):
     ) -> list[QueueItem]:
         key = f"{prefix(user)}:q:{device}"
         members = await self._call("fetch", [key], [after_sid, now, limit])
-        return [_decode(m) for m in members]
+        return [decode_member(m) for m in members]
 
     async def count(self, user: str, device: str, now: int) -> int:
         return int(await self._call("count", [f"{prefix(user)}:q:{device}"], [now]))
@@ -447,16 +473,30 @@ def _update_steps(user: str, device: str, *changes: tuple[str, list[str | int]])
     return None, []
 
 
-def _send_steps(env: Envelope) -> Steps:
+def _placed(
+    placed: list[Any], make: Callable[[str, int], tuple[str, str, bool, QueueItem]]
+) -> list[Ring]:
+    """Rings for the (device, sid, where) triples a queueing script returns; a device
+    connected to another node gets a ring with a negative sid, which is not rung here."""
+    rings: list[Ring] = []
+    for n in range(0, len(placed), 3):
+        user, device, urgent, item = make(placed[n].decode(), int(placed[n + 1]))
+        if placed[n + 2] == 2:
+            item = QueueItem(-1, item.kind, item.msg_id, "", "", 0, False, b"")
+        rings.append((user, device, urgent, item))
+    return rings
+
+
+def _send_steps(env: Envelope, node: str) -> Steps:
     p = prefix(env.to)
     idem = f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
     own = env.sender_device if env.to == env.sender else ""
     head: list[str | int | bytes] = [p, env.ts, env.expires, int(env.urgent), own]
     if env.bodies is None:
         body = env.body or b""
-        args = [*head, "a", _payload(ItemKind.MESSAGE, env, body)]
+        args = [*head, "a", env.to, node, _payload(ItemKind.MESSAGE, env, body)]
     else:
-        args = [*head, "p"]
+        args = [*head, "p", env.to, node]
         for device, body in env.bodies.items():
             args += [device, _payload(ItemKind.MESSAGE, env, body)]
     received = f"{p}:rx:{env.sender}\0{env.msg_id}"
@@ -468,16 +508,16 @@ def _send_steps(env: Envelope) -> Steps:
         return SendOutcome(ts=env.ts, unknown_recipient=True), []
     nskipped = answer[1]
     skipped = tuple(sorted(d.decode() for d in answer[2 : 2 + nskipped]))
-    placed = answer[2 + nskipped :]
-    rings: list[Ring] = []
-    for n in range(0, len(placed), 2):
-        device, sid = placed[n].decode(), int(placed[n + 1])
+
+    def make(device: str, sid: int) -> Ring:
         body = (env.body or b"") if env.bodies is None else env.bodies[device]
         item = QueueItem(
             sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
             env.urgent, body,
         )  # fmt: skip
-        rings.append((env.to, device, env.urgent, item))
+        return env.to, device, env.urgent, item
+
+    rings = _placed(answer[2 + nskipped :], make)
     return SendOutcome(ts=env.ts, devices=len(rings), skipped=skipped), rings
 
 
@@ -489,20 +529,47 @@ def _receipt_steps(
     ids: tuple[str, ...],
     now: int,
     expires: int,
+    node: str,
 ) -> Generator[list[Call], list[Any], list[Ring]]:
     if not ids:
         return []
+    [placed] = yield [_receipt_call(kind, to, by, by_device, ids, now, expires, node)]
+    return _placed(
+        placed,
+        lambda device, sid: (
+            to, device, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids)
+        ),
+    )  # fmt: skip
+
+
+def _receipt_ring(
+    to: str, by: str, by_device: str, now: int, ids: tuple[str, ...]
+) -> Callable[[str, int], Ring]:
+    def make(device: str, sid: int) -> Ring:
+        item = QueueItem(sid, ItemKind.DELIVERED, "", by, by_device, now, False, b"", ids)
+        return to, device, False, item
+
+    return make
+
+
+def _receipt_call(
+    kind: ItemKind,
+    to: str,
+    by: str,
+    by_device: str,
+    ids: tuple[str, ...],
+    now: int,
+    expires: int,
+    node: str,
+) -> Call:
     p = prefix(to)
     payload = cbor2.dumps([int(kind), "", by, by_device, now, False, list(ids)])
-    [placed] = yield [("receipts", [f"{p}:devs"], [p, now, expires, payload])]
-    rings: list[Ring] = []
-    for n in range(0, len(placed), 2):
-        item = QueueItem(int(placed[n + 1]), kind, "", by, by_device, now, False, b"", ids)
-        rings.append((to, placed[n].decode(), False, item))
-    return rings
+    return ("receipts", [f"{p}:devs"], [p, now, expires, payload, to, node])
 
 
-def _ack_steps(user: str, device: str, sids: tuple[int, ...], now: int, expires: int) -> Steps:
+def _ack_steps(
+    user: str, device: str, sids: tuple[int, ...], now: int, expires: int, node: str
+) -> Steps:
     if not sids:
         return 0, []
     if any(not 0 <= sid <= MAX_SID for sid in sids):
@@ -513,26 +580,20 @@ def _ack_steps(user: str, device: str, sids: tuple[int, ...], now: int, expires:
         return 0, []
     acked_by_sender: dict[str, list[str]] = defaultdict(list)
     for member in members:
-        item = _decode(member)
+        item = decode_member(member)
         if item.kind is ItemKind.MESSAGE:
             acked_by_sender[item.sender].append(item.msg_id)
     rings: list[Ring] = []
     if acked_by_sender:
         # Receipts first: if deleting fails after this, the items are delivered again and
         # acked again, which is at-least-once; the other order could lose the receipts.
-        step: list[Call] = []
-        for sender, ids in acked_by_sender.items():
-            p = prefix(sender)
-            payload = cbor2.dumps([int(ItemKind.DELIVERED), "", user, device, now, False, ids])
-            step.append(("receipts", [f"{p}:devs"], [p, now, expires, payload]))
+        step = [
+            _receipt_call(ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires, node)
+            for sender, ids in acked_by_sender.items()
+        ]
         answers = yield step
         for (sender, ids), placed in zip(acked_by_sender.items(), answers, strict=True):
-            for n in range(0, len(placed), 2):
-                item = QueueItem(
-                    int(placed[n + 1]), ItemKind.DELIVERED, "", user, device, now, False, b"",
-                    tuple(ids),
-                )  # fmt: skip
-                rings.append((sender, placed[n].decode(), False, item))
+            rings += _placed(placed, _receipt_ring(sender, user, device, now, tuple(ids)))
     [deleted] = yield [("remove_members", [queue], members)]
     return int(deleted), rings
 
@@ -546,7 +607,7 @@ def _payload(kind: ItemKind, env: Envelope, body: bytes) -> bytes:
     )
 
 
-def _decode(member: bytes) -> QueueItem:
+def decode_member(member: bytes) -> QueueItem:
     """A queue member ``EXPIRES|SID|PAYLOAD`` back into the item it stores."""
     _, sid, payload = member.split(b"|", 2)
     kind, msg_id, sender, sender_device, ts, urgent, body = cbor2.loads(payload)

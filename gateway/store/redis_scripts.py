@@ -18,7 +18,15 @@ Layout, with ``P = "gw:{" + user + "}"``:
 - ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
   as a garbage-collection backstop;
 - ``P:rx:SENDER\\0ID``: ``EXPIRES`` of a message SENDER sent to this user, whatever the
-  sending device, with the same TTL: a `read` of this user names only such ids.
+  sending device, with the same TTL: a `read` of this user names only such ids;
+- ``P:node:DEVICE``: ``NODE|CONNECTION`` where the device is connected, with a TTL that
+  the node's heartbeat renews (the device -> node registry);
+- ``P:seen``, ``P:grace``, ``P:hidden``: the user's last-seen time, a key that lives for
+  the offline grace period after the last disconnect, and the hidden flag (presence).
+
+Channels (classic pub/sub): ``gw:node:NODE`` carries doorbells (``b``) and kicks (``k``)
+to one node; ``gw:events`` tells every node of connects (``c``), disconnects (``d``) and
+hidden changes (``h``). A device is written ``LEN:USERLEN:DEVICE`` in messages.
 
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
@@ -31,12 +39,28 @@ from __future__ import annotations
 # expiry never removes an item before the gateway's clock says it expired.
 KEY_TTL_SLACK_MS = 3_600_000
 
+# Shared by the scripts that queue items: ring the doorbell of a device that is connected
+# to another node, on that node's channel; tell the caller where the device is (0:
+# nowhere, 1: on the calling node, 2: elsewhere, doorbell published).
+RING = """
+local function ring(prefix, user, d, node, urgent, member)
+  local loc = redis.call('GET', prefix .. ':node:' .. d)
+  if not loc then return 0 end
+  local n = string.match(loc, '^([^|]*)|')
+  if n == node then return 1 end
+  redis.call('PUBLISH', 'gw:node:' .. n,
+    'b' .. #user .. ':' .. user .. #d .. ':' .. d .. urgent .. member)
+  return 2
+end
+"""
+
 # ARGV: P, ts, expires, urgent-flag, own device ("" for none), mode ("a" all / "p" per
-# device), then the payload (mode a) or pairs device, payload (mode p).
+# device), user, node, then the payload (mode a) or pairs device, payload (mode p).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
-# {1, nskipped, skipped..., device, sid, device, sid, ...}.
-SEND = """
-local prefix, ts, expires, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
+# {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
+SEND = RING + """
+local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local user, node = ARGV[7], ARGV[8]
 local prev = redis.call('GET', KEYS[2])
 if prev then
   local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
@@ -56,10 +80,10 @@ local targets = {}
 local skipped = {}
 if mode == 'a' then
   for _, d in ipairs(devs) do
-    if d ~= own then targets[#targets + 1] = {d, ARGV[7]} end
+    if d ~= own then targets[#targets + 1] = {d, ARGV[9]} end
   end
 else
-  for i = 7, #ARGV, 2 do
+  for i = 9, #ARGV, 2 do
     local d = ARGV[i]
     if known[d] and d ~= own then
       targets[#targets + 1] = {d, ARGV[i + 1]}
@@ -76,10 +100,12 @@ local keyttl = ttl + KEY_TTL_SLACK
 for _, t in ipairs(targets) do
   local sid = redis.call('INCR', prefix .. ':seq:' .. t[1])
   local q = prefix .. ':q:' .. t[1]
-  redis.call('ZADD', q, sid, expires .. '|' .. sid .. '|' .. t[2])
+  local member = expires .. '|' .. sid .. '|' .. t[2]
+  redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
   out[#out + 1] = t[1]
   out[#out + 1] = sid
+  out[#out + 1] = ring(prefix, user, t[1], node, urgent, member)
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
@@ -97,9 +123,10 @@ return out
 """
 
 # One receipt item for every device of the user. KEYS[1] = P:devs.
-# ARGV: P, ts, expires, payload. Returns {device, sid, ...}.
-RECEIPTS = """
+# ARGV: P, ts, expires, payload, user, node. Returns {device, sid, where, ...}.
+RECEIPTS = RING + """
 local prefix, ts, expires, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local user, node = ARGV[5], ARGV[6]
 local ttl = tonumber(expires) - tonumber(ts)
 if ttl < 1 then ttl = 1 end
 local keyttl = ttl + KEY_TTL_SLACK
@@ -107,10 +134,12 @@ local out = {}
 for _, d in ipairs(redis.call('HKEYS', KEYS[1])) do
   local sid = redis.call('INCR', prefix .. ':seq:' .. d)
   local q = prefix .. ':q:' .. d
-  redis.call('ZADD', q, sid, expires .. '|' .. sid .. '|' .. payload)
+  local member = expires .. '|' .. sid .. '|' .. payload
+  redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
   out[#out + 1] = d
   out[#out + 1] = sid
+  out[#out + 1] = ring(prefix, user, d, node, '0', member)
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
@@ -229,6 +258,76 @@ end
 return out
 """
 
+# -- the cluster: device -> node registry and presence ------------------------------------
+
+# Claim a device for a connection. KEYS: P:node:D. ARGV: value (NODE|CONN), ttl ms, the
+# device as written in messages, this node. Kicks the device's connection on another
+# node, tells every node the device connected; returns the previous value or false.
+CLAIM = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if old and old ~= ARGV[1] then
+  local n, c = string.match(old, '^([^|]*)|(.*)$')
+  if n and n ~= ARGV[4] then
+    redis.call('PUBLISH', 'gw:node:' .. n, 'k' .. ARGV[3] .. c)
+  end
+end
+redis.call('PUBLISH', 'gw:events', 'c' .. ARGV[3])
+return old
+"""
+
+# Keep a claim alive. KEYS: P:node:D. ARGV: value, ttl ms. Returns 1 if renewed, 2 if it
+# had expired (an outage longer than the TTL) and is taken back, 0 if another connection
+# holds the device now (its kick was lost).
+REFRESH = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0
+"""
+
+# Let go of a device when its connection ends, if the claim is still this connection's.
+# KEYS: P:node:D, P:seen, P:grace. ARGV: value, now ms, grace ms, the device as written in
+# messages. Starts the user's grace period and records last-seen.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+end
+redis.call('PUBLISH', 'gw:events', 'd' .. ARGV[4])
+return 1
+"""
+
+# A user's presence. KEYS: P:devs, P:grace, P:seen, P:hidden. ARGV: P.
+# Returns {connected devices, grace ms left (<= 0: none), last seen or "", hidden}.
+PRESENCE = """
+local n = 0
+for _, d in ipairs(redis.call('HKEYS', KEYS[1])) do
+  n = n + redis.call('EXISTS', ARGV[1] .. ':node:' .. d)
+end
+local seen = redis.call('GET', KEYS[3]) or ''
+return {n, redis.call('PTTL', KEYS[2]), seen, redis.call('EXISTS', KEYS[4])}
+"""
+
+# Hide or show a user. KEYS: P:hidden. ARGV: "1" or "0", the user as written in messages.
+HIDE = """
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[1], '1')
+else
+  redis.call('DEL', KEYS[1])
+end
+redis.call('PUBLISH', 'gw:events', 'h' .. ARGV[2])
+return 1
+"""
+
 SCRIPTS: dict[str, str] = {
     "send": SEND,
     "receipts": RECEIPTS,
@@ -243,9 +342,40 @@ SCRIPTS: dict[str, str] = {
     "update_device": UPDATE_DEVICE,
     "clear_token": CLEAR_TOKEN,
     "devices": DEVICES,
+    "claim": CLAIM,
+    "refresh": REFRESH,
+    "release": RELEASE,
+    "presence": PRESENCE,
+    "hide": HIDE,
 }
 
 
 def prefix(user: str) -> str:
     """The key prefix (with the hash tag) of every key of `user`."""
     return "gw:{" + user + "}"
+
+
+def wire_device(user: str, device: str) -> bytes:
+    """A device as written in pub/sub messages: ``LEN:USERLEN:DEVICE`` (byte lengths)."""
+    u, d = user.encode(), device.encode()
+    return b"%d:%s%d:%s" % (len(u), u, len(d), d)
+
+
+def read_device(data: bytes, pos: int = 0) -> tuple[str, str, int]:
+    """The (user, device) written at `pos` of a message, and where the rest begins.
+
+    Raises:
+        ValueError: The message is malformed.
+    """
+    user, pos = _read_field(data, pos)
+    device, pos = _read_field(data, pos)
+    return user, device, pos
+
+
+def _read_field(data: bytes, pos: int) -> tuple[str, int]:
+    colon = data.index(b":", pos)
+    size = int(data[pos:colon])
+    end = colon + 1 + size
+    if size < 0 or end > len(data):
+        raise ValueError("truncated field")
+    return data[colon + 1 : end].decode(), end

@@ -1,0 +1,151 @@
+"""Two gateway nodes sharing one real redis-server: delivery, 4009 and presence across
+nodes. Both nodes run in this process, each on its own port with its own registry,
+presence mirror and cluster link; they share nothing but Redis.
+
+The catch-up interval is an hour here, so what crosses nodes within these tests' bounds
+crossed on pub/sub, not through the periodic re-read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gateway.auth import mint_token
+from gateway.client import connect
+from gateway.server import GatewayServer
+from gateway.settings import Settings
+from push.waker import LogWaker
+from tests.conftest import make_settings, running_server
+from tests.rawws import close_code, hello, raw_ws
+
+DEADLINE = 10  # seconds; everything here normally takes milliseconds
+
+
+def cluster_settings(tmp_path: Path, redis_url: str, **sections: Any) -> Settings:
+    return make_settings(
+        tmp_path,
+        store={"backend": "redis", "redis_url": redis_url},
+        cluster={"node_ttl": 3.0, "catchup_interval": 3600.0},
+        presence={"offline_grace": 0.2, "batch_ms": 0},
+        **sections,
+    )
+
+
+@asynccontextmanager
+async def two_nodes(
+    tmp_path: Path, redis_url: str, waker_a: Any = None
+) -> AsyncIterator[tuple[GatewayServer, GatewayServer]]:
+    settings = cluster_settings(tmp_path, redis_url)
+    async with (
+        running_server(settings, waker=waker_a or LogWaker()) as a,
+        running_server(settings, waker=LogWaker()) as b,
+    ):
+        assert a.gateway.node_id != b.gateway.node_id
+        yield a, b
+
+
+def tokens(tmp_path: Path) -> Callable[[str, str], str]:
+    auth = make_settings(tmp_path).auth
+    return lambda user, device: mint_token(auth, user, device)
+
+
+async def test_a_message_sent_on_one_node_reaches_a_device_on_the_other_at_once(
+    tmp_path, redis_url
+):
+    token = tokens(tmp_path)
+    async with two_nodes(tmp_path, redis_url) as (a, b):
+        async with connect(a.url, token("bob", "phone")) as bob:
+            await bob.wait_drained()
+            async with connect(b.url, token("alice", "phone")) as alice:
+                sent = await alice.send("bob", b"across")
+                with trio.fail_after(DEADLINE):
+                    delivery = await bob.next_delivery()
+                assert (delivery.frame["id"], delivery.frame["body"]) == (sent.id, b"across")
+                # ... and bob's ack turns into a delivered receipt for alice on node B.
+                with trio.fail_after(DEADLINE):
+                    receipt = await alice.next_delivery()
+                assert receipt.frame["t"] == "receipt" and receipt.frame["ids"] == [sent.id]
+        assert b.gateway.metrics.redis["doorbells_published"] >= 1
+        assert a.gateway.metrics.redis["doorbells_received"] >= 1
+
+
+async def test_a_second_connection_on_another_node_closes_the_first_with_4009(tmp_path, redis_url):
+    token = tokens(tmp_path)
+    async with two_nodes(tmp_path, redis_url) as (a, b):
+        async with raw_ws(a.url) as first:
+            await hello(first, token("bob", "phone"))
+            async with raw_ws(b.url) as second:
+                await hello(second, token("bob", "phone"))
+                with trio.fail_after(DEADLINE):
+                    assert await close_code(first) == 4009
+                # The newer connection is the one that stays, and gets bob's messages.
+                async with connect(a.url, token("alice", "phone")) as alice:
+                    await alice.send("bob", b"to the newer one")
+                frames = []
+                with trio.fail_after(DEADLINE):
+                    while not any(f.get("t") == "msg" for f in frames):
+                        from tests.rawws import recv
+
+                        frames += await recv(second)
+        assert b.gateway.metrics.redis["kicks_sent"] == 1
+        assert a.gateway.metrics.redis["kicks_received"] == 1
+
+
+async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, redis_url):
+    token = tokens(tmp_path)
+    wakes: list[tuple[str, str]] = []
+
+    class Recorder(LogWaker):
+        def stored(self, user: str, device: str, urgent: bool) -> None:
+            wakes.append((user, device))
+
+    async with two_nodes(tmp_path, redis_url, waker_a=Recorder()) as (a, b):
+        async with connect(b.url, token("bob", "phone")) as bob:  # connected on B
+            await bob.wait_drained()
+            async with connect(a.url, token("alice", "phone")) as alice:  # sending on A
+                await alice.send("bob", b"no push needed")
+                with trio.fail_after(DEADLINE):
+                    await bob.next_delivery()
+        async with connect(a.url, token("alice", "phone")) as alice:
+            await alice.send("bob", b"bob is connected nowhere now")
+    assert wakes == [("bob", "phone")]
+
+
+async def test_presence_is_the_same_seen_from_both_nodes(tmp_path, redis_url):
+    token = tokens(tmp_path)
+    async with two_nodes(tmp_path, redis_url) as (a, b):
+        async with connect(a.url, token("bob", "phone")):
+            pass  # bob is known, and offline again after the grace period
+        async with (
+            connect(a.url, token("carol", "phone")) as on_a,
+            connect(b.url, token("dave", "phone")) as on_b,
+        ):
+            with trio.fail_after(DEADLINE):
+                await wait_presence(on_a, on_b, online=False)
+            async with connect(a.url, token("bob", "phone")):
+                with trio.fail_after(DEADLINE):
+                    await wait_presence(on_a, on_b, online=True)
+            with trio.fail_after(DEADLINE):
+                seen = await wait_presence(on_a, on_b, online=False)
+            assert seen[0] == seen[1] and seen[0] is not None  # the same last-seen
+
+
+async def wait_presence(*clients: Any, online: bool) -> list[int | None]:
+    """Subscribe each client to bob until bob shows `online`; return each last_seen."""
+    seen: list[int | None] = []
+    for client in clients:
+        await client.subscribe(["bob"])
+        while True:
+            event = await client.next_event()
+            if event.get("t") != "presence":
+                continue
+            [item] = [i for i in event["items"] if i["user"] == "bob"]
+            if item["online"] is online:
+                seen.append(item["last_seen"])
+                break
+    return seen
