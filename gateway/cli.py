@@ -15,6 +15,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.errors import ConfigError, GatewayError
 from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
+from gateway.workers import check_workers, run_workers
 from push.providers import check_credentials
 
 
@@ -24,6 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve devices (embedded defaults without --config)")
     serve.add_argument("--config", help="a TOML configuration file")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port with SO_REUSEPORT (needs [store] backend = redis)",
+    )
+    serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     token = commands.add_parser("token", help="print a development JWT for a device")
     token.add_argument("--user", required=True)
     token.add_argument("--device", required=True)
@@ -34,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(load_settings(args.config))
+            settings = load_settings(args.config)
+            check_workers(settings, args.workers, args.config or "<defaults>")
+            if args.workers > 1:
+                configure_logging(settings)
+                return run_workers(args.config, args.workers)
+            return _serve(settings, worker=args.worker)
         if args.command == "token":
             settings = load_settings(args.config)
             print(mint_token(settings.auth, args.user, args.device, args.ttl))
@@ -61,15 +74,16 @@ def _summary(settings: Settings) -> str:
     )
 
 
-def _serve(settings: Settings) -> int:
-    configure_logging(settings)
+def _serve(settings: Settings, *, worker: int = 0) -> int:
+    """Serve in this process; `worker` > 0 is one of ``--workers N`` (SO_REUSEPORT)."""
+    configure_logging(settings, worker=worker)
     if settings.auth.jwt_algorithm == "HS256" and settings.auth.jwt_secret == DEV_JWT_SECRET:
         logging.getLogger("gateway").warning(
             "using the development JWT secret; set [auth] jwt_secret before production"
         )
     _tune_garbage_collection()
     try:
-        trio.run(_serve_until_signalled, settings)
+        trio.run(_serve_until_signalled, settings, worker > 0)
     except BaseExceptionGroup as group:
         expected, unexpected = group.split(GatewayError)
         if expected is None or unexpected is not None:
@@ -97,7 +111,7 @@ def _first_leaf(group: BaseExceptionGroup[GatewayError]) -> GatewayError:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _serve_until_signalled(settings: Settings) -> None:
+async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
     from gateway.server import GatewayServer, serve_gateway
 
     log = logging.getLogger("gateway")
@@ -105,7 +119,7 @@ async def _serve_until_signalled(settings: Settings) -> None:
         async with trio.open_nursery() as nursery:
 
             async def serve(task_status: trio.TaskStatus[GatewayServer]) -> None:
-                await serve_gateway(settings, task_status=task_status)
+                await serve_gateway(settings, reuse_port=reuse_port, task_status=task_status)
                 nursery.cancel_scope.cancel()  # done draining: stop watching signals
 
             server: GatewayServer = await nursery.start(serve)
@@ -131,13 +145,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(settings: Settings) -> None:
-    """Set up root logging from `[log]`: a level, and text or JSON lines on stderr."""
+def configure_logging(settings: Settings, *, worker: int = 0) -> None:
+    """Set up root logging from `[log]`: a level, and text or JSON lines on stderr.
+    Lines of worker K of ``--workers N`` say ``[worker K]``."""
     handler = logging.StreamHandler()
     if settings.log.format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = f"[worker {worker}] " if worker else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        )
     logging.basicConfig(level=settings.log.level.upper(), handlers=[handler], force=True)
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 

@@ -65,4 +65,3 @@ def build_presence(gateway: Gateway) -> PresenceService:
     if gateway.cluster_presence is not None:
         gateway.cluster_presence.service = service
     return service
-

@@ -36,6 +36,7 @@ from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore, open_store
 from gateway.store.redis import RedisStore
+from gateway.workers import open_reuseport_listeners
 from push.dispatcher import PushDispatcher
 from push.providers import build_providers
 from push.waker import Waker
@@ -141,6 +142,7 @@ async def serve_gateway(
     settings: Settings,
     *,
     waker: Waker | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve devices until `GatewayServer.shutdown` is called or the task is cancelled.
@@ -155,6 +157,8 @@ async def serve_gateway(
     Args:
         settings: The configuration.
         waker: Where wake-up decisions go (default: a `PushDispatcher` built from `[push]`).
+        reuse_port: Bind the device port with SO_REUSEPORT, shared with the other
+            processes of ``gateway serve --workers N``.
         task_status: Receives the `GatewayServer` once the port is listening.
     """
     gateway = Gateway(settings, waker=waker)
@@ -173,7 +177,7 @@ async def serve_gateway(
                 if gateway.cluster_presence is not None:
                     await background.start(gateway.cluster_presence.run)
             async with trio.open_nursery() as connections:
-                listeners = await _open_listeners(settings)
+                listeners = await _open_listeners(settings, reuse_port)
                 port = listeners[0].socket.getsockname()[1]
                 ws_server = WebSocketServer(
                     lambda request: _handle_request(request, gateway),
@@ -199,9 +203,11 @@ async def serve_gateway(
     log.info("gateway stopped")
 
 
-async def _open_listeners(settings: Settings) -> list[trio.SocketListener]:
+async def _open_listeners(settings: Settings, reuse_port: bool) -> list[trio.SocketListener]:
     server = settings.server
     try:
+        if reuse_port:
+            return await open_reuseport_listeners(server.host, server.port)
         return await trio.open_tcp_listeners(server.port, host=server.host)
     except OSError as exc:
         raise GatewayError(
