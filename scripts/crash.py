@@ -1,0 +1,186 @@
+"""Crash and dependency-fault durability, with Jepsen-style histories (scripts/histories.py).
+
+Faults, injected again and again at random points under load:
+
+- ``gateway-kill``: SIGKILL the gateway, start it again on the same store;
+- ``redis-kill``: SIGKILL redis-server (AOF, ``appendfsync always``), start it again;
+- ``redis-pause``: SIGSTOP redis-server for `--pause` seconds, then SIGCONT (what
+  ``DEBUG SLEEP`` does, without enabling debug commands).
+
+    python -m scripts.crash --fault gateway-kill --kills 50 --pairs 16
+    python -m scripts.crash --fault redis-kill --kills 10 --store redis
+
+Prints the figures and every violated guarantee; exits non-zero if there was one. Redis
+faults need `redis-server` on the PATH; the script starts its own on a loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from scripts.gatewayproc import GatewayProcess, free_port
+from scripts.histories import Fault, HistoryReport, run_histories
+
+
+class RedisServer:
+    """redis-server on a loopback port with AOF and ``appendfsync always``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL the gateway connects to."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        """Start it and wait until it accepts connections."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.process = await trio.lowlevel.open_process(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        with trio.fail_after(10):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await stream.send_all(b"PING\r\n")
+                answer = await stream.receive_some(64)
+                await stream.aclose()
+                if answer.startswith(b"+PONG"):
+                    return
+                await trio.sleep(0.02)  # still loading the AOF
+
+    async def kill(self) -> None:
+        """SIGKILL it: only what the AOF holds survives."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    def pause(self) -> None:
+        """Stop it answering (SIGSTOP)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let it answer again (SIGCONT)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+def gateway_kill(gateway: GatewayProcess) -> Fault:
+    """SIGKILL the gateway at once, then start it again on the same store."""
+
+    async def fault() -> None:
+        await gateway.kill()
+        await gateway.start()
+
+    return fault
+
+
+def redis_kill(redis: RedisServer, down: float) -> Fault:
+    """SIGKILL Redis, leave it down for `down` seconds, start it again."""
+
+    async def fault() -> None:
+        await redis.kill()
+        await trio.sleep(down)
+        await redis.start()
+
+    return fault
+
+
+def redis_pause(redis: RedisServer, pause: float) -> Fault:
+    """Freeze Redis for `pause` seconds."""
+
+    async def fault() -> None:
+        redis.pause()
+        try:
+            await trio.sleep(pause)
+        finally:
+            redis.resume()
+
+    return fault
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> tuple[HistoryReport, GatewayProcess]:
+    """Start what the fault needs, run the histories, stop everything."""
+    redis: RedisServer | None = None
+    store = ""
+    if args.store == "redis":
+        redis = RedisServer(workdir / "redis")
+        redis.directory.mkdir(parents=True)
+        await redis.start()
+        store = f'backend = "redis"\nredis_url = "{redis.url}"'
+    gateway = GatewayProcess(workdir / "gateway", store=store)
+    await gateway.start()
+    try:
+        if args.fault == "gateway-kill":
+            fault = gateway_kill(gateway)
+        elif redis is None:
+            raise SystemExit(f"--fault {args.fault} needs --store redis")
+        elif args.fault == "redis-kill":
+            fault = redis_kill(redis, args.down)
+        else:
+            fault = redis_pause(redis, args.pause)
+        report = await run_histories(
+            gateway.url,
+            pairs=args.pairs,
+            faults=args.kills,
+            fault=fault,
+            gap=(args.min_gap, args.max_gap),
+            seed=args.seed,
+            tail=args.tail,
+        )
+    finally:
+        await gateway.kill()
+        if redis is not None:
+            await redis.kill()
+    return report, gateway
+
+
+async def _main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="gateway-crash-") as tmp:
+        report, gateway = await run(args, Path(tmp))
+        print(f"{args.fault} on {args.store}, {args.pairs} pairs: {report.summary()}")
+        print(f"gateway starts: {gateway.starts}")
+    for problem in report.problems:
+        print("FAILED:", problem)
+    return 1 if report.problems else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fault", choices=["gateway-kill", "redis-kill", "redis-pause"],
+                        default="gateway-kill")  # fmt: skip
+    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument("--kills", type=int, default=20, help="faults to inject")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--min-gap", type=float, default=0.5)
+    parser.add_argument("--max-gap", type=float, default=2.0)
+    parser.add_argument("--tail", type=float, default=2.0)
+    parser.add_argument("--down", type=float, default=1.0, help="seconds Redis stays down")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds Redis is frozen")
+    parser.add_argument("--seed", type=int, default=1)
+    return trio.run(_main, parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
