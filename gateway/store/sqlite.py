@@ -10,6 +10,7 @@ connections, which WAL lets run alongside the writer.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections import defaultdict
@@ -191,7 +192,9 @@ class SqliteStore(MessageStore):
         try:
             await trio.to_thread.run_sync(self._open)
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+            raise StoreError(
+                f"{self.path}: cannot open the store: {exc}{_unwritable(self.path)}"
+            ) from None
         for conn in self._reader_conns:
             self._readers_send.send_nowait(conn)
         task_status.started()
@@ -655,6 +658,19 @@ def _insert_items(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list
     # sids consecutive in insertion order, so sorting restores it.
     sids.sort()
     return sids
+
+
+def _unwritable(path: Path) -> str:
+    """Why SQLite may have failed to open `path`, if the file system says (else "")."""
+    for where in (path, path.parent):
+        try:
+            if os.statvfs(where).f_flag & os.ST_RDONLY:
+                return f" ({where} is on a read-only file system)"
+            if where.exists() and not os.access(where, os.W_OK):
+                return f" ({where} is not writable)"
+        except OSError:
+            continue
+    return ""
 
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
