@@ -1,0 +1,208 @@
+"""Soak: devices churn (connect, talk, disconnect, come back) against a real `gateway serve`
+for a configurable time while its resident memory and open files are sampled.
+
+    python -m scripts.soak --minutes 10 --devices 200
+
+Checked: every message answered `sent` is delivered; memory plateaus (the highest sample
+of the last third of the run is within `--tolerance` of the highest of the middle third,
+the first third being warm-up); open files never exceed one per device, and once every
+device has left they are back to where they were before the first device came. Prints a
+table of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from gateway.auth import mint_token
+from gateway.client import ClientClosed, SendRefused, connect
+from gateway.settings import Settings
+from scripts.benchkit import raise_fd_limit
+from scripts.gatewayproc import GatewayProcess, Usage
+
+AUTH = Settings().auth
+SLACK_KIB = 4 * 1024  # allocator noise a plateau may show on top of the tolerance
+FD_SLACK = 8  # store readers, the WAL, listeners coming and going
+
+
+@dataclass
+class SoakReport:
+    """Samples and counts of a soak run."""
+
+    samples: list[Usage] = field(default_factory=list)
+    sessions: int = 0
+    sent: set[str] = field(default_factory=set)
+    delivered: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    idle_fds_before: int = 0
+    idle_fds_after: int = 0
+    devices: int = 0
+
+    def thirds(self) -> tuple[list[Usage], list[Usage]]:
+        """The middle and last thirds of the samples."""
+        n = len(self.samples)
+        return self.samples[n // 3 : 2 * n // 3], self.samples[2 * n // 3 :]
+
+    def failures(self, tolerance: float) -> list[str]:
+        """Every check that failed."""
+        problems = list(self.errors)
+        lost = self.sent - self.delivered
+        if lost:
+            problems.append(f"{len(lost)} sent messages never delivered, e.g. {sorted(lost)[:3]}")
+        middle, last = self.thirds()
+        if not middle or not last:
+            problems.append("too few samples to judge a plateau")
+            return problems
+        before = max(u.rss_kib for u in middle)
+        after = max(u.rss_kib for u in last)
+        if after > before * (1 + tolerance) + SLACK_KIB:
+            problems.append(f"RSS still growing: {before} KiB -> {after} KiB")
+        # Open files follow how many devices happen to be connected: bounded by one
+        # connection per device at any time, and back to the idle count at the end.
+        ceiling = self.idle_fds_before + self.devices + FD_SLACK
+        if max(u.fds for u in self.samples) > ceiling:
+            problems.append(f"open files past one per device: {max(u.fds for u in self.samples)}")
+        if self.idle_fds_after > self.idle_fds_before + 2:
+            problems.append(
+                f"open files after every device left: {self.idle_fds_after}"
+                f" (before any came: {self.idle_fds_before})"
+            )
+        return problems
+
+    def table(self, rows: int = 12) -> str:
+        """Samples at even intervals: time, RSS, open files."""
+        step = max(1, len(self.samples) // rows)
+        picked = self.samples[::step]
+        if self.samples and picked[-1] is not self.samples[-1]:
+            picked.append(self.samples[-1])
+        lines = ["   t (s)   RSS (MiB)   open files"]
+        lines += [f"{u.at:8.1f}   {u.rss_kib / 1024:9.1f}   {u.fds:10d}" for u in picked]
+        return "\n".join(lines)
+
+
+async def _device(
+    url: str,
+    name: str,
+    peers: list[str],
+    deadline: float,
+    rng: random.Random,
+    report: SoakReport,
+) -> None:
+    """One device's life: sessions of a few messages each, with pauses between."""
+    while trio.current_time() < deadline:
+        try:
+            async with connect(url, mint_token(AUTH, name, "phone"), reconnect=False) as client:
+                report.sessions += 1
+                await client.wait_drained()
+                for delivery in client.take_buffered():
+                    report.delivered.add(delivery.frame.get("id", ""))
+                for n in range(rng.randint(0, 5)):
+                    msg_id = f"{name}-{report.sessions}-{n}"
+                    # not to itself: a send to one's own user skips the sending device
+                    to = rng.choice([p for p in peers if p != name])
+                    await client.send(to, b"soak" * rng.randint(1, 64), id=msg_id)
+                    report.sent.add(msg_id)
+                with trio.move_on_after(rng.uniform(0.05, 1.0)):
+                    async for delivery in client.deliveries():
+                        report.delivered.add(delivery.frame.get("id", ""))
+                if client.errors:
+                    report.errors.append(f"{name}: {client.errors}")
+        except (ClientClosed, SendRefused) as exc:
+            report.errors.append(f"{name}: {exc}")
+        await trio.sleep(rng.uniform(0.05, 1.0))
+
+
+async def _collect(url: str, devices: list[str], report: SoakReport) -> None:
+    """Each device connects one last time and takes what is still queued for it."""
+    for name in devices:
+        async with connect(url, mint_token(AUTH, name, "phone"), reconnect=False) as client:
+            await client.wait_drained()
+            report.delivered.update(d.frame.get("id", "") for d in client.take_buffered())
+
+
+async def run_soak(
+    gateway: GatewayProcess, *, seconds: float, devices: int, sample_every: float, seed: int
+) -> SoakReport:
+    """Churn `devices` devices for `seconds`, sampling the gateway; return the report."""
+    report = SoakReport(devices=devices)
+    rng = random.Random(seed)
+    names = [f"soak{i}" for i in range(devices)]
+    report.idle_fds_before = gateway.usage().fds
+    for name in names:  # every device is known before anyone sends to it
+        async with connect(gateway.url, mint_token(AUTH, name, "phone"), reconnect=False):
+            pass
+    deadline = trio.current_time() + seconds
+    async with trio.open_nursery() as nursery:
+
+        async def sample() -> None:
+            while True:
+                report.samples.append(gateway.usage())
+                await trio.sleep(sample_every)
+
+        nursery.start_soon(sample)
+        async with trio.open_nursery() as churn:
+            for name in names:
+                churn.start_soon(
+                    _device, gateway.url, name, names, deadline, random.Random(rng.random()), report
+                )
+        nursery.cancel_scope.cancel()
+    await _collect(gateway.url, names, report)
+    report.delivered.discard("")
+    # The gateway closes its side of each connection as it ends; wait (bounded) for it.
+    with trio.move_on_after(10):
+        while gateway.usage().fds > report.idle_fds_before:  # noqa: ASYNC110 - bounded poll
+            await trio.sleep(0.05)
+    report.idle_fds_after = gateway.usage().fds
+    return report
+
+
+async def _main(args: argparse.Namespace) -> int:
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
+        gateway = GatewayProcess(Path(tmp))
+        await gateway.start()
+        try:
+            report = await run_soak(
+                gateway,
+                seconds=args.minutes * 60,
+                devices=args.devices,
+                sample_every=args.sample,
+                seed=args.seed,
+            )
+        finally:
+            await gateway.kill()
+    delivered = len(report.sent & report.delivered)
+    print(f"{args.minutes:g} min, {args.devices} devices, {report.sessions} sessions, "
+          f"{len(report.sent)} messages sent, {delivered} delivered")  # fmt: skip
+    print(report.table())
+    middle, last = report.thirds()
+    if middle and last:
+        print(f"peak RSS middle third {max(u.rss_kib for u in middle) / 1024:.1f} MiB, last third "
+              f"{max(u.rss_kib for u in last) / 1024:.1f} MiB; peak open files "
+              f"{max(u.fds for u in middle)} / {max(u.fds for u in last)}")  # fmt: skip
+    print(f"open files idle: before {report.idle_fds_before}, after {report.idle_fds_after}")
+    failures = report.failures(args.tolerance)
+    for problem in failures:
+        print("FAILED:", problem)
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--sample", type=float, default=1.0, help="seconds between samples")
+    parser.add_argument("--tolerance", type=float, default=0.10)
+    parser.add_argument("--seed", type=int, default=1)
+    return trio.run(_main, parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
