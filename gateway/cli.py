@@ -6,9 +6,11 @@ import argparse
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,6 +19,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
 from gateway.workers import check_workers, run_workers
 from push.providers import check_credentials
+
+if TYPE_CHECKING:
+    from gateway.server import GatewayServer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,7 +117,7 @@ def _first_leaf(group: BaseExceptionGroup[GatewayError]) -> GatewayError:
 
 
 async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
-    from gateway.server import GatewayServer, serve_gateway
+    from gateway.server import serve_gateway
 
     log = logging.getLogger("gateway")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -123,6 +128,8 @@ async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
                 nursery.cancel_scope.cancel()  # done draining: stop watching signals
 
             server: GatewayServer = await nursery.start(serve)
+            if reuse_port:  # a worker of `--workers N`: never outlive the supervisor
+                nursery.start_soon(_drain_when_orphaned, server, os.getppid())
             async for signum in signals:
                 if server.shutting_down:
                     log.warning("second signal: stopping without draining")
@@ -130,6 +137,14 @@ async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
                     return
                 log.info("%s: draining", signal.Signals(signum).name)
                 server.shutdown()
+
+
+async def _drain_when_orphaned(server: GatewayServer, parent: int) -> None:
+    """Drain once the supervising process is gone (killed without passing a signal on)."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - the OS offers no event for this
+        await trio.sleep(1)
+    logging.getLogger("gateway").warning("supervisor %d is gone: draining", parent)
+    server.shutdown()
 
 
 class _JsonFormatter(logging.Formatter):

@@ -219,6 +219,10 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def meter(self) -> Meter:
+        """What measures the CPU of the server under test."""
+        return Meter(self.pid)
+
     def command(self) -> list[str]:
         if self.kind == "gateway":
             config = self.dir / "gateway.toml"
@@ -503,7 +507,7 @@ async def scenario_route(
     receivers = tokens.many("rx", pairs)
     senders = tokens.many("tx", pairs)
     st = RouteState()
-    meter = Meter(server.pid)
+    meter = server.meter()
     hard_limit = args.warmup + args.duration + 120
     with trio.fail_after(hard_limit):
         async with trio.open_nursery() as nursery:
@@ -634,7 +638,7 @@ async def scenario_drain(server: ServerProcess, tokens: Tokens, args: argparse.N
             await done.wait()
             nursery.cancel_scope.cancel()
         await trio.sleep(1.0)
-        meter = Meter(server.pid)
+        meter = server.meter()
         async with trio.open_nursery() as nursery:
             ws = await connect(nursery, server.url)
             meter.start()
@@ -711,7 +715,7 @@ async def scenario_handshakes(
                 nursery.start_soon(worker, w, len(pool) // c, [0])
         failures = 0
         await trio.sleep(0.5)
-        meter = Meter(server.pid)
+        meter = server.meter()
         counts = [0]
         meter.start()
         t0 = time.perf_counter()
