@@ -1,5 +1,7 @@
 """Authorization over real sockets: no one reads, deletes or marks what isn't theirs.
 
+Every test runs on each store backend: SQLite, and Redis on a real redis-server.
+
 Each attack runs against a gateway where a victim has data at stake (a queued message, a
 pending receipt, a hidden presence). The attack must be refused with the contract's answer,
 and afterwards the victim's data must be exactly what it was.
@@ -12,6 +14,7 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -23,9 +26,30 @@ from trio_websocket import ConnectionClosed
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.server import GatewayServer
-from gateway.settings import AuthSettings
+from gateway.settings import AuthSettings, Settings
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws, recv_until, send
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every attack runs against each store backend."""
+    return str(request.param)
+
+
+def backend_settings(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, **sections: Any
+) -> Settings:
+    settings = make_settings(tmp_path, **sections)
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        settings = settings.replace(store={"backend": "redis", "redis_url": url})
+    return settings
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> Settings:
+    return backend_settings(request, tmp_path, backend)
 
 
 def b64url(data: bytes) -> str:
@@ -93,7 +117,9 @@ async def test_forged_hs256_tokens_are_refused_and_change_nothing(server, token,
     assert server.gateway.registry.get("bob", "phone") is None
 
 
-async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_none(tmp_path):
+async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_none(
+    request, tmp_path, backend
+):
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -110,7 +136,7 @@ async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_non
         jwt_public_key_file=tmp_path / "jwt.pub",
         jwt_private_key_file=tmp_path / "jwt.key",
     )
-    settings = make_settings(tmp_path, auth=auth)
+    settings = backend_settings(request, tmp_path, backend, auth=auth)
     async with running_server(settings) as server:
         async with connect(server.url, mint_token(auth, "bob", "phone")) as bob:
             assert bob.welcome is not None and bob.welcome["user"] == "bob"  # genuine works
@@ -141,19 +167,24 @@ async def test_a_device_cannot_ack_the_items_of_another_device_of_the_same_user(
     async with connect(server.url, token("bob", "tablet")):
         pass
     await queue_for_bob(server, token)  # "secret" is queued for the phone and the tablet
+    async with connect(server.url, token("alice", "phone")) as alice:
+        for n in range(3):  # and three more for the phone alone
+            await alice.send("bob", b"phone only", bodies={"phone": b"phone only"}, id=f"p{n}")
     store = server.gateway.store
-    [phone_item] = await store.fetch("bob", "phone", 0, 10, 0)
+    phone_before = await store.fetch("bob", "phone", 0, 10, 0)
+    [tablet_item] = await store.fetch("bob", "tablet", 0, 10, 0)
+    # sids are per receiving device: the phone's that are not also the tablet's own
+    foreign = [i.sid for i in phone_before if i.sid != tablet_item.sid]
 
     async with raw_ws(server.url) as ws:
-        frames = await hello(ws, token("bob", "tablet"))
-        [tablet_msg] = [f for f in frames if f["t"] == "msg"]
-        await send(ws, {"t": "ack", "sids": [phone_item.sid]})  # the phone's, not its own
+        await hello(ws, token("bob", "tablet"))
+        await send(ws, {"t": "ack", "sids": foreign})
         await send(ws, {"t": "send", "id": "barrier", "to": "nobody", "body": b""})
         await recv_until(ws, "error")  # frames are handled in order: the ack is committed
 
-    assert await bobs_queue(server) == [("secret", b"for bob only")]
-    [tablet_item] = await store.fetch("bob", "tablet", 0, 10, 0)
-    assert tablet_item.sid == tablet_msg["sid"] != phone_item.sid
+    assert len(foreign) >= 3
+    assert await store.fetch("bob", "phone", 0, 10, 0) == phone_before
+    assert await store.fetch("bob", "tablet", 0, 10, 0) == [tablet_item]
 
 
 async def test_read_frames_naming_ids_sent_to_someone_else_queue_nothing(server, token):
@@ -185,8 +216,11 @@ async def test_read_frames_naming_ids_sent_to_someone_else_queue_nothing(server,
     assert read_ids == [("to-mallory",)]
 
 
-async def test_subscribing_to_a_user_who_hides_presence_reveals_nothing(tmp_path, token):
-    settings = make_settings(tmp_path, presence={"batch_ms": 20, "offline_grace": 0.1})
+async def test_subscribing_to_a_user_who_hides_presence_reveals_nothing(
+    request, tmp_path, backend, token
+):
+    presence = {"batch_ms": 20, "offline_grace": 0.1}
+    settings = backend_settings(request, tmp_path, backend, presence=presence)
     hidden = {"user": "alice", "online": False, "last_seen": None}
     async with running_server(settings) as server:
         url = server.url
