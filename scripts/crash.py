@@ -17,73 +17,14 @@ faults need `redis-server` on the PATH; the script starts its own on a loopback 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import trio
 
-from scripts.gatewayproc import GatewayProcess, free_port
+from scripts.gatewayproc import GatewayProcess, RedisServer
 from scripts.histories import Fault, HistoryReport, run_histories
-
-
-class RedisServer:
-    """redis-server on a loopback port with AOF and ``appendfsync always``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: trio.Process | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL the gateway connects to."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        """Start it and wait until it accepts connections."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
-        self.process = await trio.lowlevel.open_process(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        with trio.fail_after(10):
-            while True:
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                except OSError:
-                    await trio.sleep(0.02)
-                    continue
-                await stream.send_all(b"PING\r\n")
-                answer = await stream.receive_some(64)
-                await stream.aclose()
-                if answer.startswith(b"+PONG"):
-                    return
-                await trio.sleep(0.02)  # still loading the AOF
-
-    async def kill(self) -> None:
-        """SIGKILL it: only what the AOF holds survives."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-    def pause(self) -> None:
-        """Stop it answering (SIGSTOP)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """Let it answer again (SIGCONT)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
 
 
 def gateway_kill(gateway: GatewayProcess) -> Fault:

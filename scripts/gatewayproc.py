@@ -1,4 +1,4 @@
-"""A real `gateway serve` child process for the reliability scripts and their tests.
+"""Real `gateway serve` and `redis-server` child processes for the reliability scripts.
 
 It is started on a loopback port with a configuration file written into a work directory,
 logs to a file there (a pipe nobody reads would block the gateway once full), and can be
@@ -7,7 +7,9 @@ killed, restarted on the same store, and sampled for resident memory and open fi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +43,20 @@ def proc_rss_kib(pid: int) -> int:
 def proc_fd_count(pid: int) -> int:
     """Open file descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_connections_on(port: int) -> int:
+    """Open TCP connections (established, or closed by the peer but not yet by us) whose
+    local port is `port`, on this host: the server side of every device connection."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state in ("01", "08"):
+                    count += 1
+    return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +177,58 @@ class GatewayProcess:
         return Usage(
             trio.current_time() - self._started_at, proc_rss_kib(self.pid), proc_fd_count(self.pid)
         )
+
+
+class RedisServer:
+    """redis-server on a loopback port with AOF and ``appendfsync always``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL the gateway connects to."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        """Start it and wait until it accepts connections."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.process = await trio.lowlevel.open_process(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        with trio.fail_after(10):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await stream.send_all(b"PING\r\n")
+                answer = await stream.receive_some(64)
+                await stream.aclose()
+                if answer.startswith(b"+PONG"):
+                    return
+                await trio.sleep(0.02)  # still loading the AOF
+
+    async def kill(self) -> None:
+        """SIGKILL it: only what the AOF holds survives."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    def pause(self) -> None:
+        """Stop it answering (SIGSTOP)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let it answer again (SIGCONT)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)

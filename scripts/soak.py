@@ -1,7 +1,7 @@
 """Soak: devices churn (connect, talk, disconnect, come back) against a real `gateway serve`
 for a configurable time while its resident memory and open files are sampled.
 
-    python -m scripts.soak --minutes 10 --devices 200
+    python -m scripts.soak --minutes 10 --devices 200 [--store redis]
 
 Checked: every message answered `sent` is delivered; memory plateaus (the highest sample
 of the last third of the run is within `--tolerance` of the highest of the middle third,
@@ -25,11 +25,13 @@ from gateway.auth import mint_token
 from gateway.client import ClientClosed, SendRefused, connect
 from gateway.settings import Settings
 from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import GatewayProcess, Usage
+from scripts.gatewayproc import GatewayProcess, RedisServer, Usage, tcp_connections_on
 
 AUTH = Settings().auth
 SLACK_KIB = 4 * 1024  # allocator noise a plateau may show on top of the tolerance
-FD_SLACK = 8  # store readers, the WAL, listeners coming and going
+# Open files the store may add once warm: SQLite's WAL and shared memory, or the Redis
+# client's connection pool.
+FD_SLACK = 16
 
 
 @dataclass
@@ -44,6 +46,7 @@ class SoakReport:
     idle_fds_before: int = 0
     idle_fds_after: int = 0
     devices: int = 0
+    device_sockets_after: int = 0  # TCP connections to the device port once all have left
 
     def thirds(self) -> tuple[list[Usage], list[Usage]]:
         """The middle and last thirds of the samples."""
@@ -69,7 +72,9 @@ class SoakReport:
         ceiling = self.idle_fds_before + self.devices + FD_SLACK
         if max(u.fds for u in self.samples) > ceiling:
             problems.append(f"open files past one per device: {max(u.fds for u in self.samples)}")
-        if self.idle_fds_after > self.idle_fds_before + 2:
+        if self.device_sockets_after:
+            problems.append(f"{self.device_sockets_after} device sockets open after all left")
+        if self.idle_fds_after > self.idle_fds_before + FD_SLACK:
             problems.append(
                 f"open files after every device left: {self.idle_fds_after}"
                 f" (before any came: {self.idle_fds_before})"
@@ -157,8 +162,9 @@ async def run_soak(
     report.delivered.discard("")
     # The gateway closes its side of each connection as it ends; wait (bounded) for it.
     with trio.move_on_after(10):
-        while gateway.usage().fds > report.idle_fds_before:  # noqa: ASYNC110 - bounded poll
+        while tcp_connections_on(gateway.port):  # noqa: ASYNC110 - bounded poll
             await trio.sleep(0.05)
+    report.device_sockets_after = tcp_connections_on(gateway.port)
     report.idle_fds_after = gateway.usage().fds
     return report
 
@@ -166,7 +172,14 @@ async def run_soak(
 async def _main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
-        gateway = GatewayProcess(Path(tmp))
+        redis: RedisServer | None = None
+        store = ""
+        if args.store == "redis":
+            redis = RedisServer(Path(tmp) / "redis")
+            redis.directory.mkdir()
+            await redis.start()
+            store = f'backend = "redis"\nredis_url = "{redis.url}"'
+        gateway = GatewayProcess(Path(tmp) / "gateway", store=store)
         await gateway.start()
         try:
             report = await run_soak(
@@ -178,16 +191,20 @@ async def _main(args: argparse.Namespace) -> int:
             )
         finally:
             await gateway.kill()
+            if redis is not None:
+                await redis.kill()
     delivered = len(report.sent & report.delivered)
-    print(f"{args.minutes:g} min, {args.devices} devices, {report.sessions} sessions, "
-          f"{len(report.sent)} messages sent, {delivered} delivered")  # fmt: skip
+    print(f"{args.store}, {args.minutes:g} min, {args.devices} devices, "
+          f"{report.sessions} sessions, {len(report.sent)} messages sent, "
+          f"{delivered} delivered")  # fmt: skip
     print(report.table())
     middle, last = report.thirds()
     if middle and last:
         print(f"peak RSS middle third {max(u.rss_kib for u in middle) / 1024:.1f} MiB, last third "
               f"{max(u.rss_kib for u in last) / 1024:.1f} MiB; peak open files "
               f"{max(u.fds for u in middle)} / {max(u.fds for u in last)}")  # fmt: skip
-    print(f"open files idle: before {report.idle_fds_before}, after {report.idle_fds_after}")
+    print(f"open files idle: before {report.idle_fds_before}, after {report.idle_fds_after};"
+          f" device sockets left open: {report.device_sockets_after}")  # fmt: skip
     failures = report.failures(args.tolerance)
     for problem in failures:
         print("FAILED:", problem)
@@ -201,6 +218,7 @@ def main() -> int:
     parser.add_argument("--sample", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
     return trio.run(_main, parser.parse_args())
 
 
