@@ -22,6 +22,7 @@ class Identity:
     user: str
     device: str
     expires: int
+    issued_at: int | None = None  # the `iat` claim (seconds), when the token has one
 
 
 class TokenVerifier:
@@ -66,7 +67,11 @@ class TokenVerifier:
             raise AuthError("bad sub claim")
         if not (isinstance(device, str) and 0 < len(device.encode()) <= MAX_DEVICE_BYTES):
             raise AuthError("bad dev claim")
-        return Identity(user, device, int(exp))
+        iat = claims.get("iat")
+        issued_at = (
+            int(iat) if isinstance(iat, (int, float)) and not isinstance(iat, bool) else None
+        )
+        return Identity(user, device, int(exp), issued_at)
 
 
 def mint_token(settings: AuthSettings, user: str, device: str, ttl: int | None = None) -> str:

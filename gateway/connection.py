@@ -128,8 +128,15 @@ class Connection:
             log.info("connection #%d: hello refused: %s", self.id, exc)
             self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
             return False
-        self.user, self.device, self.active = identity.user, identity.device, event.frame.active
         gw = self.gateway
+        revoked = await gw.store.revoked_at(identity.user, identity.device)
+        if revoked is not None and (
+            identity.issued_at is None or identity.issued_at * 1000 <= revoked
+        ):
+            log.info("connection #%d: hello refused: token issued before revocation", self.id)
+            self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
+            return False
+        self.user, self.device, self.active = identity.user, identity.device, event.frame.active
         await gw.store.register_device(self.user, self.device, now_ms())
         previous = gw.registry.attach(self)
         if previous is not None:

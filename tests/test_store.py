@@ -177,6 +177,30 @@ async def test_remove_device_forgets_it_and_drops_its_queue(store, raw):
     assert raw("SELECT count(*) FROM queue") == [(1,)]  # only the tablet's copy is left
 
 
+async def test_revoke_device_forgets_it_drops_its_queue_and_remembers_when(store):
+    await register(store, "bob", "phone", "tablet")
+    await send(store, envelope())
+    assert await store.revoked_at("bob", "phone") is None
+
+    assert await store.revoke_device("bob", "phone", T0 + 5) is True
+
+    assert [d.device for d in await store.devices("bob")] == ["tablet"]
+    assert await store.revoked_at("bob", "phone") == T0 + 5
+    assert await store.revoked_at("bob", "tablet") is None
+    assert await store.register_device("bob", "phone", T0 + 6) is True  # a new token's hello
+    assert await fetch_all(store, "bob", "phone") == []
+    assert len(await fetch_all(store, "bob", "tablet")) == 1
+    assert await store.revoked_at("bob", "phone") == T0 + 5  # registering does not forget it
+
+
+async def test_revocation_keeps_the_latest_time_and_applies_to_unknown_devices(store):
+    assert await store.revoke_device("bob", "stolen", T0 + 9) is False
+    assert await store.revoke_device("bob", "stolen", T0 + 3) is False
+
+    assert await store.revoked_at("bob", "stolen") == T0 + 9
+    assert await store.revoked_at("alice", "stolen") is None
+
+
 # -- sending -------------------------------------------------------------------------------
 
 

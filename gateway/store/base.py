@@ -208,6 +208,16 @@ class MessageStore(abc.ABC):
         """Forget a device and drop its queue; returns True if it existed."""
 
     @abc.abstractmethod
+    async def revoke_device(self, user: str, device: str, now: int) -> bool:
+        """Forget a device and drop its queue, like `remove_device`, and remember that it
+        was revoked at `now` (ms), so that tokens issued before then are refused from now
+        on. Returns True if the device existed."""
+
+    @abc.abstractmethod
+    async def revoked_at(self, user: str, device: str) -> int | None:
+        """When the device was last revoked (ms), or None if it never was."""
+
+    @abc.abstractmethod
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
         """Record when a device was last connected; returns once queued for commit."""
 

@@ -367,6 +367,25 @@ class RedisStore(MessageStore):
         result: bool = await (await self._submit(steps)).result()
         return result
 
+    async def revoke_device(self, user: str, device: str, now: int) -> bool:
+        p = prefix(user)
+
+        def steps() -> Steps:
+            keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}", f"{p}:rev:{device}"]
+            [removed] = yield [("revoke", keys, [device, now])]
+            return removed == 1, []
+
+        result: bool = await (await self._submit(steps)).result()
+        return result
+
+    async def revoked_at(self, user: str, device: str) -> int | None:
+        try:
+            value = await self.client.get(f"{prefix(user)}:rev:{device}")
+        except REDIS_ERRORS as exc:
+            self._unavailable(exc)
+            raise RedisUnavailable(f"redis unavailable: {exc}") from None
+        return None if value is None else int(value)
+
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
         await self._submit(lambda: _update_steps(user, device, ("set", ["seen", last_seen])))
 

@@ -17,6 +17,7 @@ Layout, with ``P = "gw:{" + user + "}"``:
 - ``P:seq:DEVICE``: the device's sid counter; never deleted, so sids are never reused;
 - ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
   as a garbage-collection backstop;
+- ``P:rev:DEVICE``: when the device was last revoked (ms); never expires;
 - ``P:rx:SENDER\\0ID``: ``EXPIRES`` of a message SENDER sent to this user, whatever the
   sending device, with the same TTL: a `read` of this user names only such ids;
 - ``P:node:DEVICE``: ``NODE|CONNECTION`` where the device is connected, with a TTL that
@@ -58,7 +59,9 @@ end
 # device), user, node, then the payload (mode a) or pairs device, payload (mode p).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
 # {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
-SEND = RING + """
+SEND = (
+    RING
+    + """
 local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local user, node = ARGV[7], ARGV[8]
 local prev = redis.call('GET', KEYS[2])
@@ -109,6 +112,7 @@ for _, t in ipairs(targets) do
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
 # Those of the ids (ARGV[2..]) whose P:rx: key (KEYS[1] is its prefix "P:rx:SENDER\0")
 # says unexpired at ARGV[1]. No KEYS beyond the prefix: the keys are built here, all in
@@ -124,7 +128,9 @@ return out
 
 # One receipt item for every device of the user. KEYS[1] = P:devs.
 # ARGV: P, ts, expires, payload, user, node. Returns {device, sid, where, ...}.
-RECEIPTS = RING + """
+RECEIPTS = (
+    RING
+    + """
 local prefix, ts, expires, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local user, node = ARGV[5], ARGV[6]
 local ttl = tonumber(expires) - tonumber(ts)
@@ -143,6 +149,7 @@ for _, d in ipairs(redis.call('HKEYS', KEYS[1])) do
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
 # The members of a queue with these sids (ARGV), for an ack to read before it deletes.
 PEEK = """
@@ -220,6 +227,16 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   return 1
 end
 return 0
+"""
+
+# Forget a device and its queue, and record when it was revoked (the later of two).
+# KEYS: P:devs, P:d:D, P:q:D, P:rev:D. ARGV: device, now. Returns 1 if it existed.
+REVOKE = """
+local existed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+local prev = redis.call('GET', KEYS[4])
+if not prev or tonumber(prev) < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
+return existed
 """
 
 # Set fields of a known device's record. KEYS: P:devs, P:d:D. ARGV: device, then
@@ -339,6 +356,7 @@ SCRIPTS: dict[str, str] = {
     "prune": PRUNE,
     "register": REGISTER,
     "remove": REMOVE,
+    "revoke": REVOKE,
     "update_device": UPDATE_DEVICE,
     "clear_token": CLEAR_TOKEN,
     "devices": DEVICES,

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS sent_ids (
     PRIMARY KEY (sender, sender_device, msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sent_ids_by_expiry ON sent_ids (expires);
+-- Devices revoked through the backend API: tokens issued before `at` are refused.
+CREATE TABLE IF NOT EXISTS revoked (
+    user TEXT NOT NULL,
+    device TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (user, device)
+) WITHOUT ROWID;
 """
 # `recipient` came later: a file made before it gains the column (older ids match no reader).
 MIGRATIONS = (
@@ -161,6 +168,7 @@ class SqliteStore(MessageStore):
         self._write_limiter = trio.CapacityLimiter(1)
         self._closed = False
         self._known: set[tuple[str, str]] = set()  # devices known to be registered
+        self._revoked: set[tuple[str, str]] = set()  # revoked by this process
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
         self.commits = 0
 
@@ -377,15 +385,39 @@ class SqliteStore(MessageStore):
         self._known.discard((user, device))
 
         def apply(tx: _Tx) -> OpResult:
-            row = tx.conn.execute(
-                "DELETE FROM devices WHERE user=? AND device=? RETURNING did", (user, device)
-            ).fetchone()
-            tx.forget(user)
-            if row is not None:
-                tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
-            return row is not None, []
+            return _delete_device(tx, user, device), []
 
         result: bool = await (await self._submit(apply)).result()
+        return result
+
+    async def revoke_device(self, user: str, device: str, now: int) -> bool:
+        self._known.discard((user, device))
+        self._revoked.discard((user, device))
+
+        def apply(tx: _Tx) -> OpResult:
+            existed = _delete_device(tx, user, device)
+            tx.conn.execute(
+                "INSERT INTO revoked (user, device, at) VALUES (?,?,?)"
+                " ON CONFLICT DO UPDATE SET at=max(at, excluded.at)",
+                (user, device, now),
+            )
+            return existed, []
+
+        result: bool = await (await self._submit(apply)).result()
+        self._revoked.add((user, device))
+        return result
+
+    async def revoked_at(self, user: str, device: str) -> int | None:
+        if (user, device) in self._known and (user, device) not in self._revoked:
+            return None  # registered in this process and not revoked since: no read
+
+        def query(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT at FROM revoked WHERE user=? AND device=?", (user, device)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        result: int | None = await self._read(query)
         return result
 
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
@@ -519,6 +551,17 @@ class SqliteStore(MessageStore):
 # -- operations, run on the writer thread inside the batch transaction -------------------
 # Each SQLite call costs two GIL hand-offs with the event loop, so operations use as few
 # statements as they can: an upsert for idempotency, cached device lists, RETURNING sids.
+
+
+def _delete_device(tx: _Tx, user: str, device: str) -> bool:
+    """Delete a device and its queue; True if it existed."""
+    row = tx.conn.execute(
+        "DELETE FROM devices WHERE user=? AND device=? RETURNING did", (user, device)
+    ).fetchone()
+    tx.forget(user)
+    if row is not None:
+        tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
+    return row is not None
 
 
 def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
