@@ -29,7 +29,9 @@ async def test_hostile_clients_get_their_close_and_others_lose_nothing(tmp_path)
 
     assert report.well_behaved_errors == []
     assert len(report.latencies) > 50
-    assert report.closes["slowloris"] == {"closed": 20}
+    # The gateway hangs up on every one (a FIN, or a reset if more bytes were in flight).
+    slowloris = report.closes["slowloris"]
+    assert slowloris["closed"] + slowloris["reset"] == 20 and not slowloris["never closed"]
     assert max(report.slowloris_closed_after) < 2.0 + 3.0  # handshake_timeout + slack
     assert report.closes["no hello"] == {4008: 200}
     assert report.closes["oversized"] == {1009: 5}
