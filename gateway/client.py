@@ -9,8 +9,12 @@ async with connect(url, token) as client:
 
 The client reconnects by itself with exponential backoff and full jitter, re-sends every
 `send` that has not been answered (the server deduplicates by id, so this is safe), and
-keeps delivering from the new connection. It stops for good on 4001 (unauthorized) and
-4009 (replaced by another connection of the same device).
+keeps delivering from the new connection. After 1012 (server restarting) it waits for the
+close reason's ``reconnect_after_ms`` hint plus jitter; after 1013 (overloaded), a 1012
+without a hint, or an HTTP 503 refusal, it waits a random time over a window of several
+seconds (at least `Retry-After`), so a fleet told to go away does not come back at once.
+It stops for good on 4001 (unauthorized) and 4009 (replaced by another connection of the
+same device).
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ import cbor2
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
 )
 
+from gateway.drain import parse_reconnect_hint
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
 FINAL_CLOSE_CODES = frozenset({4001, 4009})
+RESTARTING, OVERLOADED = 1012, 1013
 ACK_BATCH = 256
 
 
@@ -87,10 +94,15 @@ class Delivery:
 
 @dataclass(slots=True)
 class Backoff:
-    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**n))."""
+    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base * 2**n)).
+
+    When the server says why it went away, `after_close` and `after_refusal` wait longer:
+    `overload_window` is the spread used after 1013 or a 1012 that carries no hint.
+    """
 
     base: float = 0.2
     cap: float = 10.0
+    overload_window: float = 5.0
     attempts: int = 0
     rng: random.Random = field(default_factory=random.Random)
 
@@ -99,6 +111,23 @@ class Backoff:
         delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempts))
         self.attempts += 1
         return delay
+
+    def after_close(self, code: int | None, reason: str | None) -> float:
+        """The delay before reconnecting after the server closed with `code`."""
+        if code == RESTARTING:
+            hint = parse_reconnect_hint(reason)
+            if hint is not None:
+                return hint + self.next_delay()
+        if code in (RESTARTING, OVERLOADED):
+            return max(self.next_delay(), self.rng.uniform(0, self.overload_window))
+        return self.next_delay()
+
+    def after_refusal(self, status: int, retry_after: float | None) -> float:
+        """The delay after the server refused the upgrade with HTTP `status`."""
+        if status in (429, 503):
+            floor = retry_after if retry_after is not None else 0.0
+            return floor + max(self.next_delay(), self.rng.uniform(0, self.overload_window))
+        return self.next_delay()
 
     def reset(self) -> None:
         """Forget past failures after a successful connection."""
@@ -295,14 +324,22 @@ class GatewayClient:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ack_flusher)
             while not self._stopped.is_set():
+                refused: ConnectionRejected | None = None
                 try:
                     await self._connect_once(None if started else task_status)
+                except ConnectionRejected as exc:
+                    refused = exc
+                    log.debug("connection to %s refused: HTTP %d", self.url, exc.status_code)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
                     log.debug("connection to %s failed: %r", self.url, exc)
                 started = self.connections > 0
                 if self.close_code in FINAL_CLOSE_CODES or not self.reconnect:
                     break
-                await trio.sleep(self.backoff.next_delay())
+                if refused is not None:
+                    delay = self.backoff.after_refusal(refused.status_code, _retry_after(refused))
+                else:
+                    delay = self.backoff.after_close(self.close_code, self.close_reason)
+                await trio.sleep(delay)
             self.final = ClientClosed(self.close_code, self.close_reason)
             self._stopped.set()
             self.connected.set()
@@ -413,6 +450,16 @@ class GatewayClient:
         except ClientClosed:
             if required:
                 raise
+
+
+def _retry_after(refusal: ConnectionRejected) -> float | None:
+    for name, value in refusal.headers or ():
+        if name.lower() == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
 
 
 @asynccontextmanager

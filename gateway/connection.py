@@ -23,6 +23,7 @@ from gateway.codec import encode_frames
 from gateway.errors import AuthError, Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
 from gateway.outbox import Frame, Outbox
+from gateway.ratelimit import SendLimiter
 from gateway.session import Close, CloseCode, Command, Event, Reply, Session
 from gateway.store.base import QueueItem
 
@@ -56,6 +57,10 @@ class Connection:
         server = gateway.settings.server
         self.session = Session(parser, max_bad_frames=server.max_bad_frames)
         self.outbox = Outbox(server.outbox_limit)
+        limits = gateway.settings.limits
+        self.send_limit = SendLimiter(
+            limits.send_rate, limits.send_burst, limits.rate_limit_strikes, now=trio.current_time()
+        )
         self.user = ""
         self.device = ""
         self.active = True
@@ -190,6 +195,8 @@ class Connection:
         router = self.gateway.router
         try:
             for event in events:
+                if self.close_code is not None:
+                    return  # a handler closed the connection: the rest of a batch is moot
                 if isinstance(event, Command):
                     await router.handle(self, event.frame)
                 elif isinstance(event, Reply):

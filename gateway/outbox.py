@@ -75,16 +75,25 @@ class Outbox:
             await self._wakeup.wait()
 
     async def take_frames(self) -> list[Frame]:
-        """Remove every entry, waiting for pending commits in order, and return the frames."""
+        """Wait for the pending commits in order, then remove every entry and return the
+        frames. Nothing is removed while waiting, so a writer cancelled in the wait (the
+        connection is closing) leaves every frame for the flush before the close."""
+        entries = self._entries
+        i = 0
+        while i < len(entries):
+            entry = entries[i]
+            if not isinstance(entry, dict) and not entry[0].done:
+                await entry[0].wait()
+            i += 1
         out: list[Frame] = []
-        while self._entries:
-            entry = self._entries.popleft()
+        while entries:
+            entry = entries.popleft()
             if isinstance(entry, dict):
                 out.append(entry)
                 continue
             ticket, render, on_error = entry
             try:
-                out.append(render(await ticket.result()))
+                out.append(render(ticket.outcome()))
             except StoreError as exc:
                 out.append(on_error(exc))
         return out

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from gateway import frames
 from gateway.errors import StoreError
 from gateway.frames import (
@@ -25,6 +27,8 @@ from gateway.frames import (
     Typing,
     Unsubscribe,
 )
+from gateway.ratelimit import SendVerdict
+from gateway.session import CloseCode
 from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
 from gateway.store.base import Ticket
 from presence.fanout import SubscriptionLimit
@@ -77,6 +81,15 @@ class Router:
         await self._handlers[type(frame)](conn, frame)
 
     async def _send(self, conn: Connection, f: Send) -> None:
+        verdict = conn.send_limit.check(trio.current_time())
+        if verdict is not SendVerdict.ALLOW:
+            self.metrics.rate_limited += 1
+            if verdict is SendVerdict.ABUSE:
+                log.info("connection %s: closed for ignoring rate_limited", conn)
+                conn.request_close(CloseCode.POLICY, "rate limit exceeded")
+            else:
+                conn.outbox.push(frames.error("rate_limited", "too many sends", ref=f.id))
+            return
         now = self.clock()
         envelope = Envelope(
             sender=conn.user,

@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import logging
 import secrets
-import ssl
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, Endpoint, WebSocketRequest, WebSocketServer
 
+from gateway.admission import Admission, Refusal
 from gateway.auth import TokenVerifier
 from gateway.cluster import ClusterLink
 from gateway.cluster_presence import ClusterPresence
 from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
+from gateway.drain import drain_plan
 from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
+from gateway.listener import AcceptStats, EdgeListener
 from gateway.overload import LoadMonitor
 from gateway.presence_link import build_presence
 from gateway.registry import Registry
@@ -36,6 +39,7 @@ from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore, open_store
 from gateway.store.redis import RedisStore
+from gateway.tls import TlsCertificate
 from gateway.workers import open_reuseport_listeners
 from push.dispatcher import PushDispatcher
 from push.providers import build_providers
@@ -56,6 +60,7 @@ class Metrics:
     frames_in: int = 0
     frames_out: int = 0
     sends: Counter[str] = field(default_factory=Counter)
+    rate_limited: int = 0
     shed: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
     # Redis backend and cluster bus: errors, recoveries, doorbells and kicks across nodes.
@@ -81,6 +86,9 @@ class Gateway:
             self.cluster = ClusterLink(self, self.store)
         self.verifier = TokenVerifier(settings.auth)
         self.load = LoadMonitor(settings.server.overload_lag)
+        self.admission = Admission(settings.limits, now=trio.current_time())
+        self.accepts = AcceptStats()
+        self.tls = _tls_certificate(settings)
         self.connections: dict[int, Connection] = {}  # by id, including those before hello
         self.cluster_presence: ClusterPresence | None = None  # set by build_presence
         self.presence = build_presence(self)
@@ -137,6 +145,16 @@ class GatewayServer:
         """Begin a graceful shutdown; `serve_gateway` returns once it is done."""
         self._shutdown.set()
 
+    def reload_tls(self) -> bool:
+        """Load the TLS certificate and key again from their files (what SIGHUP does).
+
+        Returns:
+            True if new handshakes now use the files' contents; False if TLS is off or the
+            files could not be loaded (the previous certificate stays in use).
+        """
+        tls = self.gateway.tls
+        return tls.reload() if tls is not None else False
+
 
 async def serve_gateway(
     settings: Settings,
@@ -163,7 +181,6 @@ async def serve_gateway(
     """
     gateway = Gateway(settings, waker=waker)
     server_settings = settings.server
-    ssl_context = _ssl_context(settings)
     async with trio.open_nursery() as services:
         await services.start(gateway.store.run)
         if gateway.push is not None:
@@ -176,12 +193,14 @@ async def serve_gateway(
                 await background.start(gateway.cluster.run)
                 if gateway.cluster_presence is not None:
                     await background.start(gateway.cluster_presence.run)
+            if gateway.tls is not None and server_settings.tls_watch > 0:
+                await background.start(gateway.tls.watch, server_settings.tls_watch)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(settings, reuse_port)
                 port = listeners[0].socket.getsockname()[1]
                 ws_server = WebSocketServer(
                     lambda request: _handle_request(request, gateway),
-                    _with_tls(listeners, ssl_context),
+                    _edge_listeners(listeners, gateway),
                     handler_nursery=connections,
                     max_message_size=server_settings.max_message_size,
                     connect_timeout=server_settings.handshake_timeout,
@@ -193,13 +212,17 @@ async def serve_gateway(
                 log.info("gateway listening on %s", server.url)
                 task_status.started(server)
                 await server._shutdown.wait()
+                deadline = trio.current_time() + server_settings.shutdown_timeout
+                services.cancel_scope.deadline = deadline
+                connections.cancel_scope.deadline = deadline
+                await _drain(gateway)
                 listener_scope.cancel()
-                await _drain(gateway, connections)
             background.cancel_scope.cancel()  # the sweeper, load probe and presence clock
         if gateway.push is not None:
-            gateway.push.close()  # unsent wake-ups are dropped; their items stay stored
+            with trio.move_on_at(deadline - CLOSE_TIMEOUT):
+                await gateway.push.wait_idle()  # wake-ups already queued go out
+            gateway.push.close()  # what is still unsent is dropped; its items stay stored
         gateway.store.close()  # flushes what was submitted, then store.run returns
-        services.cancel_scope.deadline = trio.current_time() + server_settings.shutdown_timeout
     log.info("gateway stopped")
 
 
@@ -215,55 +238,90 @@ async def _open_listeners(settings: Settings, reuse_port: bool) -> list[trio.Soc
         ) from None
 
 
-def _with_tls(
-    listeners: list[trio.SocketListener], context: ssl.SSLContext | None
-) -> list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]:
-    if context is None:
-        return listeners
-    return [trio.SSLListener(lst, context, https_compatible=True) for lst in listeners]
-
-
 async def _listen(ws_server: WebSocketServer, scope: trio.CancelScope) -> None:
     """Accept connections until `scope` is cancelled (the start of a graceful shutdown)."""
     with scope:
         await ws_server.run()
 
 
-async def _drain(gateway: Gateway, connections: trio.Nursery) -> None:
-    """Close every connection with 1012 and give them `shutdown_timeout` to finish."""
+async def _drain(gateway: Gateway) -> None:
+    """Readiness off and new connections refused at once; every connection then closed
+    with 1012, spread over `drain_seconds`, each with its reconnect hint."""
     gateway.draining = True
+    plan = drain_plan(list(gateway.connections.values()), gateway.settings.server.drain_seconds)
+    log.info("draining %d connections over %.1fs", len(plan), gateway.settings.server.drain_seconds)
+    start = trio.current_time()
+    for step in plan:
+        await trio.sleep_until(start + step.offset)
+        step.target.request_close(CloseCode.RESTARTING, step.reason)
+    # Connections that finished their upgrade while the plan ran.
     for conn in list(gateway.connections.values()):
         conn.request_close(CloseCode.RESTARTING, "server restarting")
-    connections.cancel_scope.deadline = (
-        trio.current_time() + gateway.settings.server.shutdown_timeout
-    )
-    log.info("draining %d connections", len(gateway.connections))
 
 
 async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
     """Accept or refuse one upgrade, then run the connection; never raises."""
+    ip = _peer_ip(request)
     try:
-        if gateway.draining:
-            await request.reject(503, extra_headers=[(b"retry-after", b"5")])
-            return
         if request.path.split("?", 1)[0] != WS_PATH:
             await request.reject(404, body=b"the device endpoint is /ws\n")
             return
-        offered = SUBPROTOCOL in request.proposed_subprotocols
-        ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        if gateway.draining:
+            refusal: Refusal | None = gateway.admission.refuse("draining")
+        else:
+            origin = _header(request, b"origin")
+            refusal = gateway.admission.admit(ip, origin, trio.current_time())
+        if refusal is not None:
+            await request.reject(
+                refusal.status,
+                extra_headers=refusal.headers(),
+                body=f"refused: {refusal.reason}\n".encode(),
+            )
+            return
     except ConnectionClosed:
         return
     except Exception:
         log.exception("websocket upgrade failed")
         return
-    gateway.metrics.connections_opened += 1
-    conn = Connection(ws, gateway, gateway.parser)
-    gateway.connections[conn.id] = conn
     try:
-        await conn.run()
+        try:
+            offered = SUBPROTOCOL in request.proposed_subprotocols
+            ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
+        except ConnectionClosed:
+            return
+        except Exception:
+            log.exception("websocket upgrade failed")
+            return
+        gateway.metrics.connections_opened += 1
+        conn = Connection(ws, gateway, gateway.parser)
+        gateway.connections[conn.id] = conn
+        try:
+            await conn.run()
+        finally:
+            del gateway.connections[conn.id]
+            gateway._closed(conn)
     finally:
-        del gateway.connections[conn.id]
-        gateway._closed(conn)
+        gateway.admission.release(ip)
+
+
+def _edge_listeners(
+    listeners: list[trio.SocketListener], gateway: Gateway
+) -> list[trio.SocketListener]:
+    edges = [EdgeListener(lst, tls=gateway.tls, stats=gateway.accepts) for lst in listeners]
+    # WebSocketServer is annotated for trio's own listeners but serves any Listener.
+    return cast("list[trio.SocketListener]", edges)
+
+
+def _peer_ip(request: WebSocketRequest) -> str:
+    remote = request.remote
+    return str(remote.address) if isinstance(remote, Endpoint) else remote
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 async def _sweep_expired(gateway: Gateway) -> None:
@@ -280,10 +338,11 @@ async def _sweep_expired(gateway: Gateway) -> None:
         await trio.sleep(interval)
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def _tls_certificate(settings: Settings) -> TlsCertificate | None:
     server = settings.server
     if server.tls_cert is None or server.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server.tls_cert, server.tls_key)
-    return context
+    try:
+        return TlsCertificate(server.tls_cert, server.tls_key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise GatewayError(f"[server] tls_cert/tls_key cannot be loaded: {exc}") from None

@@ -37,6 +37,7 @@ class ServerSettings:
     handshake_timeout: float = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_watch: float = 60.0
     max_ttl: int = 30 * 24 * 3600
     outbox_limit: int = 512
     write_timeout: float = 15.0
@@ -86,6 +87,27 @@ class AdminSettings:
     api_key: str | None = None
     system_user: str = "system"
     system_device: str = "server"
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """`[limits]`: admission control and per-device rate limits. 0 switches a limit off."""
+
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    handshake_rate: float = 0.0
+    handshake_burst: int = 1000
+    retry_after: int = 5
+    allowed_origins: str = ""
+    send_rate: float = 0.0
+    send_burst: int = 200
+    rate_limit_strikes: int = 100
+
+    @property
+    def origins(self) -> frozenset[str]:
+        """The `allowed_origins` list (comma-separated); empty allows any `Origin`."""
+        entries = (o.strip().rstrip("/") for o in self.allowed_origins.split(","))
+        return frozenset(o for o in entries if o)
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,31 @@ class LogSettings:
 
     level: str = "info"
     format: str = "text"
+    modules: str = ""
+
+    @property
+    def module_levels(self) -> dict[str, str]:
+        """`modules` as {logger name: level}, from ``"gateway.connection=debug,push=warning"``."""
+        return parse_module_levels(self.modules)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_module_levels(text: str) -> dict[str, str]:
+    """Parse ``"name=level,name=level"``.
+
+    Raises:
+        ValueError: An entry is not ``name=level`` or names an unknown level.
+    """
+    levels: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, level = entry.partition("=")
+        level = level.strip().lower()
+        if not sep or not name.strip() or level not in LOG_LEVELS:
+            raise ValueError(f"{entry!r} is not <logger>=<{'|'.join(LOG_LEVELS)}>")
+        levels[name.strip()] = level
+    return levels
 
 
 @dataclass(frozen=True)
@@ -157,6 +204,7 @@ class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     push: PushSettings = field(default_factory=PushSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -179,7 +227,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("auth", "jwt_algorithm"): ("HS256", "ES256", "RS256"),
     ("store", "backend"): ("sqlite", "redis"),
     ("store", "synchronous"): ("normal", "full"),
-    ("log", "level"): ("debug", "info", "warning", "error"),
+    ("log", "level"): LOG_LEVELS,
     ("log", "format"): ("text", "json"),
 }
 # Paths that must name a readable file when set. `store.path` is created on demand.
@@ -217,6 +265,19 @@ _POSITIVE = {
     "max_watch",
     "node_ttl",
     "catchup_interval",
+    "handshake_burst",
+    "retry_after",
+    "send_burst",
+    "rate_limit_strikes",
+}
+# Limits where 0 means "off" (or, for max_connections, "derived from the open-file limit").
+_NOT_NEGATIVE = {
+    "tls_watch",
+    "drain_seconds",
+    "max_connections",
+    "max_connections_per_ip",
+    "handshake_rate",
+    "send_rate",
 }
 
 
@@ -338,6 +399,8 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Pat
         raise ConfigError(f"{origin}: {name} must be {expected}, not {type(value).__name__}")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{origin}: {name} must be positive, not {value}")
+    if key in _NOT_NEGATIVE and value < 0:
+        raise ConfigError(f"{origin}: {name} must be 0 (off) or more, not {value}")
     if key == "batch_ms" and value < 0:
         raise ConfigError(f"{origin}: {name} must be 0 (no batching) or more, not {value}")
     if key == "port" and not 0 <= value <= 65535:
@@ -363,6 +426,15 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Pat
 
 def _check_consistency(settings: Settings, source: str) -> None:
     server, auth, apns = settings.server, settings.auth, settings.push.apns
+    try:
+        settings.log.module_levels  # noqa: B018
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [log] modules: {exc}") from None
+    if server.drain_seconds >= server.shutdown_timeout:
+        raise ConfigError(
+            f"{source}: [server] drain_seconds ({server.drain_seconds}) must be less than "
+            f"shutdown_timeout ({server.shutdown_timeout})"
+        )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: [server] tls_cert and tls_key must be set together")
     if auth.jwt_algorithm != "HS256" and auth.jwt_public_key_file is None:

@@ -145,6 +145,10 @@ class Ticket(Generic[T]):
         """Whether the operation has completed, either way."""
         return self._done.is_set()
 
+    async def wait(self) -> None:
+        """Wait until the operation has completed, either way."""
+        await self._done.wait()
+
     async def result(self) -> T:
         """Wait for the commit and return the result.
 
@@ -152,6 +156,17 @@ class Ticket(Generic[T]):
             StoreError: The operation was not committed.
         """
         await self._done.wait()
+        return self.outcome()
+
+    def outcome(self) -> T:
+        """The result of a completed operation, without waiting.
+
+        Raises:
+            StoreError: The operation was not committed.
+            RuntimeError: It has not completed yet.
+        """
+        if not self._done.is_set():
+            raise RuntimeError("the operation has not completed")
         if self._error is not None:
             if isinstance(self._error, StoreError):
                 raise self._error
