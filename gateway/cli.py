@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ import trio
 
 from gateway.auth import mint_token
 from gateway.errors import ConfigError, GatewayError
+from gateway.logs import configure_logging
 from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
 from gateway.workers import check_workers, run_workers
 from push.providers import check_credentials
@@ -80,8 +80,13 @@ def _summary(settings: Settings) -> str:
 
 
 def _serve(settings: Settings, *, worker: int = 0) -> int:
-    """Serve in this process; `worker` > 0 is one of ``--workers N`` (SO_REUSEPORT)."""
+    """Serve in this process; `worker` > 0 is one of ``--workers N`` (SO_REUSEPORT).
+
+    Worker K's admin API listens on ``[admin] port + K - 1``: probes and metrics are per
+    process."""
     configure_logging(settings, worker=worker)
+    if worker > 0 and settings.admin.port != 0:
+        settings = settings.replace(admin={"port": settings.admin.port + worker - 1})
     if settings.auth.jwt_algorithm == "HS256" and settings.auth.jwt_secret == DEV_JWT_SECRET:
         logging.getLogger("gateway").warning(
             "using the development JWT secret; set [auth] jwt_secret before production"
@@ -120,7 +125,7 @@ async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
     from gateway.server import serve_gateway
 
     log = logging.getLogger("gateway")
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve(task_status: trio.TaskStatus[GatewayServer]) -> None:
@@ -131,6 +136,12 @@ async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
             if reuse_port:  # a worker of `--workers N`: never outlive the supervisor
                 nursery.start_soon(_drain_when_orphaned, server, os.getppid())
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if server.gateway.tls is None:
+                        log.info("SIGHUP: no TLS certificate to reload")
+                    else:
+                        server.reload_tls()
+                    continue
                 if server.shutting_down:
                     log.warning("second signal: stopping without draining")
                     nursery.cancel_scope.cancel()
@@ -145,34 +156,6 @@ async def _drain_when_orphaned(server: GatewayServer, parent: int) -> None:
         await trio.sleep(1)
     logging.getLogger("gateway").warning("supervisor %d is gone: draining", parent)
     server.shutdown()
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(settings: Settings, *, worker: int = 0) -> None:
-    """Set up root logging from `[log]`: a level, and text or JSON lines on stderr.
-    Lines of worker K of ``--workers N`` say ``[worker K]``."""
-    handler = logging.StreamHandler()
-    if settings.log.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        tag = f"[worker {worker}] " if worker else ""
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
-        )
-    logging.basicConfig(level=settings.log.level.upper(), handlers=[handler], force=True)
-    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

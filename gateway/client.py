@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -157,8 +158,10 @@ class GatewayClient:
         reconnect: bool = True,
         backoff: Backoff | None = None,
         inbox_size: int = 100_000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context  # for wss:// (default: the system's trust store)
         self._token = token
         self.active = active
         self.auto_ack = auto_ack
@@ -353,7 +356,8 @@ class GatewayClient:
     async def _connect_once(self, task_status: trio.TaskStatus[None] | None) -> None:
         token = self._token() if callable(self._token) else self._token
         async with open_websocket_url(
-            self.url, subprotocols=["gateway.v1"], max_message_size=16 * 1024 * 1024,
+            self.url, self.ssl_context, subprotocols=["gateway.v1"],
+            max_message_size=16 * 1024 * 1024,
             connect_timeout=10, disconnect_timeout=2,
         ) as ws:  # fmt: skip
             hello = {"t": "hello", "v": 1, "token": token, "active": self.active}

@@ -22,6 +22,7 @@ from gateway.coalesce import coalesce
 from gateway.codec import encode_frames
 from gateway.errors import AuthError, Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
+from gateway.logs import bind_connection
 from gateway.outbox import Frame, Outbox
 from gateway.ratelimit import SendLimiter
 from gateway.session import Close, CloseCode, Command, Event, Reply, Session
@@ -71,6 +72,7 @@ class Connection:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self._scope = trio.CancelScope()
+        self._log_context: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.user}/{self.device}>"
@@ -84,6 +86,7 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until it closes; never raises for the peer's behaviour."""
         attached = False
+        self._log_context = bind_connection(self.id)
         try:
             with self._scope:
                 events = await self._await_hello()
@@ -142,6 +145,7 @@ class Connection:
             self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
             return False
         self.user, self.device, self.active = identity.user, identity.device, event.frame.active
+        self._log_context.update(user=self.user, device=self.device)
         await gw.store.register_device(self.user, self.device, now_ms())
         previous = gw.registry.attach(self)
         if previous is not None:
@@ -222,6 +226,7 @@ class Connection:
                 try:
                     for message in _pack(out):
                         await self.ws.send_message(message)
+                        gw.metrics.messages_out += 1
                 except ConnectionClosed:
                     self._scope.cancel()  # the peer is gone; its items stay stored
                     return

@@ -22,6 +22,7 @@ from typing import cast
 import trio
 from trio_websocket import ConnectionClosed, Endpoint, WebSocketRequest, WebSocketServer
 
+from gateway.admin import serve_admin
 from gateway.admission import Admission, Refusal
 from gateway.auth import TokenVerifier
 from gateway.cluster import ClusterLink
@@ -57,6 +58,7 @@ class Metrics:
 
     connections_opened: int = 0
     messages_in: int = 0
+    messages_out: int = 0
     frames_in: int = 0
     frames_out: int = 0
     sends: Counter[str] = field(default_factory=Counter)
@@ -102,6 +104,7 @@ class Gateway:
         )
         self.parser = FrameParser(max_ttl=settings.server.max_ttl)
         self.draining = False
+        self.drained = trio.Event()  # set once draining and every connection has ended
         self._close_waiters: dict[tuple[str, str], list[tuple[trio.Event, list[int]]]] = {}
 
     async def wait_for_close(self, user: str, device: str) -> int:
@@ -125,6 +128,7 @@ class GatewayServer:
     def __init__(self, gateway: Gateway, port: int) -> None:
         self.gateway = gateway
         self.port = port
+        self.admin_port: int | None = None  # None while the admin port cannot be bound
         self._shutdown = trio.Event()
 
     @property
@@ -135,6 +139,14 @@ class GatewayServer:
         host = server.host if server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{self.port}{WS_PATH}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin and backend API, for clients on this host."""
+        admin = self.gateway.settings.admin
+        host = admin.host if admin.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.admin_port}"
 
     @property
     def shutting_down(self) -> bool:
@@ -209,6 +221,7 @@ async def serve_gateway(
                 listener_scope = trio.CancelScope()
                 background.start_soon(_listen, ws_server, listener_scope)
                 server = GatewayServer(gateway, port)
+                server.admin_port = await background.start(serve_admin, gateway)
                 log.info("gateway listening on %s", server.url)
                 task_status.started(server)
                 await server._shutdown.wait()
@@ -217,6 +230,9 @@ async def serve_gateway(
                 connections.cancel_scope.deadline = deadline
                 await _drain(gateway)
                 listener_scope.cancel()
+                # Only sockets still in their handshake (or being refused) are left: they
+                # are no one's connection yet, so they are not waited for.
+                connections.cancel_scope.cancel()
             background.cancel_scope.cancel()  # the sweeper, load probe and presence clock
         if gateway.push is not None:
             with trio.move_on_at(deadline - CLOSE_TIMEOUT):
@@ -257,6 +273,8 @@ async def _drain(gateway: Gateway) -> None:
     # Connections that finished their upgrade while the plan ran.
     for conn in list(gateway.connections.values()):
         conn.request_close(CloseCode.RESTARTING, "server restarting")
+    if gateway.connections:
+        await gateway.drained.wait()
 
 
 async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
@@ -300,6 +318,8 @@ async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
         finally:
             del gateway.connections[conn.id]
             gateway._closed(conn)
+            if gateway.draining and not gateway.connections:
+                gateway.drained.set()
     finally:
         gateway.admission.release(ip)
 

@@ -7,7 +7,7 @@ across them. The parent only supervises:
 
 - it starts the workers (``gateway serve --worker K``, same configuration);
 - SIGTERM or SIGINT is passed on to every worker, which drains as a single gateway does;
-  the parent exits once they all have;
+  the parent exits once they all have. SIGHUP is passed on too (it reloads TLS files);
 - a worker that dies is logged and started again after a pause that grows with repeated
   failures; a worker that keeps failing at start-up ends the whole group, non-zero.
 """
@@ -76,8 +76,13 @@ async def supervise(config: str | None, workers: int) -> int:
 async def _forward_signals(
     processes: dict[int, trio.Process], stopping: trio.Event, workers: int
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:  # reload TLS certificates: every worker does
+                for process in processes.values():
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGHUP)
+                continue
             first = not stopping.is_set()
             log.info("%s: stopping %d workers", signal.Signals(signum).name, workers)
             stopping.set()

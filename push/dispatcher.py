@@ -101,6 +101,9 @@ class PushDispatcher:
         rules = WakeRules(settings.urgent_cooldown, settings.background_cooldown, settings.linger)
         self.policy = WakePolicy(rules, clock)
         self.counters: Counter[tuple[str, str]] = Counter()
+        # Final answers by (provider, outcome, the provider's reason), e.g. APNs's
+        # ("apns", "invalid_token", "Unregistered"): a bounded set of names.
+        self.responses: Counter[tuple[str, str, str]] = Counter()
         self.dropped = 0
         self.coalesced = 0
         self._wall_ms = wall_ms
@@ -367,6 +370,7 @@ class PushDispatcher:
     ) -> None:
         outcome = result.outcome
         token = notification.token
+        self.responses[(name, outcome.value, result.reason or "-")] += 1
         if outcome is Outcome.SENT:
             self.counters[(name, f"sent_{notification.kind.value}")] += 1
         elif outcome is Outcome.INVALID_TOKEN:

@@ -20,7 +20,9 @@ from tests.redisproc import RedisProcess
 
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Embedded defaults on a free port and a fresh database file, with overrides."""
-    base = Settings().replace(server={"port": 0}, store={"path": tmp_path / "gateway.db"})
+    base = Settings().replace(
+        server={"port": 0}, store={"path": tmp_path / "gateway.db"}, admin={"port": 0}
+    )
     return base.replace(**sections) if sections else base
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import trio
+from prometheus_client import Histogram
 
 from gateway.errors import StoreError
 
@@ -174,6 +175,38 @@ class Ticket(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+# Commit latency from a fraction of a millisecond (SQLite, synchronous = normal) to
+# seconds (a slow disk or a Redis failover); batch sizes up to the largest max_batch.
+COMMIT_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class CommitStats:
+    """Histograms of commit latency and batch size that every backend keeps for
+    `/metrics`. They belong to no registry; the gateway's collector exports them."""
+
+    def __init__(self) -> None:
+        self.latency = Histogram(
+            "gateway_store_commit_seconds",
+            "Time from the start of a group commit until it is durable.",
+            buckets=COMMIT_SECONDS_BUCKETS,
+            registry=None,
+        )
+        self.batch_size = Histogram(
+            "gateway_store_batch_size",
+            "Operations per group commit.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=None,
+        )
+
+    def observe(self, size: int, seconds: float) -> None:
+        """Record one commit of `size` operations that took `seconds`."""
+        self.latency.observe(seconds)
+        self.batch_size.observe(size)
+
+
 class MessageStore(abc.ABC):
     """Durable per-device queues and the records around them.
 
@@ -189,6 +222,28 @@ class MessageStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop accepting submissions; `run` flushes the rest and returns."""
+
+    # -- health and metrics ----------------------------------------------------------------
+
+    @property
+    def commit_stats(self) -> CommitStats:
+        """Commit latency and batch-size histograms; backends `observe` each commit."""
+        stats = self.__dict__.get("_commit_stats")
+        if stats is None:
+            stats = self.__dict__["_commit_stats"] = CommitStats()
+        return stats
+
+    def queue_depth(self) -> int:
+        """Submissions waiting for a commit."""
+        return 0
+
+    async def ping(self) -> None:
+        """Check that the store answers a read (for readiness); callers bound the time.
+
+        Raises:
+            StoreError: It does not.
+        """
+        await self.count("", "", 0)
 
     # -- mutations: each returns once queued for commit; await the ticket for durability --
 

@@ -162,6 +162,10 @@ class RedisStore(MessageStore):
         for name, text in SCRIPTS.items():
             self._shas[name] = (await self.client.script_load(text)).decode()
 
+    def queue_depth(self) -> int:
+        """Submissions waiting for a commit."""
+        return self._send.statistics().current_buffer_used
+
     def close(self) -> None:
         """Stop accepting submissions; `run` commits those already queued, then returns."""
         self._closed = True
@@ -237,6 +241,7 @@ class RedisStore(MessageStore):
         self.batch_sizes.append(len(batch))
         del self.batch_sizes[:-1000]
         self.last_commit_seconds = time.perf_counter() - started
+        self.commit_stats.observe(len(batch), self.last_commit_seconds)
         for op, (value, rings) in done:
             op.ticket.resolve(value)
             for user, device, urgent, item in rings:

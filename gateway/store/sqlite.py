@@ -222,6 +222,10 @@ class SqliteStore(MessageStore):
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._close_connections)
 
+    def queue_depth(self) -> int:
+        """Submissions waiting for a commit."""
+        return self._send.statistics().current_buffer_used
+
     def close(self) -> None:
         """Stop accepting submissions; `run` commits those already queued, then returns."""
         self._closed = True
@@ -275,6 +279,7 @@ class SqliteStore(MessageStore):
         self.batch_sizes.append(len(batch))
         del self.batch_sizes[:-1000]
         self.last_commit_seconds = time.perf_counter() - started
+        self.commit_stats.observe(len(batch), self.last_commit_seconds)
         for op, (ok, value, rings) in zip(batch, outcomes, strict=True):
             if ok:
                 op.ticket.resolve(value)

@@ -1,0 +1,448 @@
+"""The admin and backend HTTP API on its own port: probes, metrics, publishing, devices.
+
+```
+GET    /healthz                            liveness (no key)
+GET    /readyz                             readiness: 503 while draining or the store is down
+GET    /metrics                            Prometheus text (no key)
+POST   /v1/messages                        a server-originated message: 202 once durable
+GET    /v1/users/{user}/devices            a user's devices, last-seen, has_push
+PUT    /v1/users/{user}/devices/{device}   pre-register a device
+DELETE /v1/users/{user}/devices/{device}   revoke: forget it and close its connection
+```
+
+Everything but the probes and `/metrics` needs ``Authorization: Bearer <[admin] api_key>``;
+without a configured key those endpoints answer 403. Errors are JSON,
+``{"error": CODE, "detail": TEXT}``, with a fitting status.
+
+The server is hypercorn's Trio worker running this module's small ASGI application.
+Hypercorn is a maintained HTTP/1.1 and HTTP/2 server built on h11 and h2, the same
+sans-IO libraries the rest of the stack uses; it brings read and keep-alive timeouts,
+limits on incomplete requests, pipelining and graceful shutdown, all of which a
+hand-written h11 loop would have to reimplement and get right. The application is plain
+ASGI, so it needs no web framework.
+
+Failure domain: an exception in a request answers 500 and is logged; it never reaches the
+gateway. If the port cannot be bound, the API logs the error and retries every
+`BIND_RETRY` seconds while devices are served as usual (readiness probes fail meanwhile,
+so the orchestrator notices).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from gateway.connection import now_ms
+from gateway.errors import StoreError
+from gateway.metrics import CONTENT_TYPE, gateway_registry, render
+from gateway.session import CloseCode
+from gateway.store import Envelope
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+BIND_RETRY = 5.0
+READY_PROBE_TIMEOUT = 1.0
+MAX_USER = 128
+MAX_DEVICE = 64
+MAX_MSG_ID = 64
+
+
+class HttpError(Exception):
+    """An error answer: `status`, a stable `code` and a human `detail`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or []
+
+
+@dataclass(slots=True)
+class Response:
+    """What a handler answers."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+
+    @classmethod
+    def json(cls, status: int, payload: Any) -> Response:
+        """A JSON response."""
+        return cls(status, json.dumps(payload, separators=(",", ":")).encode())
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed HTTP request."""
+
+    method: str
+    segments: list[str]  # the path, split on "/" and percent-decoded piece by piece
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object."""
+        try:
+            value = json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HttpError(400, "bad_json", f"the body is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise HttpError(400, "bad_json", "the body must be a JSON object")
+        return value
+
+
+class AdminApi:
+    """The ASGI application. `gateway` is the running gateway it reports on and acts for."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.registry = gateway_registry(gateway)
+        settings = gateway.settings
+        self.api_key = settings.admin.api_key
+        # A base64 body of max_message_size bytes, plus room for the other fields.
+        self.max_body = settings.server.max_message_size * 4 // 3 + 16 * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI entry point."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        try:
+            body = await self._read_body(receive, headers)
+            request = Request(scope["method"], _segments(scope), headers, body)
+            response = await self._route(request)
+            extra: list[tuple[bytes, bytes]] = []
+        except HttpError as exc:
+            response = Response.json(exc.status, {"error": exc.code, "detail": exc.detail})
+            extra = exc.headers
+        except Exception:
+            log.exception("admin API: %s %s failed", scope["method"], scope["path"])
+            response = Response.json(500, {"error": "internal", "detail": "internal error"})
+            extra = []
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (b"content-type", response.content_type),
+                    (b"cache-control", b"no-store"),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise HttpError(413, "too_large", f"the body may be at most {self.max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise HttpError(400, "disconnected", "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise HttpError(413, "too_large", f"the body may be at most {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _route(self, request: Request) -> Response:
+        segments, method = request.segments, request.method
+        match segments:
+            case ["healthz"]:
+                _allow(method, "GET", "HEAD")
+                return Response.json(200, {"status": "ok"})
+            case ["readyz"]:
+                _allow(method, "GET", "HEAD")
+                return await self._readyz()
+            case ["metrics"]:
+                _allow(method, "GET", "HEAD")
+                return Response(200, render(self.registry), CONTENT_TYPE.encode())
+            case ["v1", "messages"]:
+                _allow(method, "POST")
+                self._authorize(request)
+                return await self._publish(request)
+            case ["v1", "users", user, "devices"]:
+                _allow(method, "GET")
+                self._authorize(request)
+                return await self._list_devices(_user(user))
+            case ["v1", "users", user, "devices", device]:
+                _allow(method, "PUT", "DELETE")
+                self._authorize(request)
+                if method == "PUT":
+                    return await self._register(_user(user), _device(device))
+                return await self._revoke(_user(user), _device(device))
+        raise HttpError(404, "not_found", "no such endpoint")
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            raise HttpError(403, "disabled", "the backend API is off: set [admin] api_key")
+        scheme, _, given = request.headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            given.strip(), self.api_key.encode()
+        ):
+            raise HttpError(
+                401,
+                "unauthorized",
+                "a valid Authorization: Bearer <api_key> header is required",
+                [(b"www-authenticate", b'Bearer realm="gateway"')],
+            )
+
+    # -- probes -------------------------------------------------------------------------
+
+    async def _readyz(self) -> Response:
+        reason = await self.not_ready_reason()
+        if reason is not None:
+            return Response.json(503, {"ready": False, "reason": reason})
+        return Response.json(200, {"ready": True})
+
+    async def not_ready_reason(self) -> str | None:
+        """Why the gateway should get no new devices now, or None if it is ready."""
+        if self.gateway.draining:
+            return "draining"
+        with trio.move_on_after(READY_PROBE_TIMEOUT):
+            try:
+                await self.gateway.store.ping()
+            except StoreError as exc:
+                log.warning("readiness: the store is unreachable: %s", exc)
+                return "store_unreachable"
+            return None
+        return "store_unreachable"
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def _publish(self, request: Request) -> Response:
+        gw = self.gateway
+        settings = gw.settings
+        data = request.json()
+        to = _user(_field(data, "to", str))
+        try:
+            body = base64.b64decode(_field(data, "body", str), validate=True)
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "bad_field", "body must be standard base64") from None
+        if len(body) > settings.server.max_message_size:
+            raise HttpError(
+                413, "too_large", f"body may be at most {settings.server.max_message_size} bytes"
+            )
+        urgent = _field(data, "urgent", bool, default=True)
+        ttl = _field(data, "ttl", int, default=settings.server.max_ttl)
+        if not 1 <= ttl <= settings.server.max_ttl:
+            raise HttpError(400, "bad_field", f"ttl must be 1..{settings.server.max_ttl} seconds")
+        msg_id = _field(data, "id", str, default=uuid.uuid4().hex)
+        if not 1 <= len(msg_id.encode()) <= MAX_MSG_ID:
+            raise HttpError(400, "bad_field", f"id must be 1..{MAX_MSG_ID} bytes")
+        now = now_ms()
+        envelope = Envelope(
+            sender=settings.admin.system_user,
+            sender_device=settings.admin.system_device,
+            msg_id=msg_id,
+            to=to,
+            body=body,
+            bodies=None,
+            urgent=urgent,
+            ts=now,
+            expires=now + ttl * 1000,
+        )
+        try:
+            outcome = await (await gw.store.submit_send(envelope)).result()
+        except StoreError as exc:
+            gw.metrics.sends["failed"] += 1
+            log.warning("admin API: message for %s not stored: %s", to, exc)
+            raise HttpError(
+                503, "store_unavailable", "not stored; retry with the same id"
+            ) from None
+        if outcome.unknown_recipient:
+            gw.metrics.sends["unknown_recipient"] += 1
+            raise HttpError(404, "unknown_recipient", "the recipient has no known device")
+        gw.metrics.sends["duplicate" if outcome.duplicate else "stored"] += 1
+        answer: dict[str, Any] = {"id": msg_id, "ts": outcome.ts}
+        if outcome.duplicate:
+            answer["duplicate"] = True
+        return Response.json(202, answer)
+
+    # -- devices --------------------------------------------------------------------------
+
+    async def _list_devices(self, user: str) -> Response:
+        gw = self.gateway
+        records = await _store_call(gw.store.devices(user))
+        devices = [
+            {
+                "device": r.device,
+                "created": r.created,
+                "last_seen": r.last_seen,
+                "has_push": r.push is not None,
+                "push_provider": r.push.provider if r.push is not None else None,
+                "connected_here": gw.registry.get(user, r.device) is not None,
+            }
+            for r in sorted(records, key=lambda r: r.device)
+        ]
+        return Response.json(200, {"user": user, "devices": devices})
+
+    async def _register(self, user: str, device: str) -> Response:
+        created = await _store_call(self.gateway.store.register_device(user, device, now_ms()))
+        log.info("admin API: device %s/%s %s", user, device, "registered" if created else "known")
+        answer = {"user": user, "device": device, "created": created}
+        return Response.json(201 if created else 200, answer)
+
+    async def _revoke(self, user: str, device: str) -> Response:
+        gw = self.gateway
+        existed = await _store_call(gw.store.remove_device(user, device))
+        conn = gw.registry.get(user, device)
+        if conn is not None:
+            conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
+        log.info(
+            "admin API: device %s/%s revoked%s",
+            user,
+            device,
+            ", its connection closed" if conn is not None else "",
+        )
+        if not existed and conn is None:
+            raise HttpError(404, "unknown_device", "no such device")
+        answer = {"user": user, "device": device, "revoked": True, "kicked": conn is not None}
+        return Response.json(200, answer)
+
+
+async def _store_call(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except StoreError as exc:
+        log.warning("admin API: store call failed: %s", exc)
+        raise HttpError(503, "store_unavailable", "the store is unavailable") from None
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise HttpError(
+            405,
+            "method_not_allowed",
+            f"use {' or '.join(allowed)}",
+            [(b"allow", ", ".join(allowed).encode())],
+        )
+
+
+_MISSING = object()
+
+
+def _field(data: dict[str, Any], name: str, kind: type[Any], default: Any = _MISSING) -> Any:
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if default is _MISSING:
+            raise HttpError(400, "bad_field", f"{name} is required")
+        return default
+    # bool is an int in Python; JSON true is not a ttl.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HttpError(400, "bad_field", f"{name} must be a {_JSON_NAMES[kind]}")
+    return value
+
+
+_JSON_NAMES = {str: "string", bool: "boolean", int: "integer"}
+
+
+def _user(user: str) -> str:
+    if not 1 <= len(user.encode()) <= MAX_USER:
+        raise HttpError(400, "bad_field", f"a user id is 1..{MAX_USER} bytes")
+    return user
+
+
+def _device(device: str) -> str:
+    if not 1 <= len(device.encode()) <= MAX_DEVICE:
+        raise HttpError(400, "bad_field", f"a device id is 1..{MAX_DEVICE} bytes")
+    return device
+
+
+def _segments(scope: Scope) -> list[str]:
+    """Path segments, each percent-decoded on its own so that an id may contain "/"."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    path = raw.split(b"?", 1)[0].decode("latin-1")
+    return [unquote(part) for part in path.strip("/").split("/")] if path.strip("/") else []
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _hypercorn_config(gateway: Gateway) -> Config:
+    admin = gateway.settings.admin
+    config = Config()
+    host = f"[{admin.host}]" if ":" in admin.host else admin.host
+    config.bind = [f"{host}:{admin.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("gateway.admin.http")
+    config.read_timeout = 10
+    config.keep_alive_timeout = 5
+    config.graceful_timeout = 1
+    config.include_server_header = False
+    return config
+
+
+async def serve_admin(
+    gateway: Gateway, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the admin API until cancelled.
+
+    Reports the bound port through `task_status`, or None if the port could not be bound;
+    binding is then retried every `BIND_RETRY` seconds.
+    """
+    app = AdminApi(gateway)
+    config = _hypercorn_config(gateway)
+    reported = False
+    while True:
+        async with trio.open_nursery() as nursery:
+            try:
+                binds: list[str] = await nursery.start(serve, app, config)
+            except OSError as exc:
+                log.error(
+                    "admin API cannot listen on %s: %s; retrying every %.0fs",
+                    config.bind[0],
+                    exc.strerror or exc,
+                    BIND_RETRY,
+                )
+                if not reported:
+                    reported = True
+                    task_status.started(None)
+            else:
+                log.info("admin API listening on %s", binds[0])
+                if not reported:
+                    reported = True
+                    task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        await trio.sleep(BIND_RETRY)
