@@ -34,6 +34,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 BIND_RETRY = 5.0
+BIND_LOG_INTERVAL = 60.0
 READY_PROBE_TIMEOUT = 1.0
 MAX_USER = 128
 MAX_DEVICE = 64
@@ -421,28 +423,42 @@ async def serve_admin(
     """Serve the admin API until cancelled.
 
     Reports the bound port through `task_status`, or None if the port could not be bound;
-    binding is then retried every `BIND_RETRY` seconds.
+    binding is then retried every `BIND_RETRY` seconds (logged at error level once, then
+    at most once per `BIND_LOG_INTERVAL`).
     """
     app = AdminApi(gateway)
     config = _hypercorn_config(gateway)
     reported = False
-    while True:
+    last_log = -math.inf
+
+    def report(port: int | None) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            task_status.started(port)
+
+    async def serve_once() -> None:
         async with trio.open_nursery() as nursery:
-            try:
-                binds: list[str] = await nursery.start(serve, app, config)
-            except OSError as exc:
+            binds: list[str] = await nursery.start(serve, app, config)
+            log.info("admin API listening on %s", binds[0])
+            report(int(binds[0].rsplit(":", 1)[1]))
+
+    while True:
+        try:
+            await serve_once()
+        except* OSError as group:  # hypercorn raises the bind error inside its nurseries
+            report(None)
+            if trio.current_time() - last_log >= BIND_LOG_INTERVAL:
+                last_log = trio.current_time()
                 log.error(
                     "admin API cannot listen on %s: %s; retrying every %.0fs",
                     config.bind[0],
-                    exc.strerror or exc,
+                    _first_leaf(group),
                     BIND_RETRY,
                 )
-                if not reported:
-                    reported = True
-                    task_status.started(None)
-            else:
-                log.info("admin API listening on %s", binds[0])
-                if not reported:
-                    reported = True
-                    task_status.started(int(binds[0].rsplit(":", 1)[1]))
         await trio.sleep(BIND_RETRY)
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -371,3 +372,48 @@ async def test_ids_with_slashes_and_unicode_are_path_segments(
     assert response.json() == {"user": "a/b é", "device": "d/1", "created": True}
     too_long = await http.put(f"/v1/users/{'u' * 129}/devices/d", headers=AUTH)
     assert too_long.status_code == 400
+
+
+async def test_every_metric_in_the_dashboard_and_the_docs_is_exported(tmp_path: Path) -> None:
+    import re
+
+    from push.fakes.credentials import CertificateAuthority
+
+    root = Path(__file__).resolve().parent.parent
+    named = set(re.findall(r"gateway_[a-z_]+", (root / "config" / "grafana-dashboard.json").read_text()))  # fmt: skip
+    named |= set(re.findall(r"`(gateway_[a-z_]+)`", (root / "docs" / "operations.md").read_text()))  # fmt: skip
+    ca = CertificateAuthority.create()
+    cert_pem, key_pem = ca.issue("gateway", hosts=("127.0.0.1",))
+    (tmp_path / "c.pem").write_bytes(cert_pem)
+    (tmp_path / "k.pem").write_bytes(key_pem)
+    server_keys = {"port": 0, "tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
+    async with (
+        running_server(admin_settings(tmp_path, server=server_keys)) as server,
+        httpx.AsyncClient(base_url=server.admin_url) as http,
+    ):
+        families = {f.name for f in text_string_to_metric_families((await http.get("/metrics")).text)}  # fmt: skip
+    exported = families | {f"{name}_total" for name in families}
+    for suffix in ("_bucket", "_sum", "_count"):
+        exported |= {f"{name}{suffix}" for name in families}
+    missing = {name for name in named if name not in exported}
+    missing.discard("gateway_redis_events_total")  # exported on the Redis backend only
+    assert not missing
+
+
+async def test_a_busy_admin_port_is_logged_and_devices_are_served_anyway(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = trio.socket.socket()
+    await holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    try:
+        with caplog.at_level(logging.ERROR, logger="gateway.admin"):
+            settings = admin_settings(tmp_path, admin={"port": busy})
+            async with running_server(settings) as server:
+                assert server.admin_port is None
+                async with connect(server.url, token(server, "bob", "phone")) as bob:
+                    assert bob.welcome is not None
+        assert any("cannot listen" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.close()
