@@ -35,6 +35,7 @@ import hmac
 import json
 import logging
 import math
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -147,6 +148,8 @@ class AdminApi:
         except HttpError as exc:
             response = Response.json(exc.status, {"error": exc.code, "detail": exc.detail})
             extra = exc.headers
+            if exc.status == 413:  # the rest of the body was not read: no keep-alive
+                extra = [*extra, (b"connection", b"close")]
         except Exception:
             log.exception("admin API: %s %s failed", scope["method"], scope["path"])
             response = Response.json(500, {"error": "internal", "detail": "internal error"})
@@ -404,10 +407,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def _hypercorn_config(gateway: Gateway) -> Config:
-    admin = gateway.settings.admin
     config = Config()
-    host = f"[{admin.host}]" if ":" in admin.host else admin.host
-    config.bind = [f"{host}:{admin.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("gateway.admin.http")
     config.read_timeout = 10
@@ -428,6 +428,7 @@ async def serve_admin(
     """
     app = AdminApi(gateway)
     config = _hypercorn_config(gateway)
+    admin = gateway.settings.admin
     reported = False
     last_log = -math.inf
 
@@ -438,6 +439,9 @@ async def serve_admin(
             task_status.started(port)
 
     async def serve_once() -> None:
+        # The socket is bound here and handed over by descriptor: hypercorn would leak
+        # the socket of a failed bind on every retry.
+        config.bind = [f"fd://{_bound_socket(admin.host, admin.port)}"]
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
             log.info("admin API listening on %s", binds[0])
@@ -446,17 +450,32 @@ async def serve_admin(
     while True:
         try:
             await serve_once()
-        except* OSError as group:  # hypercorn raises the bind error inside its nurseries
+        except* OSError as group:
             report(None)
             if trio.current_time() - last_log >= BIND_LOG_INTERVAL:
                 last_log = trio.current_time()
                 log.error(
-                    "admin API cannot listen on %s: %s; retrying every %.0fs",
-                    config.bind[0],
+                    "admin API cannot listen on %s:%d: %s; retrying every %.0fs",
+                    admin.host,
+                    admin.port,
                     _first_leaf(group),
                     BIND_RETRY,
                 )
         await trio.sleep(BIND_RETRY)
+
+
+def _bound_socket(host: str, port: int) -> int:
+    """A TCP socket bound to (host, port), not yet listening; its descriptor is returned
+    and owned by the caller from then on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
