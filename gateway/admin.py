@@ -7,7 +7,8 @@ GET    /metrics                            Prometheus text (no key)
 POST   /v1/messages                        a server-originated message: 202 once durable
 GET    /v1/users/{user}/devices            a user's devices, last-seen, has_push
 PUT    /v1/users/{user}/devices/{device}   pre-register a device
-DELETE /v1/users/{user}/devices/{device}   revoke: forget it and close its connection
+DELETE /v1/users/{user}/devices/{device}   revoke: forget it, refuse its older tokens, close
+                                           its connection
 ```
 
 Everything but the probes and `/metrics` needs ``Authorization: Bearer <[admin] api_key>``;
@@ -325,7 +326,8 @@ class AdminApi:
 
     async def _revoke(self, user: str, device: str) -> Response:
         gw = self.gateway
-        existed = await _store_call(gw.store.remove_device(user, device))
+        # Tokens issued before now are refused from now on (see `revoked_at` at hello).
+        existed = await _store_call(gw.store.revoke_device(user, device, now_ms()))
         conn = gw.registry.get(user, device)
         if conn is not None:
             conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")

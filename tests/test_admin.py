@@ -417,3 +417,17 @@ async def test_a_busy_admin_port_is_logged_and_devices_are_served_anyway(
         assert any("cannot listen" in r.getMessage() for r in caplog.records)
     finally:
         holder.close()
+
+
+async def test_a_revoked_device_cannot_come_back_with_its_old_token(
+    server: GatewayServer, http: httpx.AsyncClient
+) -> None:
+    old_token = token(server, "erin", "phone")
+    async with connect(server.url, old_token, reconnect=False):
+        pass
+    assert (await http.delete("/v1/users/erin/devices/phone", headers=AUTH)).status_code == 200
+
+    with pytest.raises(ClientClosed) as refused:
+        async with connect(server.url, old_token, reconnect=False):
+            pass
+    assert refused.value.code == 4001
