@@ -1,0 +1,1 @@
+"""Peer systems and the load generator of scripts/bench_peers.py."""
