@@ -16,6 +16,7 @@ from gateway.drain import parse_reconnect_hint
 from gateway.store.sqlite import SqliteStore
 from tests.conftest import make_settings, running_server
 from tests.rawws import hello, raw_ws
+from tests.test_push_e2e import fake_apns  # noqa: F401 (a fixture)
 
 
 async def test_drain_closes_everyone_with_1012_spread_over_drain_seconds_and_loses_nothing(
@@ -136,3 +137,34 @@ def test_a_normal_close_reconnects_on_the_plain_exponential_backoff():
 
     assert backoff.after_close(1000, None) <= 0.2
     assert backoff.after_close(1006, None) <= 0.4
+
+
+async def test_drain_flushes_wake_ups_already_queued(tmp_path, fake_apns) -> None:
+    from functools import partial
+
+    from gateway.server import serve_gateway
+    from gateway.settings import ApnsSettings
+    from push.fakes import Reply
+    from tests.test_push_e2e import APNS_TOKEN, TOPIC, go_idle
+
+    settings = make_settings(
+        tmp_path, push={"apns": ApnsSettings(**fake_apns.settings(topic=TOPIC)), "linger": 3600.0}
+    )
+    gate = trio.Event()
+    fake_apns.script.add(Reply(200, gate=gate), token=APNS_TOKEN)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_gateway, settings))
+        await go_idle(server, lambda u, d: mint_token(settings.auth, u, d), "apns", APNS_TOKEN, topic=TOPIC)  # fmt: skip
+        async with connect(server.url, mint_token(settings.auth, "alice", "phone")) as alice:
+            await alice.send("bob", b"wake up", urgent=True)
+            with trio.fail_after(10):
+                await fake_apns.wait_requests(1)  # in flight, held by the gate
+            server.shutdown()
+            with trio.fail_after(10):
+                while not server.gateway.draining:  # noqa: ASYNC110 (a flag, polled with a bound)
+                    await trio.sleep(0.01)
+        gate.set()  # the provider answers only now, during the drain
+    # serve_gateway has returned: the wake-up completed instead of being cancelled.
+    push = server.gateway.push
+    assert push is not None
+    assert push.counters[("apns", "sent_alert")] == 1
