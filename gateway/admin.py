@@ -327,19 +327,23 @@ class AdminApi:
     async def _revoke(self, user: str, device: str) -> Response:
         gw = self.gateway
         # Tokens issued before now are refused from now on (see `revoked_at` at hello).
+        kicked_elsewhere = False
         existed = await _store_call(gw.store.revoke_device(user, device, now_ms()))
         conn = gw.registry.get(user, device)
         if conn is not None:
             conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
+        elif gw.cluster is not None:  # connected to another node, perhaps
+            kicked_elsewhere = await _store_call(gw.cluster.close_revoked(user, device))
+        kicked = conn is not None or kicked_elsewhere
         log.info(
             "admin API: device %s/%s revoked%s",
             user,
             device,
-            ", its connection closed" if conn is not None else "",
+            ", its connection closed" if kicked else "",
         )
-        if not existed and conn is None:
+        if not existed and not kicked:
             raise HttpError(404, "unknown_device", "no such device")
-        answer = {"user": user, "device": device, "revoked": True, "kicked": conn is not None}
+        answer = {"user": user, "device": device, "revoked": True, "kicked": kicked}
         return Response.json(200, answer)
 
 

@@ -165,6 +165,8 @@ class ClusterLink:
                 self._doorbell(user, device, urgent, data[rest + 1 :])
             elif kind == b"k":
                 self._kick(user, device, data[rest:].decode())
+            elif kind == b"r":
+                self._revoked(user, device, data[rest:].decode())
         except (ValueError, UnicodeDecodeError) as exc:  # never from our own scripts
             log.warning("malformed cluster message ignored: %s", exc)
 
@@ -177,6 +179,33 @@ class ClusterLink:
         if conn is not None and str(conn.id) == conn_id:
             self.counters["kicks_received"] += 1
             conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
+
+    def _revoked(self, user: str, device: str, conn_id: str) -> None:
+        conn = self.gateway.registry.get(user, device)
+        if conn is not None and str(conn.id) == conn_id:
+            self.counters["revocations_received"] += 1
+            conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
+
+    async def close_revoked(self, user: str, device: str) -> bool:
+        """Close the device's connection with 4001 if another node holds it (the caller
+        closes a local one); True if that node was told.
+
+        Raises:
+            StoreError: Redis is unavailable.
+        """
+        try:
+            claim = await self.store.client.get(f"{prefix(user)}:node:{device}")
+            if claim is None:
+                return False
+            node, _, conn_id = claim.partition(b"|")
+            if node.decode() == self.node_id:
+                return False
+            message = b"r" + wire_device(user, device) + conn_id
+            await self.store.client.publish(NODE_CHANNEL + node.decode(), message)
+        except RedisError as exc:
+            raise StoreError(f"revocation not sent to the device's node: {exc}") from None
+        self.counters["revocations_sent"] += 1
+        return True
 
     def _event(self, kind: str, user: str, device: str) -> None:
         if kind == "c" and self.gateway.registry.get(user, device) is None:

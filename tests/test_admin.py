@@ -22,7 +22,7 @@ from gateway.server import GatewayServer
 from gateway.settings import ApnsSettings, Settings
 from push.fakes import FakeApns
 from tests.conftest import make_settings, running_server
-from tests.rawws import hello, raw_ws
+from tests.rawws import close_code, hello, raw_ws
 from tests.test_push_e2e import APNS_TOKEN, TOPIC, fake_apns, go_idle  # noqa: F401 (a fixture)
 
 API_KEY = "test-admin-key"
@@ -431,3 +431,27 @@ async def test_a_revoked_device_cannot_come_back_with_its_old_token(
         async with connect(server.url, old_token, reconnect=False):
             pass
     assert refused.value.code == 4001
+
+
+async def test_revocation_on_one_node_closes_the_device_on_another(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from push.waker import LogWaker
+    from tests.test_cluster import DEADLINE, cluster_settings
+
+    settings = cluster_settings(tmp_path, redis_url, admin={"port": 0, "api_key": API_KEY})
+    async with (
+        running_server(settings, waker=LogWaker()) as a,
+        running_server(settings, waker=LogWaker()) as b,
+        httpx.AsyncClient(base_url=b.admin_url, timeout=10) as http_b,
+        raw_ws(a.url) as phone,
+    ):
+        await hello(phone, token(a, "frank", "phone"))
+
+        response = await http_b.delete("/v1/users/frank/devices/phone", headers=AUTH)
+
+        assert response.json()["kicked"] is True
+        with trio.fail_after(DEADLINE):
+            assert await close_code(phone) == 4001
+        assert b.gateway.metrics.redis["revocations_sent"] == 1
+        assert a.gateway.metrics.redis["revocations_received"] == 1

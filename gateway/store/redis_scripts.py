@@ -25,9 +25,10 @@ Layout, with ``P = "gw:{" + user + "}"``:
 - ``P:seen``, ``P:grace``, ``P:hidden``: the user's last-seen time, a key that lives for
   the offline grace period after the last disconnect, and the hidden flag (presence).
 
-Channels (classic pub/sub): ``gw:node:NODE`` carries doorbells (``b``) and kicks (``k``)
-to one node; ``gw:events`` tells every node of connects (``c``), disconnects (``d``) and
-hidden changes (``h``). A device is written ``LEN:USERLEN:DEVICE`` in messages.
+Channels (classic pub/sub): ``gw:node:NODE`` carries doorbells (``b``), kicks (``k``)
+and revocations (``r``, published by the admin API) to one node; ``gw:events`` tells
+every node of connects (``c``), disconnects (``d``) and hidden changes (``h``). A device
+is written ``LEN:USERLEN:DEVICE`` in messages.
 
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
