@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import coredis
 import trio
 
 from gateway.auth import mint_token
@@ -149,3 +150,25 @@ async def wait_presence(*clients: Any, online: bool) -> list[int | None]:
                 seen.append(item["last_seen"])
                 break
     return seen
+
+
+async def test_a_lost_doorbell_only_delays_delivery_until_the_catch_up(tmp_path, redis_url):
+    token = tokens(tmp_path)
+    settings = cluster_settings(tmp_path, redis_url).replace(
+        cluster={"catchup_interval": 0.5, "node_ttl": 3600.0}  # no renewal in this test
+    )
+    async with running_server(settings) as node:
+        async with connect(node.url, token("bob", "phone")) as bob:
+            await bob.wait_drained()
+            # Make the registry point at a node that does not exist: the doorbell of the
+            # next message goes to a channel nobody listens to.
+            async with coredis.Redis.from_url(redis_url) as redis:
+                await redis.set("gw:{bob}:node:phone", "ghost|1")
+            async with connect(node.url, token("alice", "phone")) as alice:
+                await alice.send("bob", b"rung in vain")
+            with trio.fail_after(DEADLINE):
+                delivery = await bob.next_delivery()
+            assert delivery.frame["body"] == b"rung in vain"
+        counters = node.gateway.metrics.redis
+        assert counters["doorbells_published"] >= 1
+        assert counters["doorbells_received"] == 0  # it came through the catch-up read

@@ -21,7 +21,7 @@ from gateway.client import Backoff, ClientClosed, GatewayClient, SendRefused, co
 from gateway.settings import Settings
 from tests.conftest import running_server
 from tests.redisproc import RedisProcess, free_port
-from tests.test_cluster import cluster_settings
+from tests.test_cluster import cluster_settings, wait_presence
 
 READY_LINE = b"gateway listening on"
 DEADLINE = 30
@@ -77,7 +77,8 @@ def write_config(tmp_path: Path, name: str, port: int, redis_url: str) -> Path:
     config = tmp_path / f"{name}.toml"
     config.write_text(
         f'[server]\nport = {port}\n[store]\nbackend = "redis"\nredis_url = "{redis_url}"\n'
-        '[cluster]\nnode_ttl = 2.0\ncatchup_interval = 1.0\n[log]\nlevel = "info"\n',
+        "[cluster]\nnode_ttl = 2.0\ncatchup_interval = 1.0\n[presence]\noffline_grace = 0.5\n"
+        '[log]\nlevel = "info"\n',
         encoding="utf-8",
     )
     return config
@@ -129,6 +130,10 @@ async def test_a_node_killed_mid_stream_loses_nothing_that_was_sent(tmp_path, re
             await until(lambda: len(acknowledged) >= 300)
             stop.set()
             await until(lambda: alice.final is not None and bob.final is not None)
+            # Nobody told anyone bob left (his node died): his claim expires, and node B's
+            # presence shows him offline by itself.
+            with trio.fail_after(DEADLINE):
+                await wait_presence(carol, online=False)
             nursery.cancel_scope.cancel()  # sends still unanswered were never promised
         assert node_a.returncode == -signal.SIGKILL
         assert bob.final is not None  # bob's connection went down with node A
