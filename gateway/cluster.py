@@ -71,6 +71,7 @@ class ClusterLink:
         self._releases, self._to_release = trio.open_memory_channel[tuple[str, str, str]](
             RELEASE_QUEUE
         )
+        store.on_recovered = self._ring_all
 
     def claim_value(self, conn: Connection) -> str:
         """What the registry holds for a device connected through `conn`."""

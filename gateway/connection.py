@@ -262,13 +262,18 @@ class Connection:
 
     def deliver_live(self, item: QueueItem) -> None:
         """An item was just committed for this device: hand it to the writer directly
-        when nothing older can be pending, else ring so the writer reads the store."""
+        when nothing older can be pending, else ring so the writer reads the store.
+
+        With a store whose sids are consecutive per device, an item that is not the next
+        one means an older one was never rung for: the store is read, so nothing is
+        jumped over."""
         outbox = self.outbox
         if (
             self.drained
             and not self._reading
             and not outbox.rung
             and len(outbox) < outbox.limit // 2
+            and (item.sid == self.cursor + 1 or not self.gateway.store.consecutive_sids)
         ):
             if item.sid > self.cursor:
                 self.cursor = item.sid

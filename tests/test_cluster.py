@@ -18,8 +18,11 @@ import trio
 
 from gateway.auth import mint_token
 from gateway.client import connect
+from gateway.connection import now_ms
 from gateway.server import GatewayServer
 from gateway.settings import Settings
+from gateway.store import Envelope
+from gateway.store.redis import RedisStore
 from push.waker import LogWaker
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
@@ -172,3 +175,29 @@ async def test_a_lost_doorbell_only_delays_delivery_until_the_catch_up(tmp_path,
         counters = node.gateway.metrics.redis
         assert counters["doorbells_published"] >= 1
         assert counters["doorbells_received"] == 0  # it came through the catch-up read
+
+
+async def test_an_item_nobody_was_rung_for_is_not_jumped_over(tmp_path, redis_url):
+    # An operation whose answer Redis lost was carried out all the same, and nobody was
+    # rung for its item. The next item's sid is then not the connection's cursor + 1, so
+    # the connection reads the store instead of delivering the newer item alone.
+    token = tokens(tmp_path)
+    async with (
+        running_server(cluster_settings(tmp_path, redis_url)) as node,
+        connect(node.url, token("bob", "phone")) as bob,
+    ):
+        await bob.wait_drained()
+        # A store of the same node that rings nobody stands for the lost answer.
+        unrung = RedisStore(redis_url, doorbell=lambda *ring: None, node_id=node.gateway.node_id)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(unrung.run)
+            now = now_ms()
+            envelope = Envelope("carol", "phone", "c1", "bob", b"unrung", None, True, now,
+                                now + 3_600_000)  # fmt: skip
+            await (await unrung.submit_send(envelope)).result()
+            unrung.close()
+        async with connect(node.url, token("alice", "phone")) as alice:
+            await alice.send("bob", b"rung")
+        with trio.fail_after(DEADLINE):
+            first, second = await bob.next_delivery(), await bob.next_delivery()
+        assert [first.frame["body"], second.frame["body"]] == [b"unrung", b"rung"]

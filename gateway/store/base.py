@@ -215,6 +215,12 @@ class MessageStore(abc.ABC):
     returns. Reads may run concurrently with commits and see only committed data.
     """
 
+    #: Whether each device's sids are consecutive (every stored item takes the next one).
+    #: A connection then knows that an item whose sid is not its cursor + 1 follows one it
+    #: was never rung for (an operation whose answer Redis lost, a doorbell lost between
+    #: nodes), and reads the store instead of jumping over it.
+    consecutive_sids: bool = False
+
     @abc.abstractmethod
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store and commit submissions until closed."""

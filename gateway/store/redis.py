@@ -86,6 +86,8 @@ def connect(url: str) -> coredis.Redis[bytes]:
 
 
 class RedisStore(MessageStore):
+    consecutive_sids = True  # one INCR counter per device
+
     """Redis-backed `MessageStore`; see the module docstring for the commit model.
 
     Other services of the process (the cluster link, presence) use `client` and
@@ -120,6 +122,9 @@ class RedisStore(MessageStore):
         self.client: coredis.Redis[bytes] = connect(url)
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
+        # Called when Redis answers again after failing: operations that failed for lack
+        # of an answer may have been carried out, and nobody was rung for their items.
+        self.on_recovered: Callable[[], None] = lambda: None
         self.batch_sizes: list[int] = []
         self.commits = 0
         self.last_commit_seconds = 0.0
@@ -183,7 +188,8 @@ class RedisStore(MessageStore):
         if not self.available:
             log.info("redis at %s is available", _safe_url(self.url))
             self.counters["recoveries"] += 1
-        self.available = True
+            self.available = True
+            self.on_recovered()
 
     def _unavailable(self, exc: BaseException) -> None:
         self.counters["errors"] += 1
