@@ -27,14 +27,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import anyio
 import trio
-from coredis.exceptions import RedisError
 
 from gateway.connection import now_ms
 from gateway.errors import StoreError
 from gateway.session import CloseCode
-from gateway.store.redis import Call, RedisStore, decode_member
+from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member
 from gateway.store.redis_scripts import prefix, read_device, wire_device
 
 if TYPE_CHECKING:
@@ -203,7 +201,7 @@ class ClusterLink:
                 return False
             message = b"r" + wire_device(user, device) + conn_id
             await self.store.client.publish(NODE_CHANNEL + node.decode(), message)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise StoreError(f"revocation not sent to the device's node: {exc}") from None
         self.counters["revocations_sent"] += 1
         return True
@@ -281,14 +279,7 @@ class ClusterLink:
 
 
 # What a lost or closed Redis connection raises from a coredis subscriber, alone or grouped.
-CONNECTION_TROUBLE = (
-    RedisError,
-    OSError,
-    TimeoutError,
-    anyio.ClosedResourceError,
-    anyio.BrokenResourceError,
-    anyio.EndOfStream,
-)
+CONNECTION_TROUBLE = REDIS_ERRORS
 
 
 def _unless_connection_trouble(exc: BaseException) -> BaseException | None:

@@ -84,5 +84,6 @@ def configure_logging(settings: Settings, *, worker: int = 0) -> None:
         )
     logging.basicConfig(level=settings.log.level.upper(), handlers=[handler], force=True)
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # the gateway logs Redis outages
     for name, level in settings.log.module_levels.items():
         logging.getLogger(name).setLevel(level.upper())

@@ -29,6 +29,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import cbor2
 import coredis
 import trio
@@ -63,7 +64,15 @@ Call = tuple[str, Sequence[str], Sequence[str | int | bytes]]
 Ring = tuple[str, str, bool, QueueItem]
 OpResult = tuple[Any, list[Ring]]
 Steps = Generator[list[Call], list[Any], OpResult]
-REDIS_ERRORS = (RedisError, TimeoutError, OSError)
+# What a lost, refused or closed Redis connection raises through coredis.
+REDIS_ERRORS = (
+    RedisError,
+    TimeoutError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
 
 
 class RedisUnavailable(StoreError):
