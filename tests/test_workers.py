@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -101,3 +102,58 @@ async def _connected(url: str, token: str, task_status: trio.TaskStatus[object])
         await client.wait_drained()
         task_status.started(client)
         await trio.sleep_forever()
+
+
+async def test_a_worker_that_dies_is_started_again(tmp_path, redis_url):
+    port = free_port()
+    config = write_config(tmp_path, port, redis_url)
+    parent = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", "2"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert parent.stderr is not None
+        seen = b""
+
+        async def read_until(count: int, what: bytes) -> None:
+            nonlocal seen
+            with trio.fail_after(30):
+                while seen.count(what) < count:
+                    chunk = await parent.stderr.receive_some(4096)  # type: ignore[union-attr]
+                    assert chunk, f"gateway exited early: {seen.decode(errors='replace')}"
+                    seen += chunk
+
+        await read_until(2, READY_LINE)
+        workers = _children(parent.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+
+        await read_until(3, READY_LINE)  # the supervisor started a new one
+        assert b"exited with -9; restarting" in seen
+        assert len(_children(parent.pid)) == 2
+        async with connect(
+            f"ws://127.0.0.1:{port}/ws", mint_token(Settings().auth, "bob", "phone")
+        ):
+            pass  # and the port is served
+
+        parent.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await parent.wait() == 0
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return sorted(found)
