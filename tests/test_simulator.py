@@ -7,6 +7,7 @@ import json
 import math
 import random
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from push.fakes.credentials import make_p8, make_service_account
+from scripts.benchkit import free_port
 from scripts.simulator.knobs import Distribution
 from scripts.simulator.ledger import Ledger, Percentiles, PushRecord, failures
 
@@ -24,6 +26,7 @@ SHORT = ["--devices", "12", "--rate", "8", "--duration", "3", "--no-live", "--se
 
 async def simulate(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
     """Run the simulator as a user would; return its exit status, JSON summary and output."""
+    await trio.Path(tmp_path).mkdir(parents=True, exist_ok=True)
     out = tmp_path / "summary.json"
     with trio.fail_after(120):
         done = await trio.run_process(
@@ -125,6 +128,40 @@ async def test_a_staging_configuration_runs_with_its_credentials_checked_by_the_
     assert {k.split()[0] for k in kinds} == {"apns", "fcm"}  # both providers accepted them
     assert summary["pushes"]["rejected"] == 0
     assert not (tmp_path / "staging.db").exists()  # the run used its own SQLite file
+
+
+async def test_a_running_gateway_is_simulated_through_a_written_configuration(
+    tmp_path: Path,
+) -> None:
+    ports = [str(free_port()) for _ in range(3)]
+    written = await trio.run_process(
+        [sys.executable, str(SCRIPT), "--write-config", str(tmp_path / "gw"),
+         "--gateway-port", ports[0], "--apns-port", ports[1], "--fcm-port", ports[2]],
+        capture_stdout=True, check=True,
+    )  # fmt: skip
+    config = tmp_path / "gw" / "gateway.toml"
+    assert str(config).encode() in written.stdout
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+    async with trio.open_nursery() as nursery:
+        gateway = await nursery.start(partial(trio.run_process, command, check=False))
+        try:
+            with trio.fail_after(20):
+                while True:  # another process: poll its port, with a bound
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", int(ports[0]))).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            url = f"ws://127.0.0.1:{ports[0]}/ws"
+            for run in ("first", "second"):  # the same gateway, simulated twice
+                status, summary, text = await simulate(
+                    tmp_path / run, "--url", url, "--config", str(config)
+                )
+                assert status == 0, text
+                assert summary["messages"]["delivered"] == summary["messages"]["sent"] > 0
+                assert summary["pushes"]["total"] > 0
+        finally:
+            gateway.terminate()
 
 
 async def test_certificate_auth_cannot_be_simulated_and_says_so(tmp_path: Path) -> None:

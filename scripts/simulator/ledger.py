@@ -113,6 +113,7 @@ class Ledger:
     duplicates: int = 0
     pushes_ignored: int = 0  # reached a phone that was online, waking, or never sleeps
     undrained: dict[str, int] = field(default_factory=dict)
+    traffic_started: float | None = None
     final_drain_started: float | None = None
     _awaiting_push: dict[str, list[MessageRecord]] = field(default_factory=dict)
     _open_wakes: dict[str, Wake] = field(default_factory=dict)

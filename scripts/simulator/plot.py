@@ -64,15 +64,19 @@ def write_plot(ledger: Ledger, scenario: Scenario, path: Path) -> None:
     timeline.plot(t, [s.in_flight for s in samples], label="items queued / in flight", color="C1")
     timeline.set_xlabel("seconds since start")
     timeline.set_ylabel("devices / items")
-    if ledger.final_drain_started is not None:
-        timeline.axvline(ledger.final_drain_started - start, color="grey", linestyle="--")
-        timeline.annotate(
-            " final drain",
-            (ledger.final_drain_started - start, 0),
-            color="grey",
-            xycoords=("data", "axes fraction"),
-            va="bottom",
-        )
+    for at, label in (
+        (ledger.traffic_started, " traffic"),
+        (ledger.final_drain_started, " final drain"),
+    ):
+        if at is not None:
+            timeline.axvline(at - start, color="grey", linestyle="--")
+            timeline.annotate(
+                label,
+                (at - start, 0),
+                color="grey",
+                xycoords=("data", "axes fraction"),
+                va="bottom",
+            )
     pushes = timeline.twinx()
     sent = sorted(p.at - start for p in ledger.pushes)
     lost = sorted(p.at - start for p in ledger.pushes if p.lost)

@@ -134,6 +134,7 @@ async def simulate(
                     not p.ready.is_set() for p in phones
                 )
             run.enter("traffic")
+            ledger.traffic_started = now()
             async with trio.open_nursery() as traffic:
                 traffic.start_soon(_drops, run)
                 if fault == "delete-queued" and database is not None:
