@@ -153,6 +153,7 @@ async def simulate(
             with trio.move_on_after(scenario.final_drain_timeout):
                 while not (ledger.settled() and _quiet(phones, scenario)):  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            _take_sample(run)  # the state the run ended in, on the timeline
             run.enter("disconnecting")
             ctx.stop.set()
             for phone in phones:
@@ -226,20 +227,23 @@ def _delete_row(database: Path, users: list[str]) -> int | None:
         return int(row[0])
 
 
-async def _sample(run: Run) -> None:
-    ledger = run.ledger
-    while True:
-        phones = run.phones
-        ledger.samples.append(
-            Sample(
-                now(),
-                connected=sum(p.online for p in phones),
-                idle=sum(p.cycles and not p.online for p in phones),
-                in_flight=ledger.in_flight,
-                pushes=len(ledger.pushes),
-                lost_pushes=sum(p.lost for p in ledger.pushes),
-            )
+def _take_sample(run: Run) -> None:
+    ledger, phones = run.ledger, run.phones
+    ledger.samples.append(
+        Sample(
+            now(),
+            connected=sum(p.online for p in phones),
+            idle=sum(p.cycles and not p.online for p in phones),
+            in_flight=ledger.in_flight,
+            pushes=len(ledger.pushes),
+            lost_pushes=sum(p.lost for p in ledger.pushes),
         )
+    )
+
+
+async def _sample(run: Run) -> None:
+    while True:
+        _take_sample(run)
         await trio.sleep(SAMPLE_INTERVAL)
 
 
