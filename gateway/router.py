@@ -113,6 +113,11 @@ class Router:
                 self.metrics.sends["unknown_recipient"] += 1
                 return frames.error("unknown_recipient", "no known device", ref=f.id)
             self.metrics.sends["duplicate" if outcome.duplicate else "stored"] += 1
+            if outcome.duplicate:
+                # The first attempt may have been stored without its doorbell ringing (its
+                # commit's answer was lost): have the recipient's devices here read again.
+                for recipient in self.registry.of_user(f.to):
+                    recipient.outbox.ring()
             reply = frames.sent(f.id, outcome.ts)
             if outcome.skipped:
                 reply["skipped"] = list(outcome.skipped)
