@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -144,11 +145,9 @@ async def _receiver(client: GatewayClient, pair: PairHistory) -> None:
         await _record(pair, delivery.frame)
 
 
-async def _record(pair: PairHistory, frame: dict[str, object]) -> None:
+async def _record(pair: PairHistory, frame: dict[str, Any]) -> None:
     if frame["t"] == "msg":
-        pair.deliveries.append(
-            Delivery(str(frame["from"]), str(frame["id"]), int(frame["sid"]), bytes(frame["body"]))  # type: ignore[call-overload, arg-type]
-        )
+        pair.deliveries.append(Delivery(frame["from"], frame["id"], frame["sid"], frame["body"]))
     await trio.lowlevel.checkpoint()
 
 
