@@ -91,9 +91,11 @@ class FuzzReport:
             f"observer messages delivered: {self.observer_messages}",
         ]
         if self.rss_kib:
+            n = len(self.rss_kib) - 1
+            quarters = ", ".join(f"{self.rss_kib[n * q // 4] / 1024:.1f}" for q in range(5))
             lines.append(
-                f"gateway RSS: {self.rss_kib[0] / 1024:.1f} MiB after warm-up, "
-                f"peak {max(self.rss_kib) / 1024:.1f} MiB, end {self.rss_kib[-1] / 1024:.1f} MiB"
+                f"gateway RSS (MiB) at 0, 1/4, 1/2, 3/4 and the end of the run: {quarters};"
+                f" peak {max(self.rss_kib) / 1024:.1f}"
             )
         return "\n".join(lines)
 
