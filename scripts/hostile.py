@@ -126,7 +126,7 @@ async def well_behaved(
 # -- hostile clients -----------------------------------------------------------------------
 
 
-async def _upgrade(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
+async def upgrade(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
     """A raw WebSocket upgrade on a socket of our own (optionally with a small window)."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     if rcvbuf is not None:
@@ -208,7 +208,7 @@ async def idle_upgrades(port: int, count: int, limit: float, report: HostileRepo
 
     async def one() -> None:
         try:
-            stream = await _upgrade(port)
+            stream = await upgrade(port)
         except (ConnectionError, OSError) as exc:
             report.closes["no hello"][f"refused: {exc}"[:60]] += 1
             return
@@ -226,7 +226,7 @@ async def never_reader(
 ) -> None:
     """A device that stops reading while someone sends it large messages; afterwards,
     how many items are still queued for it."""
-    stream = await _upgrade(gateway.port, rcvbuf=4096)
+    stream = await upgrade(gateway.port, rcvbuf=4096)
     hello = {"t": "hello", "v": 1, "token": mint_token(AUTH, "stuck", "phone")}
     await stream.send_all(_frame(cbor2.dumps(hello)))
     async with connect(gateway.url, mint_token(AUTH, "feeder", "phone")) as feeder:

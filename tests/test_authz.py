@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +27,6 @@ from trio_websocket import ConnectionClosed
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.server import GatewayServer
-from gateway.session import CloseCode
 from gateway.settings import AuthSettings, Settings
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws, recv_until, send
@@ -150,33 +150,39 @@ async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_non
         assert server.gateway.metrics.closes[4001] == 3
 
 
-async def test_a_token_replayed_after_revocation_is_refused_and_a_newer_one_admitted(server, token):
-    auth = server.gateway.settings.auth
-    stolen = token("bob", "phone")  # issued now, before the revocation
-    async with connect(server.url, token("bob", "tablet")):
-        pass
-    await queue_for_bob(server, token)
-    async with raw_ws(server.url) as ws:
-        await hello(ws, stolen)
-        # What the backend API's revocation does: forget the device and kick it.
-        revoked = int(time.time() * 1000)
-        assert await server.gateway.store.revoke_device("bob", "phone", revoked) is True
-        kicked = server.gateway.registry.get("bob", "phone")
-        assert kicked is not None
-        kicked.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
-        assert await close_code(ws) == 4001
+async def test_a_token_replayed_after_revocation_is_refused_and_a_newer_one_admitted(
+    request, tmp_path, backend
+):
+    key = "admin-key-for-the-revocation-test"
+    settings = backend_settings(request, tmp_path, backend, admin={"port": 0, "api_key": key})
+    auth = settings.auth
+    async with running_server(settings) as server:
+        stolen = mint_token(auth, "bob", "phone")  # issued now, before the revocation
+        async with connect(server.url, mint_token(auth, "bob", "tablet")):
+            pass
+        await queue_for_bob(server, lambda user, device: mint_token(auth, user, device))
+        async with (
+            httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http,
+            raw_ws(server.url) as ws,
+        ):
+            await hello(ws, stolen)
+            revoked = int(time.time())
+            answer = await http.delete(
+                "/v1/users/bob/devices/phone", headers={"authorization": f"Bearer {key}"}
+            )
+            assert answer.json()["kicked"] is True
+            assert await close_code(ws) == 4001
 
-    await refused_with_4001(server.url, stolen)
+        await refused_with_4001(server.url, stolen)
 
-    assert [d.device for d in await server.gateway.store.devices("bob")] == ["tablet"]
-    assert await bobs_queue(server) == []
-    assert len(await server.gateway.store.fetch("bob", "tablet", 0, 10, 0)) == 1
-    # A token issued after the revocation (the phone enrolled again) is admitted.
-    claims = bob_claims(iat=revoked // 1000 + 1)
-    fresh = jwt.encode(claims, auth.jwt_secret, algorithm="HS256")
-    async with raw_ws(server.url) as ws:
-        frames = await hello(ws, fresh)
-    assert frames[0]["user"] == "bob" and frames[0]["queued"] == 0
+        assert [d.device for d in await server.gateway.store.devices("bob")] == ["tablet"]
+        assert await bobs_queue(server) == []
+        assert len(await server.gateway.store.fetch("bob", "tablet", 0, 10, 0)) == 1
+        # A token issued after the revocation (the phone enrolled again) is admitted.
+        fresh = jwt.encode(bob_claims(iat=revoked + 1), auth.jwt_secret, algorithm="HS256")
+        async with raw_ws(server.url) as ws:
+            frames = await hello(ws, fresh)
+        assert frames[0]["user"] == "bob" and frames[0]["queued"] == 0
 
 
 async def test_hello_fields_beside_the_token_cannot_choose_the_identity(server, token):
