@@ -102,9 +102,9 @@ async def _main(args: argparse.Namespace) -> int:
         report, gateway = await run(args, Path(tmp))
         print(f"{args.fault} on {args.store}, {args.pairs} pairs: {report.summary()}")
         print(f"gateway starts: {gateway.starts}")
-    for problem in report.problems:
+    for problem in report.problems + report.delayed:
         print("FAILED:", problem)
-    return 1 if report.problems else 0
+    return 1 if report.problems or report.delayed else 0
 
 
 def main() -> int:
