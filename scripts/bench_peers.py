@@ -93,6 +93,7 @@ def start(system: str, directory: Path, mosquitto: str | None = None) -> Server:
         config = directory / "gateway.toml"
         config.write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {port}\ndrain_seconds = 0.5\n'
+            '[admin]\nport = 0\n'
             f'[auth]\njwt_secret = "{secret}"\n'
             f'[store]\npath = "{directory / "gateway.db"}"\n'
             '[log]\nlevel = "warning"\n'

@@ -42,6 +42,8 @@ def scenario_config(
         f"port = {port}\n"
         "drain_seconds = 0.5\n"
         "shutdown_timeout = 5.0\n"
+        "\n[admin]\n"
+        "port = 0\n"  # any free port: never in the way of a gateway already running
         "\n[auth]\n"
         f'jwt_secret = "{jwt_secret}"\n'
         "\n[store]\n"

@@ -110,6 +110,7 @@ def staging_env(
         "GATEWAY__SERVER__TLS_CERT": "",  # the simulated phones speak ws:// on loopback
         "GATEWAY__SERVER__TLS_KEY": "",
         "GATEWAY__SERVER__DRAIN_SECONDS": "0.5",  # the run is over: stop quickly
+        "GATEWAY__ADMIN__PORT": "0",  # any free port
         **rules_env(rules),
     }
     if settings.store.backend == "sqlite":
