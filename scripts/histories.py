@@ -203,9 +203,10 @@ async def run_histories(
         stop.set()
         with trio.move_on_after(SETTLE_TIMEOUT):
             for pair in report.pairs:
-                wanted = set(pair.acknowledged)
-                # polling, bounded by SETTLE_TIMEOUT: deliveries arrive from many tasks
-                while not wanted <= {d.msg_id for d in pair.deliveries}:  # noqa: ASYNC110
+                # polling, bounded by SETTLE_TIMEOUT: deliveries arrive from many tasks, and
+                # a send in flight at `stop` may still be acknowledged, so `acknowledged` is
+                # read afresh each time
+                while not set(pair.acknowledged) <= {d.msg_id for d in pair.deliveries}:  # noqa: ASYNC110
                     await trio.sleep(0.05)
         held.cancel_scope.cancel()
     for pair in report.pairs:
