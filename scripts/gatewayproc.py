@@ -59,6 +59,20 @@ def tcp_connections_on(port: int) -> int:
     return count
 
 
+def tcp_connections_to(port: int) -> int:
+    """Established TCP connections whose remote port is `port`, on this host (say, a
+    gateway's pooled connections to its Redis)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                remote, state = line.split()[2], line.split()[3]
+                if int(remote.rsplit(":", 1)[1], 16) == port and state == "01":
+                    count += 1
+    return count
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """One sample of a process's resources."""
