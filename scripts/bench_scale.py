@@ -185,7 +185,7 @@ class ScaleServer(ServerProcess):
         )
         config.write_text(
             f'[server]\nhost = "{HOST}"\nport = {self.port}\n[store]\n{store}'
-            f'[log]\nlevel = "{self.args.log_level}"\n',
+            f'[admin]\nport = 0\n[log]\nlevel = "{self.args.log_level}"\n',
             encoding="utf-8",
         )
         command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
