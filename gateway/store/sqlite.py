@@ -9,6 +9,7 @@ connections, which WAL lets run alongside the writer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -96,6 +97,8 @@ INDEXES = (
 # Sweeps delete in slices so one sweep never holds the write lock for long.
 SWEEP_SLICE = 5000
 READERS = 2
+# How long closing the store waits for reads in flight on worker threads.
+READER_CLOSE_TIMEOUT = 5.0
 SUBMIT_QUEUE = 4096
 
 Ring = tuple[str, str, bool, QueueItem]
@@ -220,7 +223,8 @@ class SqliteStore(MessageStore):
             self.close()
             self._fail_unsubmitted()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._close_connections)
+                idle = await self._take_back_readers()
+                await trio.to_thread.run_sync(self._close_connections, idle)
 
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
@@ -240,8 +244,22 @@ class SqliteStore(MessageStore):
                 return
             op.ticket.fail(StoreClosed("the store stopped before this was committed"))
 
-    def _close_connections(self) -> None:
-        for conn in [self._tx.conn if self._tx else None, *self._reader_conns]:
+    async def _take_back_readers(self) -> list[sqlite3.Connection]:
+        """Wait (briefly) until no read is running, and stop lending reader connections.
+
+        A read runs on a worker thread that cancellation cannot stop; closing its
+        connection under it would crash SQLite. Readers still busy after
+        `READER_CLOSE_TIMEOUT` are left open for the garbage collector.
+        """
+        idle: list[sqlite3.Connection] = []
+        with trio.move_on_after(READER_CLOSE_TIMEOUT):
+            while len(idle) < len(self._reader_conns):
+                idle.append(await self._readers.receive())
+        self._readers_send.close()
+        return idle
+
+    def _close_connections(self, readers: list[sqlite3.Connection]) -> None:
+        for conn in [self._tx.conn if self._tx else None, *readers]:
             if conn is not None:
                 conn.close()
 
@@ -492,13 +510,17 @@ class SqliteStore(MessageStore):
     # -- reads ----------------------------------------------------------------------------
 
     async def _read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
-        conn = await self._readers.receive()
+        try:
+            conn = await self._readers.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StoreClosed("the store is closed") from None
         try:
             return await trio.to_thread.run_sync(query, conn)
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from None
         finally:
-            self._readers_send.send_nowait(conn)
+            with contextlib.suppress(trio.ClosedResourceError):
+                self._readers_send.send_nowait(conn)
 
     async def fetch(
         self, user: str, device: str, after_sid: int, limit: int, now: int
