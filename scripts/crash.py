@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from scripts.gatewayproc import GatewayProcess, RedisServer
+from scripts.gatewayproc import STORES, GatewayProcess, RedisServer, open_store
 from scripts.histories import Fault, HistoryReport, run_histories
 
 
@@ -63,37 +63,29 @@ def redis_pause(redis: RedisServer, pause: float) -> Fault:
 
 async def run(args: argparse.Namespace, workdir: Path) -> tuple[HistoryReport, GatewayProcess]:
     """Start what the fault needs, run the histories, stop everything."""
-    redis: RedisServer | None = None
-    store = ""
-    if args.store == "redis":
-        redis = RedisServer(workdir / "redis")
-        redis.directory.mkdir(parents=True)
-        await redis.start()
-        store = f'backend = "redis"\nredis_url = "{redis.url}"'
-    gateway = GatewayProcess(workdir / "gateway", store=store)
-    await gateway.start()
-    try:
-        if args.fault == "gateway-kill":
-            fault = gateway_kill(gateway)
-        elif redis is None:
-            raise SystemExit(f"--fault {args.fault} needs --store redis")
-        elif args.fault == "redis-kill":
-            fault = redis_kill(redis, args.down)
-        else:
-            fault = redis_pause(redis, args.pause)
-        report = await run_histories(
-            gateway.url,
-            pairs=args.pairs,
-            faults=args.kills,
-            fault=fault,
-            gap=(args.min_gap, args.max_gap),
-            seed=args.seed,
-            tail=args.tail,
-        )
-    finally:
-        await gateway.kill()
-        if redis is not None:
-            await redis.kill()
+    async with open_store(args.store, workdir) as store:
+        gateway = GatewayProcess(workdir / "gateway", store=store.toml)
+        await gateway.start()
+        try:
+            if args.fault == "gateway-kill":
+                fault = gateway_kill(gateway)
+            elif store.redis is None:
+                raise SystemExit(f"--fault {args.fault} needs --store redis")
+            elif args.fault == "redis-kill":
+                fault = redis_kill(store.redis, args.down)
+            else:
+                fault = redis_pause(store.redis, args.pause)
+            report = await run_histories(
+                gateway.url,
+                pairs=args.pairs,
+                faults=args.kills,
+                fault=fault,
+                gap=(args.min_gap, args.max_gap),
+                seed=args.seed,
+                tail=args.tail,
+            )
+        finally:
+            await gateway.kill()
     return report, gateway
 
 
@@ -111,7 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=["gateway-kill", "redis-kill", "redis-pause"],
                         default="gateway-kill")  # fmt: skip
-    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument("--store", choices=STORES, default="sqlite")
     parser.add_argument("--kills", type=int, default=20, help="faults to inject")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--min-gap", type=float, default=0.5)

@@ -7,7 +7,7 @@ process stays up, it never closes a connection with 1011 (an unexpected exceptio
 logs a traceback, the well-behaved devices see no error and no close, every message they
 send arrives, and resident memory stays bounded.
 
-    python -m scripts.fuzz --cases 20000 --seed 1
+    python -m scripts.fuzz --cases 20000 --seed 1 [--store redis]
 
 Prints a summary and exits non-zero if a check failed. Only 127.0.0.1 is contacted.
 """
@@ -31,7 +31,7 @@ from gateway.client import connect
 from gateway.settings import Settings
 from scripts.benchkit import LeanClient
 from scripts.fuzzcases import draw
-from scripts.gatewayproc import HOST, GatewayProcess
+from scripts.gatewayproc import HOST, STORES, GatewayProcess, open_store
 
 # Close codes a hostile message may legitimately earn (never 1011).
 EXPECTED_CLOSES = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 4001})
@@ -272,17 +272,19 @@ async def run_fuzz(gateway: GatewayProcess, *, cases: int, seed: int) -> FuzzRep
     return report
 
 
+GATEWAY_SERVER = "max_bad_frames = 1000000\nhandshake_timeout = 2.0"
+
+
 async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as tmp:
-        gateway = GatewayProcess(
-            Path(tmp), server="max_bad_frames = 1000000\nhandshake_timeout = 2.0"
-        )
-        await gateway.start()
-        try:
-            report = await run_fuzz(gateway, cases=args.cases, seed=args.seed)
-        finally:
-            await gateway.terminate()
-    print(report.summary())
+        async with open_store(args.store, Path(tmp)) as store:
+            gateway = GatewayProcess(Path(tmp) / "gateway", server=GATEWAY_SERVER, store=store.toml)
+            await gateway.start()
+            try:
+                report = await run_fuzz(gateway, cases=args.cases, seed=args.seed)
+            finally:
+                await gateway.terminate()
+    print(f"{args.store}: {report.summary()}")
     failures = report.failures(args.rss_limit_mib * 1024)
     for problem in failures:
         print("FAILED:", problem)
@@ -294,6 +296,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rss-limit-mib", type=int, default=64)
+    parser.add_argument("--store", choices=STORES, default="sqlite")
     return trio.run(_main, parser.parse_args())
 
 

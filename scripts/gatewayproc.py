@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import trio
 HOST = "127.0.0.1"
 READY_LINE = b"gateway listening on"
 START_TIMEOUT = 30.0
+STORES = ("sqlite", "redis")
 
 
 def free_port() -> int:
@@ -246,3 +248,36 @@ class RedisServer:
         """Let it answer again (SIGCONT)."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreBackend:
+    """The store a gateway process runs on."""
+
+    name: str  # "sqlite" or "redis"
+    toml: str  # keys of `[store]` for GatewayProcess ("" for SQLite in its work directory)
+    redis: RedisServer | None  # the redis-server behind it, for faults and connection counts
+
+
+@contextlib.asynccontextmanager
+async def open_store(name: str, workdir: Path) -> AsyncIterator[StoreBackend]:
+    """The store backend `name` for a gateway process, ready to use.
+
+    SQLite needs nothing started: the file lives in the gateway's own work directory.
+    Redis gets its own redis-server (a RedisServer in ``workdir / "redis"``), killed on exit.
+
+    Raises:
+        ValueError: `name` is not one of STORES.
+    """
+    if name == "sqlite":
+        yield StoreBackend(name, "", None)
+        return
+    if name != "redis":
+        raise ValueError(f"unknown store backend {name!r}, expected one of {STORES}")
+    redis = RedisServer(workdir / "redis")
+    redis.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        await redis.start()
+        yield StoreBackend(name, f'backend = "redis"\nredis_url = "{redis.url}"', redis)
+    finally:
+        await redis.kill()

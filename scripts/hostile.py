@@ -12,7 +12,7 @@ Meanwhile well-behaved sender/receiver pairs measure online delivery latency (fr
 `send` to the `msg` arriving at the other device). The same pairs first run on a quiet
 gateway for the same duration: the baseline of the same invocation.
 
-    python -m scripts.hostile --seconds 20 --pairs 8 --flood 2000
+    python -m scripts.hostile --seconds 20 --pairs 8 --flood 2000 [--store redis]
 
 Only 127.0.0.1 is contacted. Prints medians, p99 and ratios, and the hostile outcomes.
 """
@@ -40,7 +40,7 @@ from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.settings import Settings
 from scripts.benchkit import HOST, LeanClient, raise_fd_limit
-from scripts.gatewayproc import GatewayProcess
+from scripts.gatewayproc import STORES, GatewayProcess, open_store
 
 AUTH = Settings().auth
 BIG_BODY = 60_000
@@ -353,15 +353,16 @@ async def _main(args: argparse.Namespace) -> int:
         oversized=args.oversized,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gateway-hostile-") as tmp:
-        gateway = GatewayProcess(Path(tmp), server=GATEWAY_SERVER)
-        await gateway.start()
-        try:
-            quiet = await run_quiet(gateway, sizes)
-            hostile = await run_hostile(gateway, sizes)
-            alive = gateway.running
-        finally:
-            await gateway.kill()
-    print(f"gateway: {GATEWAY_SERVER.replace(chr(10), ', ')}")
+        async with open_store(args.store, Path(tmp)) as store:
+            gateway = GatewayProcess(Path(tmp) / "gateway", server=GATEWAY_SERVER, store=store.toml)
+            await gateway.start()
+            try:
+                quiet = await run_quiet(gateway, sizes)
+                hostile = await run_hostile(gateway, sizes)
+                alive = gateway.running
+            finally:
+                await gateway.kill()
+    print(f"gateway on {args.store}: {GATEWAY_SERVER.replace(chr(10), ', ')}")
     print(quiet.latency_line("quiet run   "))
     print(hostile.latency_line("hostile run "))
     if quiet.latencies and hostile.latencies:
@@ -395,6 +396,7 @@ def main() -> int:
     parser.add_argument("--flood", type=int, default=1000)
     parser.add_argument("--stuck-messages", type=int, default=300)
     parser.add_argument("--oversized", type=int, default=50)
+    parser.add_argument("--store", choices=STORES, default="sqlite")
     return trio.run(_main, parser.parse_args())
 
 

@@ -26,9 +26,10 @@ from gateway.client import ClientClosed, SendRefused, connect
 from gateway.settings import Settings
 from scripts.benchkit import raise_fd_limit
 from scripts.gatewayproc import (
+    STORES,
     GatewayProcess,
-    RedisServer,
     Usage,
+    open_store,
     tcp_connections_on,
     tcp_connections_to,
 )
@@ -195,28 +196,20 @@ async def run_soak(
 async def _main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
-        redis: RedisServer | None = None
-        store = ""
-        if args.store == "redis":
-            redis = RedisServer(Path(tmp) / "redis")
-            redis.directory.mkdir()
-            await redis.start()
-            store = f'backend = "redis"\nredis_url = "{redis.url}"'
-        gateway = GatewayProcess(Path(tmp) / "gateway", store=store)
-        await gateway.start()
-        try:
-            report = await run_soak(
-                gateway,
-                seconds=args.minutes * 60,
-                devices=args.devices,
-                sample_every=args.sample,
-                seed=args.seed,
-                store_port=None if redis is None else redis.port,
-            )
-        finally:
-            await gateway.kill()
-            if redis is not None:
-                await redis.kill()
+        async with open_store(args.store, Path(tmp)) as store:
+            gateway = GatewayProcess(Path(tmp) / "gateway", store=store.toml)
+            await gateway.start()
+            try:
+                report = await run_soak(
+                    gateway,
+                    seconds=args.minutes * 60,
+                    devices=args.devices,
+                    sample_every=args.sample,
+                    seed=args.seed,
+                    store_port=None if store.redis is None else store.redis.port,
+                )
+            finally:
+                await gateway.kill()
     delivered = len(report.sent & report.delivered)
     print(f"{args.store}, {args.minutes:g} min, {args.devices} devices, "
           f"{report.sessions} sessions, {len(report.sent)} messages sent, "
@@ -243,7 +236,7 @@ def main() -> int:
     parser.add_argument("--sample", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--store", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument("--store", choices=STORES, default="sqlite")
     return trio.run(_main, parser.parse_args())
 
 
