@@ -15,7 +15,8 @@ import trio
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, serve_gateway
 from gateway.settings import Settings
-from tests.redisproc import RedisProcess
+from scripts.gatewayproc import STORES
+from tests.redisproc import RedisProcess, redis_binary
 
 
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
@@ -52,6 +53,15 @@ def token(settings: Settings) -> Callable[..., str]:
         return mint_token(settings.auth, user, device, ttl)
 
     return make
+
+
+@pytest.fixture(params=STORES)
+def process_store(request: pytest.FixtureRequest) -> str:
+    """Each store backend a `gateway serve` process runs on, for scripts.gatewayproc.open_store
+    (the Redis variant is skipped where redis-server is not installed)."""
+    if request.param == "redis":
+        redis_binary()
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

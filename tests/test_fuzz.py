@@ -4,7 +4,8 @@ The properties: decoding untrusted bytes either yields plain data or raises `Dec
 CBOR tags never come through as objects; the session turns any message into error frames
 or a close with a contract code and never raises; a parsed frame has exactly the field
 types the contract gives. Over sockets: a real `gateway serve` process survives a
-seeded stream of hostile messages while two other devices talk through it untouched.
+seeded stream of hostile messages while two other devices talk through it untouched, on
+each store backend (SQLite, and Redis on its own redis-server).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from gateway.frames import (
     Typing,
 )
 from gateway.session import Close, Command, Reply, Session
-from scripts.fuzz import EXPECTED_CLOSES, run_fuzz
+from scripts.fuzz import EXPECTED_CLOSES, GATEWAY_SERVER, run_fuzz
 from scripts.fuzzcases import GENERATORS
-from scripts.gatewayproc import GatewayProcess
+from scripts.gatewayproc import GatewayProcess, open_store
 
 FUZZ = settings(
     max_examples=400,
@@ -230,13 +231,16 @@ def test_floats_that_json_has_no_place_for_are_still_plain_cbor():
     assert refused.value.code == "bad_field"
 
 
-async def test_a_gateway_process_survives_socket_fuzzing_and_others_are_unaffected(tmp_path):
-    gateway = GatewayProcess(tmp_path, server="max_bad_frames = 1000000\nhandshake_timeout = 2.0")
-    await gateway.start()
-    try:
-        report = await run_fuzz(gateway, cases=1200, seed=11)
-    finally:
-        await gateway.terminate()
+async def test_a_gateway_process_survives_socket_fuzzing_and_others_are_unaffected(
+    tmp_path, process_store
+):
+    async with open_store(process_store, tmp_path) as store:
+        gateway = GatewayProcess(tmp_path / "gateway", server=GATEWAY_SERVER, store=store.toml)
+        await gateway.start()
+        try:
+            report = await run_fuzz(gateway, cases=1200, seed=11)
+        finally:
+            await gateway.terminate()
     assert report.failures(rss_limit_kib=64 * 1024) == [], report.summary()
     assert report.cases == 1200
     assert report.observer_messages > 0

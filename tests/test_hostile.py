@@ -3,29 +3,32 @@
 Slowloris upgrades, a flood of upgrades that never say `hello`, a reader that never reads,
 a ping flood and oversized messages run together while well-behaved pairs exchange
 messages. Each hostile client must get the contract's treatment, and the well-behaved ones
-must lose nothing and see no error. Latency under attack is measured by scripts/hostile.py.
+must lose nothing and see no error, on each store backend (SQLite, and Redis on its own
+redis-server). Latency under attack is measured by scripts/hostile.py.
 """
 
 from __future__ import annotations
 
 from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import GatewayProcess
+from scripts.gatewayproc import GatewayProcess, open_store
 from scripts.hostile import GATEWAY_SERVER, HostileSizes, run_hostile
 
 
-async def test_hostile_clients_get_their_close_and_others_lose_nothing(tmp_path):
+async def test_hostile_clients_get_their_close_and_others_lose_nothing(tmp_path, process_store):
     raise_fd_limit()
     sizes = HostileSizes(
         seconds=3.0, pairs=3, interval=0.02, slowloris=20, trickle=0.5, flood=200,
         stuck_messages=150, oversized=5,
     )  # fmt: skip
-    gateway = GatewayProcess(tmp_path, server=GATEWAY_SERVER)  # 2 s handshake/hello/write
-    await gateway.start()
-    try:
-        report = await run_hostile(gateway, sizes)
-        assert gateway.running
-    finally:
-        await gateway.kill()
+    async with open_store(process_store, tmp_path) as store:
+        # 2 s handshake/hello/write timeouts
+        gateway = GatewayProcess(tmp_path / "gateway", server=GATEWAY_SERVER, store=store.toml)
+        await gateway.start()
+        try:
+            report = await run_hostile(gateway, sizes)
+            assert gateway.running
+        finally:
+            await gateway.kill()
 
     assert report.well_behaved_errors == []
     assert len(report.latencies) > 50

@@ -1,24 +1,33 @@
 """A short soak: churning devices against a real `gateway serve`, memory and files sampled.
 
 The long run is scripts/soak.py; this one is long enough to pass warm-up and show a
-plateau on a quiet machine, and to catch a leak of open files outright.
+plateau on a quiet machine, and to catch a leak of open files outright. It runs on each
+store backend; on Redis the gateway's pooled connections to it are counted apart.
 """
 
 from __future__ import annotations
 
 from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import GatewayProcess
+from scripts.gatewayproc import GatewayProcess, open_store
 from scripts.soak import run_soak
 
 
-async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path):
+async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
     raise_fd_limit()
-    gateway = GatewayProcess(tmp_path)
-    await gateway.start()
-    try:
-        report = await run_soak(gateway, seconds=6.0, devices=30, sample_every=0.2, seed=3)
-    finally:
-        await gateway.kill()
+    async with open_store(process_store, tmp_path) as store:
+        gateway = GatewayProcess(tmp_path / "gateway", store=store.toml)
+        await gateway.start()
+        try:
+            report = await run_soak(
+                gateway,
+                seconds=6.0,
+                devices=30,
+                sample_every=0.2,
+                seed=3,
+                store_port=None if store.redis is None else store.redis.port,
+            )
+        finally:
+            await gateway.kill()
 
     assert report.failures(tolerance=0.25) == [], report.table()
     assert report.sessions > 60 and len(report.sent) > 100
