@@ -16,7 +16,7 @@ from gateway.auth import mint_token
 from gateway.server import GatewayServer, serve_gateway
 from gateway.settings import Settings
 from scripts.gatewayproc import STORES
-from tests.redisproc import RedisProcess, redis_binary
+from tests.redisproc import RedisClusterProcess, RedisProcess, redis_binary
 
 
 def make_settings(tmp_path: Path, **sections: Any) -> Settings:
@@ -82,3 +82,21 @@ def redis_url(redis_server: RedisProcess) -> str:
         redis_server.start()  # a previous test stopped it
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcess]:
+    """One three-primary Redis Cluster for the whole run."""
+    cluster = RedisClusterProcess(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterProcess) -> str:
+    """The shared Redis Cluster, emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster.url
