@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _summary(settings: Settings) -> str:
     store = settings.store
     where = store.path if store.backend == "sqlite" else store.redis_url
+    if store.backend == "redis" and store.redis_cluster:
+        where = f"{where} (Redis Cluster)"
     return (
         f"{store.backend} store at {where}, devices on {settings.server.host}:"
         f"{settings.server.port}, {settings.auth.jwt_algorithm} tokens"

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
 
@@ -65,6 +66,7 @@ class StoreSettings:
     backend: str = "sqlite"
     path: Path = Path("gateway.db")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
     synchronous: str = "full"
     max_batch: int = 512
     sweep_interval: float = 30.0
@@ -434,6 +436,14 @@ def _check_consistency(settings: Settings, source: str) -> None:
         raise ConfigError(
             f"{source}: [server] drain_seconds ({server.drain_seconds}) must be less than "
             f"shutdown_timeout ({server.shutdown_timeout})"
+        )
+    store = settings.store
+    if store.redis_cluster and store.backend != "redis":
+        raise ConfigError(f'{source}: [store] redis_cluster needs backend = "redis"')
+    if store.redis_cluster and urlsplit(store.redis_url).path.strip("/") not in ("", "0"):
+        raise ConfigError(
+            f"{source}: [store] redis_url: Redis Cluster has only database 0, "
+            f"not {urlsplit(store.redis_url).path.strip('/')!r}"
         )
     if (server.tls_cert is None) != (server.tls_key is None):
         raise ConfigError(f"{source}: [server] tls_cert and tls_key must be set together")

@@ -1,6 +1,8 @@
 """Two gateway nodes sharing one real redis-server: delivery, 4009 and presence across
 nodes. Both nodes run in this process, each on its own port with its own registry,
-presence mirror and cluster link; they share nothing but Redis.
+presence mirror and cluster link; they share nothing but Redis. The tests that take
+`shared_redis` run twice: on one redis-server, and on a three-primary Redis Cluster
+(``[store] redis_cluster = true``), where the users involved live on different primaries.
 
 The catch-up interval is an hour here, so what crosses nodes within these tests' bounds
 crossed on pub/sub, not through the periodic re-read.
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import coredis
+import pytest
 import trio
 
 from gateway.auth import mint_token
@@ -23,17 +26,34 @@ from gateway.server import GatewayServer
 from gateway.settings import Settings
 from gateway.store import Envelope
 from gateway.store.redis import RedisStore
+from gateway.store.redis_scripts import prefix
 from push.waker import LogWaker
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
+from tests.redisproc import RedisClusterProcess
 
 DEADLINE = 10  # seconds; everything here normally takes milliseconds
 
 
-def cluster_settings(tmp_path: Path, redis_url: str, **sections: Any) -> Settings:
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(URL, whether it is a Redis Cluster) of an emptied Redis for two nodes to share.
+    On the cluster, bob and alice live on different primaries."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url")), False
+    cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    owners = {cluster.owner(f"{prefix(user)}:devs") for user in ("bob", "alice")}
+    assert len(owners) == 2, "bob and alice should live on different primaries"
+    return cluster.url, True
+
+
+def cluster_settings(
+    tmp_path: Path, redis_url: str, *, redis_cluster: bool = False, **sections: Any
+) -> Settings:
     return make_settings(
         tmp_path,
-        store={"backend": "redis", "redis_url": redis_url},
+        store={"backend": "redis", "redis_url": redis_url, "redis_cluster": redis_cluster},
         cluster={"node_ttl": 3.0, "catchup_interval": 3600.0},
         presence={"offline_grace": 0.2, "batch_ms": 0},
         **sections,
@@ -42,9 +62,10 @@ def cluster_settings(tmp_path: Path, redis_url: str, **sections: Any) -> Setting
 
 @asynccontextmanager
 async def two_nodes(
-    tmp_path: Path, redis_url: str, waker_a: Any = None
+    tmp_path: Path, shared: tuple[str, bool], waker_a: Any = None
 ) -> AsyncIterator[tuple[GatewayServer, GatewayServer]]:
-    settings = cluster_settings(tmp_path, redis_url)
+    redis_url, redis_cluster = shared
+    settings = cluster_settings(tmp_path, redis_url, redis_cluster=redis_cluster)
     async with (
         running_server(settings, waker=waker_a or LogWaker()) as a,
         running_server(settings, waker=LogWaker()) as b,
@@ -59,10 +80,10 @@ def tokens(tmp_path: Path) -> Callable[[str, str], str]:
 
 
 async def test_a_message_sent_on_one_node_reaches_a_device_on_the_other_at_once(
-    tmp_path, redis_url
+    tmp_path, shared_redis
 ):
     token = tokens(tmp_path)
-    async with two_nodes(tmp_path, redis_url) as (a, b):
+    async with two_nodes(tmp_path, shared_redis) as (a, b):
         async with connect(a.url, token("bob", "phone")) as bob:
             await bob.wait_drained()
             async with connect(b.url, token("alice", "phone")) as alice:
@@ -78,9 +99,11 @@ async def test_a_message_sent_on_one_node_reaches_a_device_on_the_other_at_once(
         assert a.gateway.metrics.redis["doorbells_received"] >= 1
 
 
-async def test_a_second_connection_on_another_node_closes_the_first_with_4009(tmp_path, redis_url):
+async def test_a_second_connection_on_another_node_closes_the_first_with_4009(
+    tmp_path, shared_redis
+):
     token = tokens(tmp_path)
-    async with two_nodes(tmp_path, redis_url) as (a, b):
+    async with two_nodes(tmp_path, shared_redis) as (a, b):
         async with raw_ws(a.url) as first:
             await hello(first, token("bob", "phone"))
             async with raw_ws(b.url) as second:
@@ -100,7 +123,7 @@ async def test_a_second_connection_on_another_node_closes_the_first_with_4009(tm
         assert a.gateway.metrics.redis["kicks_received"] == 1
 
 
-async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, redis_url):
+async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, shared_redis):
     token = tokens(tmp_path)
     wakes: list[tuple[str, str]] = []
 
@@ -108,7 +131,7 @@ async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, redi
         def stored(self, user: str, device: str, urgent: bool) -> None:
             wakes.append((user, device))
 
-    async with two_nodes(tmp_path, redis_url, waker_a=Recorder()) as (a, b):
+    async with two_nodes(tmp_path, shared_redis, waker_a=Recorder()) as (a, b):
         async with connect(b.url, token("bob", "phone")) as bob:  # connected on B
             await bob.wait_drained()
             async with connect(a.url, token("alice", "phone")) as alice:  # sending on A
@@ -120,9 +143,9 @@ async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, redi
     assert wakes == [("bob", "phone")]
 
 
-async def test_presence_is_the_same_seen_from_both_nodes(tmp_path, redis_url):
+async def test_presence_is_the_same_seen_from_both_nodes(tmp_path, shared_redis):
     token = tokens(tmp_path)
-    async with two_nodes(tmp_path, redis_url) as (a, b):
+    async with two_nodes(tmp_path, shared_redis) as (a, b):
         async with connect(a.url, token("bob", "phone")):
             pass  # bob is known, and offline again after the grace period
         async with (

@@ -400,3 +400,28 @@ def test_the_shipped_default_file_loads_and_equals_the_embedded_defaults():
     settings = load_settings(path, env={})
 
     assert _without_paths(settings) == _without_paths(Settings())
+
+
+def test_redis_cluster_is_chosen_in_the_file_or_the_environment(config):
+    path = config("[store]\nbackend = 'redis'\nredis_url = 'redis://10.0.0.1:7000'")
+
+    assert load_settings(path, env={}).store.redis_cluster is False
+    settings = load_settings(path, env={"GATEWAY__STORE__REDIS_CLUSTER": "true"})
+    assert settings.store.redis_cluster is True
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[store]\nredis_cluster = true", ["[store] redis_cluster", 'backend = "redis"']),
+        (
+            "[store]\nbackend = 'redis'\nredis_cluster = true\nredis_url = 'redis://h:7000/3'",
+            ["[store] redis_url", "database 0", "'3'"],
+        ),
+        ("[store]\nbackend = 'redis'\nredis_cluster = 'yes'", ["[store] redis_cluster"]),
+    ],
+)
+def test_a_redis_cluster_setting_that_cannot_work_is_refused(config, text, words):
+    message = config_error(config(text))
+
+    assert all(word in message for word in words), message

@@ -23,7 +23,7 @@ from gateway.store import Envelope, ItemKind, MessageStore, PushToken, QueueItem
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 
-BACKENDS = ["sqlite", "redis"]
+BACKENDS = ["sqlite", "redis", "redis-cluster"]
 
 T0 = 1_700_000_000_000  # ms since the epoch; the store takes every time from its caller
 DAY_MS = 24 * 3600 * 1000
@@ -41,8 +41,13 @@ async def open_backend(
     store: MessageStore
     if backend == "sqlite":
         store = SqliteStore(Path(path), doorbell=doorbell, receipt_ttl_ms=RECEIPT_TTL_MS)
-    elif backend == "redis":
-        store = RedisStore(str(path), doorbell=doorbell, receipt_ttl_ms=RECEIPT_TTL_MS)
+    elif backend in ("redis", "redis-cluster"):
+        store = RedisStore(
+            str(path),
+            doorbell=doorbell,
+            receipt_ttl_ms=RECEIPT_TTL_MS,
+            cluster=backend == "redis-cluster",
+        )
     else:  # pragma: no cover - a new backend must be wired in here
         raise AssertionError(f"unknown backend {backend}")
     async with trio.open_nursery() as nursery:
@@ -69,6 +74,8 @@ def db_path(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Pat
     """Where the backend keeps its data: a SQLite file, or a Redis URL."""
     if backend == "redis":
         return str(request.getfixturevalue("redis_url"))
+    if backend == "redis-cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
     return tmp_path / "store" / "gateway.db"
 
 
@@ -618,6 +625,24 @@ async def test_sweep_deletes_expired_items_only(store):
 
     # Even a reader whose clock is behind no longer sees the swept item.
     assert [i.msg_id for i in await fetch_all(store, "bob", "phone", now=T0)] == ["long"]
+
+
+async def test_one_sweep_reaches_every_users_queue(store):
+    # Thirty users: on a Redis Cluster their queues lie on every primary.
+    users = [f"user{n}" for n in range(30)]
+    for user in users:
+        await register(store, user, "phone")
+    tickets = []
+    for user in users:  # submitted together: one batch across every user (and slot)
+        tickets.append(await store.submit_send(envelope(f"short-{user}", to=user, ttl_ms=1000)))
+        tickets.append(await store.submit_send(envelope(f"long-{user}", to=user)))
+    for ticket in tickets:
+        assert not (await ticket.result()).duplicate
+
+    assert await store.sweep_expired(T0 + 1000) == len(users)
+
+    for user in users:
+        assert [i.msg_id for i in await fetch_all(store, user, "phone", now=T0)] == [f"long-{user}"]
 
 
 async def test_a_resend_after_the_ttl_is_stored_again(store):

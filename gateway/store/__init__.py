@@ -54,6 +54,7 @@ def open_store(
             receipt_ttl_ms=settings.server.max_ttl * 1000,
             counters=counters,
             node_id=node_id,
+            cluster=settings.store.redis_cluster,
         )
     from gateway.store.sqlite import SqliteStore
 

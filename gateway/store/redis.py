@@ -28,11 +28,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import cbor2
 import coredis
 import trio
+from coredis.connection import TCPLocation
 from coredis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreClosed, StoreError
@@ -85,8 +87,23 @@ class _Op:
     ticket: Ticket[Any]
 
 
-def connect(url: str) -> coredis.Redis[bytes]:
-    """A coredis client for `url`, not yet entered (use it as an async context manager)."""
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+
+
+def connect(url: str, *, cluster: bool = False) -> Client:
+    """A coredis client for `url`, not yet entered (use it as an async context manager).
+
+    With `cluster`, `url` names one node of a Redis Cluster and the client discovers the
+    others; each command and script call goes to the primary owning its hash slot.
+    """
+    if cluster:
+        where = urlsplit(url)
+        return coredis.RedisCluster.from_url(
+            url,
+            startup_nodes=[TCPLocation(where.hostname or "127.0.0.1", where.port or 6379)],
+            stream_timeout=STREAM_TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
     return coredis.Redis.from_url(
         url,
         stream_timeout=STREAM_TIMEOUT,
@@ -106,6 +123,8 @@ class RedisStore(MessageStore):
     connected to another node (on that node's channel); the local doorbell then rings
     only for devices connected here or nowhere, so a push is only ever considered for a
     device connected nowhere in the cluster.
+
+    With `cluster`, `url` names one node of a Redis Cluster (see `connect`).
     """
 
     def __init__(
@@ -117,8 +136,10 @@ class RedisStore(MessageStore):
         receipt_ttl_ms: int = 30 * 24 * 3600 * 1000,
         counters: Counter[str] | None = None,
         node_id: str = "",
+        cluster: bool = False,
     ) -> None:
         self.url = url
+        self.cluster = cluster
         self.node_id = node_id
         self._doorbell = doorbell
         self._max_batch = max_batch
@@ -128,7 +149,7 @@ class RedisStore(MessageStore):
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
         }
-        self.client: coredis.Redis[bytes] = connect(url)
+        self.client: Client = connect(url, cluster=cluster)
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
         # Called when Redis answers again after failing: operations that failed for lack
