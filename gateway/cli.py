@@ -16,7 +16,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging
-from gateway.settings import DEV_JWT_SECRET, Settings, load_settings
+from gateway.settings import DEV_JWT_SECRET, Settings, load_settings, masked_url
 from gateway.workers import check_workers, run_workers
 from push.providers import check_credentials
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _summary(settings: Settings) -> str:
     store = settings.store
-    where = store.path if store.backend == "sqlite" else store.redis_url
+    where = store.path if store.backend == "sqlite" else masked_url(store.redis_url)
     if store.backend == "redis" and store.redis_cluster:
         where = f"{where} (Redis Cluster)"
     return (

@@ -466,3 +466,11 @@ def _check_consistency(settings: Settings, source: str) -> None:
 
 def _name(path: tuple[str, ...]) -> str:
     return f"[{'.'.join(path[:-1])}] {path[-1]}" if len(path) > 1 else f"[{path[0]}]"
+
+
+def masked_url(url: str) -> str:
+    """`url` with its credentials (user and password) masked, for logs and summaries."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -44,6 +44,20 @@ def test_check_config_accepts_a_valid_file(tmp_path, capsys):
     assert err == ""
 
 
+def test_check_config_never_prints_the_redis_password(tmp_path, capsys):
+    path = write(
+        tmp_path / "gateway.toml",
+        '[store]\nbackend = "redis"\nredis_url = "redis://gw:s3cret-pw@10.0.0.5:6379/0"\n',
+    )
+
+    status = main(["check-config", str(path)])
+
+    out, _ = capsys.readouterr()
+    assert status == 0
+    assert "s3cret-pw" not in out
+    assert "redis://***@10.0.0.5:6379/0" in out
+
+
 def test_check_config_reports_a_bad_key_with_file_and_key(tmp_path, capsys):
     path = write(tmp_path / "gateway.toml", "[server]\nprot = 9000\n")
 

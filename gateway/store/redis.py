@@ -38,6 +38,7 @@ from coredis.connection import TCPLocation
 from coredis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreClosed, StoreError
+from gateway.settings import masked_url
 from gateway.store.base import (
     DeviceRecord,
     Doorbell,
@@ -216,7 +217,7 @@ class RedisStore(MessageStore):
 
     def _available(self) -> None:
         if not self.available:
-            log.info("redis at %s is available", _safe_url(self.url))
+            log.info("redis at %s is available", masked_url(self.url))
             self.counters["recoveries"] += 1
             self.available = True
             self.on_recovered()
@@ -224,7 +225,7 @@ class RedisStore(MessageStore):
     def _unavailable(self, exc: BaseException) -> None:
         self.counters["errors"] += 1
         if self.available or self.counters["errors"] == 1:
-            log.error("redis at %s is unavailable: %s", _safe_url(self.url), exc)
+            log.error("redis at %s is unavailable: %s", masked_url(self.url), exc)
         self.available = False
 
     # -- group commit ---------------------------------------------------------------------
@@ -696,11 +697,3 @@ def _push(fields: dict[str, bytes]) -> PushToken | None:
         fields.get("psb") == b"1",
         int(fields.get("pra", b"0")),
     )
-
-
-def _safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
