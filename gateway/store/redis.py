@@ -51,6 +51,7 @@ from gateway.store.base import (
     Ticket,
 )
 from gateway.store.redis_scripts import SCRIPTS, prefix
+from gateway.store.submissions import SubmissionQueue
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,7 @@ class RedisStore(MessageStore):
         self._doorbell = doorbell
         self._max_batch = max_batch
         self._receipt_ttl_ms = receipt_ttl_ms
-        self._send, self._receive = trio.open_memory_channel[_Op](SUBMIT_QUEUE)
-        self._closed = False
+        self._queue = SubmissionQueue[_Op](SUBMIT_QUEUE)
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
         }
@@ -168,18 +168,12 @@ class RedisStore(MessageStore):
             await self._wait_for_redis()
             task_status.started()
             try:
-                async for first in self._receive:
-                    batch = [first]
-                    while len(batch) < self._max_batch:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                while (batch := await self._queue.next_batch(self._max_batch)) is not None:
                     with trio.CancelScope(shield=True):
                         await self._commit(batch)
             finally:
                 self.close()
-                self._fail_unsubmitted()
+                self._queue.fail_unsubmitted()
 
     async def _wait_for_redis(self) -> None:
         delay = 0.1
@@ -200,20 +194,11 @@ class RedisStore(MessageStore):
 
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
-        return self._send.statistics().current_buffer_used
+        return self._queue.depth()
 
     def close(self) -> None:
         """Stop accepting submissions; `run` commits those already queued, then returns."""
-        self._closed = True
-        self._send.close()
-
-    def _fail_unsubmitted(self) -> None:
-        while True:
-            try:
-                op = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
-            op.ticket.fail(StoreClosed("the store stopped before this was committed"))
+        self._queue.close()
 
     def _available(self) -> None:
         if not self.available:
@@ -231,17 +216,8 @@ class RedisStore(MessageStore):
     # -- group commit ---------------------------------------------------------------------
 
     async def _submit(self, steps: Callable[[], Steps]) -> Ticket[Any]:
-        if self._closed:
-            raise StoreClosed("the store is shutting down")
         ticket: Ticket[Any] = Ticket()
-        op = _Op(steps, ticket)
-        try:
-            try:
-                self._send.send_nowait(op)
-            except trio.WouldBlock:
-                await self._send.send(op)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StoreClosed("the store is shutting down") from None
+        await self._queue.put(_Op(steps, ticket))
         return ticket
 
     async def _commit(self, batch: list[_Op]) -> None:
@@ -454,7 +430,7 @@ class RedisStore(MessageStore):
     async def sweep_expired(self, now: int) -> int:
         """Delete expired items of every queue. Idempotency records expire by themselves
         (each has a Redis TTL), as do the queues of devices that never come back."""
-        if self._closed:
+        if self._queue.closed:
             raise StoreClosed("the store is shutting down")
         total = 0
         try:

@@ -35,6 +35,7 @@ from gateway.store.base import (
     SendOutcome,
     Ticket,
 )
+from gateway.store.submissions import SubmissionQueue
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,11 @@ class SqliteStore(MessageStore):
         self._synchronous = synchronous.upper()
         self._max_batch = max_batch
         self._receipt_ttl_ms = receipt_ttl_ms
-        self._send, self._receive = trio.open_memory_channel[_Op](SUBMIT_QUEUE)
+        self._queue = SubmissionQueue[_Op](SUBMIT_QUEUE)
         self._tx: _Tx | None = None
         self._readers_send, self._readers = trio.open_memory_channel[sqlite3.Connection](READERS)
         self._reader_conns: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
-        self._closed = False
         self._known: set[tuple[str, str]] = set()  # devices known to be registered
         self._revoked: set[tuple[str, str]] = set()  # revoked by this process
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
@@ -210,39 +210,23 @@ class SqliteStore(MessageStore):
             self._readers_send.send_nowait(conn)
         task_status.started()
         try:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            while (batch := await self._queue.next_batch(self._max_batch)) is not None:
                 with trio.CancelScope(shield=True):
                     await self._commit(batch)
         finally:
             self.close()
-            self._fail_unsubmitted()
+            self._queue.fail_unsubmitted()
             with trio.CancelScope(shield=True):
                 idle = await self._take_back_readers()
                 await trio.to_thread.run_sync(self._close_connections, idle)
 
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
-        return self._send.statistics().current_buffer_used
+        return self._queue.depth()
 
     def close(self) -> None:
         """Stop accepting submissions; `run` commits those already queued, then returns."""
-        self._closed = True
-        self._send.close()
-
-    def _fail_unsubmitted(self) -> None:
-        """Fail what is still queued when `run` ends by cancellation: it was not committed."""
-        while True:
-            try:
-                op = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
-            op.ticket.fail(StoreClosed("the store stopped before this was committed"))
+        self._queue.close()
 
     async def _take_back_readers(self) -> list[sqlite3.Connection]:
         """Wait (briefly) until no read is running, and stop lending reader connections.
@@ -266,19 +250,8 @@ class SqliteStore(MessageStore):
     # -- group commit ---------------------------------------------------------------------
 
     async def _submit(self, apply: Apply) -> Ticket[Any]:
-        if self._closed:
-            raise StoreClosed("the store is shutting down")
         ticket: Ticket[Any] = Ticket()
-        op = _Op(apply, ticket)
-        try:
-            try:
-                # Most submissions find room: skip the scheduler round trip that a
-                # blocking send costs, and wait only when the queue is really full.
-                self._send.send_nowait(op)
-            except trio.WouldBlock:
-                await self._send.send(op)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StoreClosed("the store is shutting down") from None
+        await self._queue.put(_Op(apply, ticket))
         return ticket
 
     async def _commit(self, batch: list[_Op]) -> None:
