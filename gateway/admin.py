@@ -35,7 +35,6 @@ import binascii
 import hmac
 import json
 import logging
-import math
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -49,6 +48,7 @@ from hypercorn.trio import serve
 
 from gateway.connection import now_ms
 from gateway.errors import StoreError
+from gateway.logthrottle import LogThrottle
 from gateway.metrics import CONTENT_TYPE, gateway_registry, render
 from gateway.session import CloseCode
 from gateway.store import Envelope
@@ -436,7 +436,7 @@ async def serve_admin(
     config = _hypercorn_config(gateway)
     admin = gateway.settings.admin
     reported = False
-    last_log = -math.inf
+    bind_log = LogThrottle(BIND_LOG_INTERVAL)
 
     def report(port: int | None) -> None:
         nonlocal reported
@@ -458,8 +458,7 @@ async def serve_admin(
             await serve_once()
         except* OSError as group:
             report(None)
-            if trio.current_time() - last_log >= BIND_LOG_INTERVAL:
-                last_log = trio.current_time()
+            if bind_log.take(trio.current_time()) is not None:
                 log.error(
                     "admin API cannot listen on %s:%d: %s; retrying every %.0fs",
                     admin.host,

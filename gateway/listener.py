@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 from dataclasses import dataclass
 
 import trio
 
+from gateway.logthrottle import LogThrottle
 from gateway.tls import TlsCertificate
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class EdgeListener(trio.abc.Listener[trio.abc.Stream]):
         self.inner = inner
         self.tls = tls
         self.stats = stats
-        self._last_log = -math.inf
+        self._log_throttle = LogThrottle(LOG_INTERVAL)
 
     async def accept(self) -> trio.abc.Stream:
         """The next connection; TLS (with the current certificate) when configured."""
@@ -69,9 +69,7 @@ class EdgeListener(trio.abc.Listener[trio.abc.Stream]):
 
     def _capacity_error(self, exc: OSError, backoff: float) -> None:
         self.stats.capacity_errors += 1
-        now = trio.current_time()
-        if now - self._last_log >= LOG_INTERVAL:
-            self._last_log = now
+        if self._log_throttle.take(trio.current_time()) is not None:
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             log.error(
                 "accept failed with %s (%s): out of file descriptors or socket memory; "

@@ -27,6 +27,7 @@ from gateway.frames import (
     Typing,
     Unsubscribe,
 )
+from gateway.logthrottle import LogThrottle
 from gateway.ratelimit import SendVerdict
 from gateway.session import CloseCode
 from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from gateway.server import Metrics
 
 log = logging.getLogger(__name__)
+
+# Seconds between log lines about store failures: an outage fails every operation.
+STORE_LOG_INTERVAL = 10.0
 
 Handler = Callable[["Connection", Any], Awaitable[None]]
 
@@ -63,6 +67,7 @@ class Router:
         self.metrics = metrics
         self.clock = clock
         self.max_ttl = max_ttl
+        self._store_log = LogThrottle(STORE_LOG_INTERVAL)
         self._handlers: dict[type[Any], Handler] = {
             Send: self._send,
             Ack: self._ack,
@@ -105,7 +110,7 @@ class Router:
         try:
             ticket = await self.store.submit_send(envelope)
         except StoreError as exc:
-            conn.outbox.push(_store_failed(f.id, exc))
+            conn.outbox.push(self._store_failed(f.id, exc))
             return
 
         def render(outcome: SendOutcome) -> dict[str, Any]:
@@ -123,7 +128,7 @@ class Router:
                 reply["skipped"] = list(outcome.skipped)
             return reply
 
-        conn.outbox.push_pending(ticket, render, lambda exc: _store_failed(f.id, exc))
+        conn.outbox.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
 
     async def _ack(self, conn: Connection, f: Ack) -> None:
         sids = conn.expand_acks(f.sids)
@@ -143,7 +148,7 @@ class Router:
         except StoreError as exc:
             # Not committed: the items stay queued and are delivered again, which is the
             # at-least-once contract; the client's retry of `read` is its own.
-            log.warning("%s not stored: %s", what, exc)
+            self._store_warning(f"{what} not stored", exc)
 
     async def _typing(self, conn: Connection, f: Typing) -> None:
         self.presence.typing(conn.user, conn.device, f.to, f.on)
@@ -152,7 +157,7 @@ class Router:
         try:
             await self.presence.refresh(f.users)
         except StoreError as exc:  # answer from what is known; changes follow when back
-            log.warning("presence not refreshed: %s", exc)
+            self._store_warning("presence not refreshed", exc)
         try:
             snapshot = self.presence.subscribe(conn.id, f.users)
         except SubscriptionLimit as exc:
@@ -177,9 +182,17 @@ class Router:
         try:
             await self.store.set_push_token(conn.user, conn.device, token)
         except StoreError as exc:
-            conn.outbox.push(_store_failed("push", exc))
+            conn.outbox.push(self._store_failed("push", exc))
 
+    def _store_failed(self, ref: str, exc: StoreError) -> dict[str, Any]:
+        """The error frame for an operation the store refused, which is logged (throttled)."""
+        self._store_warning("store refused an operation", exc)
+        return frames.error("internal", "store unavailable; not stored", ref=ref)
 
-def _store_failed(ref: str, exc: StoreError) -> dict[str, Any]:
-    log.warning("store refused an operation: %s", exc)
-    return frames.error("internal", "store unavailable; not stored", ref=ref)
+    def _store_warning(self, what: str, exc: StoreError) -> None:
+        # While the store is down every connection's every operation fails: one line per
+        # STORE_LOG_INTERVAL says so, and how many failures it stands for.
+        held = self._store_log.take(trio.current_time())
+        if held is not None:
+            more = f" ({held} more store failures since the last report)" if held else ""
+            log.warning("%s: %s%s", what, exc, more)
