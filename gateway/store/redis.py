@@ -571,19 +571,14 @@ def _receipt_steps(
     if not ids:
         return []
     [placed] = yield [_receipt_call(kind, to, by, by_device, ids, now, expires, node)]
-    return _placed(
-        placed,
-        lambda device, sid: (
-            to, device, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids)
-        ),
-    )  # fmt: skip
+    return _placed(placed, _receipt_ring(kind, to, by, by_device, now, ids))
 
 
 def _receipt_ring(
-    to: str, by: str, by_device: str, now: int, ids: tuple[str, ...]
+    kind: ItemKind, to: str, by: str, by_device: str, now: int, ids: tuple[str, ...]
 ) -> Callable[[str, int], Ring]:
     def make(device: str, sid: int) -> Ring:
-        item = QueueItem(sid, ItemKind.DELIVERED, "", by, by_device, now, False, b"", ids)
+        item = QueueItem(sid, kind, "", by, by_device, now, False, b"", ids)
         return to, device, False, item
 
     return make
@@ -630,7 +625,8 @@ def _ack_steps(
         ]
         answers = yield step
         for (sender, ids), placed in zip(acked_by_sender.items(), answers, strict=True):
-            rings += _placed(placed, _receipt_ring(sender, user, device, now, tuple(ids)))
+            make = _receipt_ring(ItemKind.DELIVERED, sender, user, device, now, tuple(ids))
+            rings += _placed(placed, make)
     [deleted] = yield [("remove_members", [queue], members)]
     return int(deleted), rings
 
