@@ -15,6 +15,7 @@ from gateway.store.base import (
     PushToken,
     QueueItem,
     SendOutcome,
+    SessionOpening,
     Ticket,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "PushToken",
     "QueueItem",
     "SendOutcome",
+    "SessionOpening",
     "Ticket",
     "open_store",
 ]

@@ -121,6 +121,21 @@ class DeviceRecord:
     push: PushToken | None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionOpening:
+    """What a device's `hello` finds in the store, read in one round trip.
+
+    `refused` is True when the device was revoked after its token was issued; nothing
+    else is read or written then. Otherwise the device is registered (durably), and
+    `items` is the first page of its queue (at most the asked limit, in sid order) and
+    `queued` how many unexpired items it holds in all.
+    """
+
+    refused: bool
+    items: tuple[QueueItem, ...] = ()
+    queued: int = 0
+
+
 class Ticket(Generic[T]):
     """The promise of a submitted store operation: resolves once the commit is durable."""
 
@@ -274,6 +289,22 @@ class MessageStore(abc.ABC):
     @abc.abstractmethod
     async def sync(self) -> None:
         """Wait until everything submitted before this call is committed."""
+
+    @abc.abstractmethod
+    async def open_session(
+        self, user: str, device: str, *, issued_at: int | None, now: int, limit: int
+    ) -> SessionOpening:
+        """Everything a `hello` needs from the store, in one round trip.
+
+        Ordered after every submission made before it (so acks of the device's previous
+        connection are committed, and nothing they deleted is read back), it refuses a
+        token issued (`issued_at`, ms; None when the token has no ``iat``) at or before
+        the device's last revocation; otherwise it registers the device durably and reads
+        the first `limit` items of its queue and the number queued.
+
+        Raises:
+            StoreError: The store did not answer.
+        """
 
     @abc.abstractmethod
     async def register_device(self, user: str, device: str, now: int) -> bool:
