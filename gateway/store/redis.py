@@ -14,6 +14,12 @@ under the senders' keys: read the acked items, store the receipts, then delete t
 A failure between the steps leaves the items in place, to be delivered (and acked) again:
 at-least-once, never lost.
 
+Operations start in submission order. Most start together in the first round, but one
+that must see everything submitted before it (`open_session`, which reads a queue that
+an ack submitted just before may still be deleting from) starts only once every earlier
+operation of its batch is done or known to be on its only step, whose calls then come
+before its own in the same pipeline; the operations after it wait with it.
+
 When Redis is unreachable, every operation of the batch fails with `StoreError` (callers
 answer an error, never a false `sent`); the next batch tries again, so service resumes by
 itself once Redis is back.
@@ -24,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +54,7 @@ from gateway.store.base import (
     PushToken,
     QueueItem,
     SendOutcome,
+    SessionOpening,
     Ticket,
 )
 from gateway.store.redis_scripts import SCRIPTS, prefix
@@ -87,6 +94,10 @@ class RedisUnavailable(StoreError):
 class _Op:
     steps: Callable[[], Steps]
     ticket: Ticket[Any]
+    # Whether the operation has at most one step (known before it runs).
+    one_step: bool = False
+    # Whether it must run after every step of the operations submitted before it.
+    ordered: bool = False
 
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
@@ -215,17 +226,21 @@ class RedisStore(MessageStore):
 
     # -- group commit ---------------------------------------------------------------------
 
-    async def _submit(self, steps: Callable[[], Steps]) -> Ticket[Any]:
+    async def _submit(
+        self, steps: Callable[[], Steps], *, one_step: bool = False, ordered: bool = False
+    ) -> Ticket[Any]:
+        """Queue an operation. `one_step` promises that `steps` yields at most one step;
+        an `ordered` operation runs after every step of those submitted before it."""
         ticket: Ticket[Any] = Ticket()
-        await self._queue.put(_Op(steps, ticket))
+        await self._queue.put(_Op(steps, ticket, one_step, ordered))
         return ticket
 
     async def _commit(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
+        waiting = deque(batch)  # not started yet, in submission order
         running: list[tuple[_Op, Steps, list[Call]]] = []
         done: list[tuple[_Op, OpResult]] = []
-        for op in batch:
-            self._advance(op, op.steps(), None, running, done)
+        self._start(waiting, running, done)
         try:
             while running:
                 calls = [call for _, _, step in running for call in step]
@@ -242,11 +257,14 @@ class RedisStore(MessageStore):
                         op.ticket.fail(StoreError(str(failed)))
                     else:
                         self._advance(op, gen, answers, running, done)
+                self._start(waiting, running, done)
         except REDIS_ERRORS as exc:
             self._unavailable(exc)
             error = RedisUnavailable(f"redis unavailable: {exc}")
             for op, gen, _ in running:
                 gen.close()
+                op.ticket.fail(error)
+            for op in waiting:  # never sent
                 op.ticket.fail(error)
         else:
             self._available()
@@ -265,6 +283,22 @@ class RedisStore(MessageStore):
                     self._doorbell(user, device, urgent, item)
                 except Exception:  # a doorbell is a hint; the item is stored regardless
                     log.exception("doorbell for %s/%s failed", user, device)
+
+    @classmethod
+    def _start(
+        cls,
+        waiting: deque[_Op],
+        running: list[tuple[_Op, Steps, list[Call]]],
+        done: list[tuple[_Op, OpResult]],
+    ) -> None:
+        """Start waiting operations in order, up to an ordered one that an earlier
+        operation may still have steps to run before (it then waits for a later round)."""
+        while waiting:
+            op = waiting[0]
+            if op.ordered and any(not r.one_step for r, _, _ in running):
+                return
+            waiting.popleft()
+            cls._advance(op, op.steps(), None, running, done)
 
     @staticmethod
     def _advance(
@@ -330,7 +364,7 @@ class RedisStore(MessageStore):
     # -- mutations ------------------------------------------------------------------------
 
     async def submit_send(self, envelope: Envelope) -> Ticket[SendOutcome]:
-        return await self._submit(lambda: _send_steps(envelope, self.node_id))
+        return await self._submit(lambda: _send_steps(envelope, self.node_id), one_step=True)
 
     async def submit_ack(
         self, user: str, device: str, sids: tuple[int, ...], now: int
@@ -362,7 +396,36 @@ class RedisStore(MessageStore):
         return await self._submit(steps)
 
     async def sync(self) -> None:
-        await (await self._submit(_no_steps)).result()
+        await (await self._submit(_no_steps, one_step=True)).result()
+
+    async def open_session(
+        self, user: str, device: str, *, issued_at: int | None, now: int, limit: int
+    ) -> SessionOpening:
+        """Check the revocation, register the device and read the first page of its queue
+        and its count in one script call (one slot), run in the commit pipeline after
+        every step of the operations submitted before it.
+
+        Raises:
+            ValueError: `limit` is negative.
+            StoreError: Redis did not answer, or refused the call.
+        """
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        p = prefix(user)
+        keys = [f"{p}:rev:{device}", f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}"]
+        args: list[str | int | bytes] = [device, now, "" if issued_at is None else issued_at, limit]
+
+        def steps() -> Steps:
+            [answer] = yield [("open", keys, args)]
+            if answer[0] == 1:
+                return SessionOpening(refused=True), []
+            items = tuple(decode_member(m) for m in answer[2:])
+            return SessionOpening(refused=False, items=items, queued=int(answer[1])), []
+
+        opening: SessionOpening = await (
+            await self._submit(steps, one_step=True, ordered=True)
+        ).result()
+        return opening
 
     async def register_device(self, user: str, device: str, now: int) -> bool:
         p = prefix(user)
@@ -371,7 +434,7 @@ class RedisStore(MessageStore):
             [created] = yield [("register", [f"{p}:devs", f"{p}:d:{device}"], [device, now])]
             return created == 1, []
 
-        result: bool = await (await self._submit(steps)).result()
+        result: bool = await (await self._submit(steps, one_step=True)).result()
         return result
 
     async def remove_device(self, user: str, device: str) -> bool:
@@ -382,7 +445,7 @@ class RedisStore(MessageStore):
             [removed] = yield [("remove", keys, [device])]
             return removed == 1, []
 
-        result: bool = await (await self._submit(steps)).result()
+        result: bool = await (await self._submit(steps, one_step=True)).result()
         return result
 
     async def revoke_device(self, user: str, device: str, now: int) -> bool:
@@ -393,7 +456,7 @@ class RedisStore(MessageStore):
             [removed] = yield [("revoke", keys, [device, now])]
             return removed == 1, []
 
-        result: bool = await (await self._submit(steps)).result()
+        result: bool = await (await self._submit(steps, one_step=True)).result()
         return result
 
     async def revoked_at(self, user: str, device: str) -> int | None:
@@ -405,7 +468,9 @@ class RedisStore(MessageStore):
         return None if value is None else int(value)
 
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
-        await self._submit(lambda: _update_steps(user, device, ("set", ["seen", last_seen])))
+        await self._submit(
+            lambda: _update_steps(user, device, ("set", ["seen", last_seen])), one_step=True
+        )
 
     async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
         changes: list[tuple[str, list[str | int]]] = [("del", ["pp", "pt", "ptopic", "psb", "pra"])]
@@ -415,7 +480,8 @@ class RedisStore(MessageStore):
             if token.topic is not None:
                 fields += ["ptopic", token.topic]
             changes.append(("set", fields))
-        await (await self._submit(lambda: _update_steps(user, device, *changes))).result()
+        ticket = await self._submit(lambda: _update_steps(user, device, *changes), one_step=True)
+        await ticket.result()
 
     async def clear_push_token(self, user: str, device: str, token: str, sent_at: int) -> bool:
         p = prefix(user)
@@ -424,7 +490,7 @@ class RedisStore(MessageStore):
             [cleared] = yield [("clear_token", [f"{p}:d:{device}"], [token, sent_at])]
             return cleared == 1, []
 
-        result: bool = await (await self._submit(steps)).result()
+        result: bool = await (await self._submit(steps, one_step=True)).result()
         return result
 
     async def sweep_expired(self, now: int) -> int:

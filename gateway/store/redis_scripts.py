@@ -221,6 +221,34 @@ end
 return 0
 """
 
+# Everything a hello needs, in one call. KEYS: P:rev:D, P:devs, P:d:D, P:q:D. ARGV:
+# device, now, issued at ("" when unknown), limit. Refuses (returns {1}) a token issued at
+# or before the device's revocation, touching nothing; otherwise registers the device as
+# REGISTER does and returns {0, count, members...}: the unexpired members (expires > now)
+# in all, and the first `limit` of them with sid > 0 in sid order, as FETCH after 0 and
+# COUNT would, in one pass over the queue.
+OPEN = """
+local device, now, issued, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rev = redis.call('GET', KEYS[1])
+if rev and (issued == '' or tonumber(issued) <= tonumber(rev)) then
+  return {1}
+end
+if redis.call('HSETNX', KEYS[2], device, now) == 1 then
+  redis.call('HSET', KEYS[3], 'seen', now)
+end
+now = tonumber(now)
+local out, n = {0, 0}, 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  local e, sid = string.match(m, '^(%d+)|(%d+)|')
+  if tonumber(e) > now then
+    n = n + 1
+    if #out - 2 < limit and tonumber(sid) > 0 then out[#out + 1] = m end
+  end
+end
+out[2] = n
+return out
+"""
+
 # Forget a device and its queue (its sid counter stays). KEYS: P:devs, P:d:D, P:q:D.
 REMOVE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
@@ -356,6 +384,7 @@ SCRIPTS: dict[str, str] = {
     "count": COUNT,
     "prune": PRUNE,
     "register": REGISTER,
+    "open": OPEN,
     "remove": REMOVE,
     "revoke": REVOKE,
     "update_device": UPDATE_DEVICE,

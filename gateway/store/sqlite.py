@@ -33,6 +33,7 @@ from gateway.store.base import (
     PushToken,
     QueueItem,
     SendOutcome,
+    SessionOpening,
     Ticket,
 )
 from gateway.store.submissions import SubmissionQueue
@@ -361,6 +362,29 @@ class SqliteStore(MessageStore):
     async def sync(self) -> None:
         await (await self._submit(lambda tx: (None, []))).result()
 
+    async def open_session(
+        self, user: str, device: str, *, issued_at: int | None, now: int, limit: int
+    ) -> SessionOpening:
+        """Check the revocation, register the device and read the first page of its queue
+        and its count, as one operation of the writer's batch: it runs after every
+        operation submitted before it (in the same transaction or an earlier one), and its
+        answer comes once the batch, and with it the registration, is committed.
+
+        Raises:
+            ValueError: `limit` is negative.
+            StoreError: The batch was not committed.
+        """
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+
+        def apply(tx: _Tx) -> OpResult:
+            return _apply_open(tx, user, device, issued_at, now, limit), []
+
+        opening: SessionOpening = await (await self._submit(apply)).result()
+        if not opening.refused:
+            self._known.add((user, device))
+        return opening
+
     async def register_device(self, user: str, device: str, now: int) -> bool:
         if (user, device) in self._known:
             return False  # known devices cost no commit on every hello
@@ -562,6 +586,41 @@ def _delete_device(tx: _Tx, user: str, device: str) -> bool:
     if row is not None:
         tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
     return row is not None
+
+
+def _apply_open(
+    tx: _Tx, user: str, device: str, issued_at: int | None, now: int, limit: int
+) -> SessionOpening:
+    """`SqliteStore.open_session` on the writer: two statements for a known device (three
+    when its queue holds more than a page), two for a new one."""
+    conn = tx.conn
+    revoked, did = conn.execute(
+        "SELECT (SELECT at FROM revoked WHERE user=? AND device=?),"
+        " (SELECT did FROM devices WHERE user=? AND device=?)",
+        (user, device, user, device),
+    ).fetchone()
+    if revoked is not None and (issued_at is None or issued_at <= revoked):
+        return SessionOpening(refused=True)
+    if did is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO devices (user, device, created, last_seen) VALUES (?,?,?,?)",
+            (user, device, now, now),
+        )
+        tx.forget(user)
+        # A new device has no queue: deleting a device deletes its items with it.
+        return SessionOpening(refused=False)
+    rows = conn.execute(
+        "SELECT sid, kind, msg_id, sender, sender_device, ts, urgent, body FROM queue"
+        " WHERE did=? AND sid>0 AND expires>? ORDER BY sid LIMIT ?",
+        (did, now, limit),
+    ).fetchall()
+    items = tuple(_item(row) for row in rows)
+    if len(items) < limit:
+        return SessionOpening(refused=False, items=items, queued=len(items))
+    (queued,) = conn.execute(
+        "SELECT count(*) FROM queue WHERE did=? AND expires>?", (did, now)
+    ).fetchone()
+    return SessionOpening(refused=False, items=items, queued=int(queued))
 
 
 def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
