@@ -46,7 +46,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from gateway.connection import now_ms
+from gateway.clock import now_ms
 from gateway.errors import StoreError
 from gateway.logthrottle import LogThrottle
 from gateway.metrics import CONTENT_TYPE, gateway_registry, render

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from gateway.connection import now_ms
+from gateway.clock import now_ms
 from gateway.errors import StoreError
+from gateway.peer import Peer
 from gateway.session import CloseCode
 from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member
 from gateway.store.redis_scripts import prefix, read_device, wire_device
 
 if TYPE_CHECKING:
-    from gateway.connection import Connection
     from gateway.server import Gateway
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,11 @@ class ClusterLink:
         )
         store.on_recovered = self._ring_all
 
-    def claim_value(self, conn: Connection) -> str:
+    def claim_value(self, conn: Peer) -> str:
         """What the registry holds for a device connected through `conn`."""
         return f"{self.node_id}|{conn.id}"
 
-    async def claim(self, conn: Connection) -> None:
+    async def claim(self, conn: Peer) -> None:
         """Register `conn`'s device as connected here, closing any other connection of it
         in the cluster with 4009.
 
@@ -102,7 +102,7 @@ class ClusterLink:
         if answer is not None and not answer.startswith(self.node_id.encode() + b"|"):
             self.counters["kicks_sent"] += 1
 
-    def release(self, conn: Connection) -> None:
+    def release(self, conn: Peer) -> None:
         """`conn` ended: let go of its device (soon; the TTL covers a failure)."""
         try:
             self._releases.send_nowait((conn.user, conn.device, self.claim_value(conn)))
@@ -275,7 +275,7 @@ class ClusterLink:
 
     def _ring_all(self) -> None:
         for conn in self.gateway.registry.all():
-            conn.outbox.ring()
+            conn.ring()
 
 
 # What a lost or closed Redis connection raises from a coredis subscriber, alone or grouped.

@@ -1,9 +1,23 @@
-"""One device connection: `hello`, then a reader, a writer and a heartbeat in one nursery.
+"""One device connection, served by one Trio task over the Sans-I/O core of `websockets`.
 
-Failure domain: anything that goes wrong inside a connection ends that connection (with
-1011 for an unexpected exception) and nothing else. Every close goes through
-`request_close`, which records the first close code and cancels the connection's tasks;
-the close frame itself is sent once, on the way out, under a shielded deadline.
+The task reads bytes, feeds them to `websockets.server.ServerProtocol`, handles the
+frames that come out, and writes what is due, all in one loop. An idle connection holds
+that one task, blocked in `receive_some`, and nothing else:
+
+- Output queued by other tasks (deliveries, receipts, presence, typing) goes into the
+  connection's bounded `Outbox`. If nobody is writing for the connection, a short-lived
+  *flush task* starts in the shared flush nursery; it writes, waits for commits whose
+  answers are due (`sent`) and reads the device's queue when its doorbell rang, and ends
+  when there is nothing left to write. Nothing polls.
+- Pings come from the process-wide `Heartbeat`, which calls `heartbeat()` when due.
+
+Exactly one writer runs at a time (`_writing`): the connection task right after handling
+input, or the flush task.
+
+Failure domain: anything that goes wrong inside a connection ends that connection (1011
+for an unexpected exception) and nothing else. Every close goes through `request_close`,
+which records the first close code and cancels the connection's work; the close frame is
+sent once, on the way out, and the close handshake is bounded by `CLOSE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -11,54 +25,136 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway import frames
+from gateway.clock import now_ms
 from gateway.coalesce import coalesce
 from gateway.codec import encode_frames
-from gateway.errors import AuthError, Overloaded, StoreError
+from gateway.counters import Counters
+from gateway.errors import Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
-from gateway.logs import bind_connection
-from gateway.outbox import Frame, Outbox
+from gateway.heartbeat import Heartbeat
+from gateway.logs import bind_connection, rebind
+from gateway.outbox import Frame, OnError, Outbox, Render
 from gateway.ratelimit import SendLimiter
 from gateway.session import Close, CloseCode, Command, Event, Reply, Session
-from gateway.store.base import QueueItem
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+from gateway.sessions import Opened
+from gateway.settings import LimitsSettings, ServerSettings
+from gateway.store.base import QueueItem, SessionOpening, Ticket
 
 log = logging.getLogger(__name__)
 
-# Items fetched from the store per writer flush, and the most bytes one outbound
+# Items fetched from the store per queue read, and the most bytes one outbound
 # WebSocket message carries; clients commonly cap inbound messages at 1 MiB.
 FETCH_LIMIT = 256
 MAX_OUT_MESSAGE = 512 * 1024
 CLOSE_TIMEOUT = 2.0
 STORE_RETRY = 1.0
+RECEIVE_SIZE = 65536
 
 _ids = itertools.count(1)
 
 
-def now_ms() -> int:
-    """Wall-clock time in milliseconds since the epoch, the protocol's time unit."""
-    return time.time_ns() // 1_000_000
+class Router(Protocol):
+    """Carries out a client frame for a connection."""
+
+    async def handle(self, conn: Connection, frame: Any) -> None:
+        """Handle one validated frame from an authenticated connection."""
+        ...
+
+
+class Sessions(Protocol):
+    """Session start and end: everything outside this connection's I/O."""
+
+    async def open(self, hello: Hello, limit: int) -> Opened | None:
+        """Verify `hello` and read the store; None if the token is refused."""
+        ...
+
+    async def attach(self, conn: Connection, opened: Opened) -> None:
+        """Make the authenticated `conn` the device's live connection."""
+        ...
+
+    async def detach(self, conn: Connection) -> None:
+        """`conn` has ended: let go of the device if it is still its connection."""
+        ...
+
+
+class QueueReader(Protocol):
+    """The store reads a connection makes."""
+
+    consecutive_sids: bool
+
+    async def fetch(
+        self, user: str, device: str, after_sid: int, limit: int, now: int
+    ) -> list[QueueItem]:
+        """Up to `limit` unexpired items with sid > `after_sid`, in order."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeContext:
+    """What every connection of the process shares, built once by the composition root."""
+
+    server: ServerSettings
+    limits: LimitsSettings
+    parser: FrameParser
+    router: Router
+    sessions: Sessions
+    queue: QueueReader
+    heartbeat: Heartbeat
+    counters: Counters
+    flushes: trio.Nursery
 
 
 class Connection:
-    """A device's WebSocket, from `hello` to close."""
+    """A device's WebSocket, from the end of the upgrade to the close."""
 
-    def __init__(self, ws: WebSocketConnection, gateway: Gateway, parser: FrameParser) -> None:
+    __slots__ = (
+        "_awaiting_pong",
+        "_broken",
+        "_ctx",
+        "_flush_done",
+        "_flush_scope",
+        "_fragments",
+        "_handling",
+        "_log_context",
+        "_proto",
+        "_reading",
+        "_scope",
+        "_stream",
+        "_writing",
+        "active",
+        "close_code",
+        "close_reason",
+        "cursor",
+        "device",
+        "drained",
+        "id",
+        "merged_sids",
+        "outbox",
+        "send_limit",
+        "session",
+        "user",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol, ctx: EdgeContext) -> None:
         self.id = next(_ids)
-        self.ws = ws
-        self.gateway = gateway
-        server = gateway.settings.server
-        self.session = Session(parser, max_bad_frames=server.max_bad_frames)
+        self._stream = stream
+        self._proto = proto
+        self._ctx = ctx
+        server = ctx.server
+        self.session = Session(ctx.parser, max_bad_frames=server.max_bad_frames)
         self.outbox = Outbox(server.outbox_limit)
-        limits = gateway.settings.limits
+        limits = ctx.limits
         self.send_limit = SendLimiter(
             limits.send_rate, limits.send_burst, limits.rate_limit_strikes, now=trio.current_time()
         )
@@ -68,135 +164,233 @@ class Connection:
         self.cursor = 0  # highest sid sent on this connection
         self.drained = False
         self.merged_sids: dict[int, tuple[int, ...]] = {}  # merged receipt sid -> absorbed
-        self._reading = False  # a store read of this device's queue is in flight
-        self.close_code: CloseCode | None = None
+        self.close_code: int | None = None
         self.close_reason = ""
+        self._reading = False  # a store read of this device's queue is in flight
+        self._writing = False  # a writer (this task or a flush task) is sending
+        self._handling = False  # this task is handling input, and writes right after
+        self._awaiting_pong = False
+        self._broken = False  # a write was cut off: the stream can carry nothing more
+        self._fragments: list[bytes] = []
         self._scope = trio.CancelScope()
+        self._flush_scope: trio.CancelScope | None = None
+        self._flush_done: trio.Event | None = None
         self._log_context: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"<Connection #{self.id} {self.user}/{self.device}>"
 
-    def request_close(self, code: CloseCode, reason: str) -> None:
+    # -- what other tasks call (the `Peer` protocol) -------------------------------------
+
+    def deliver(self, item: QueueItem) -> None:
+        """An item was just committed for this device: send it directly when nothing
+        older can be pending, else ring so that the queue is read.
+
+        With a store whose sids are consecutive per device, an item that is not the next
+        one means an older one was never rung for: the store is read, so nothing is
+        jumped over."""
+        outbox = self.outbox
+        if (
+            self.drained
+            and not self._reading
+            and not outbox.rung
+            and len(outbox) < outbox.limit // 2
+            and (item.sid == self.cursor + 1 or not self._ctx.queue.consecutive_sids)
+        ):
+            if item.sid > self.cursor:
+                self.cursor = item.sid
+                outbox.push(item.to_frame())
+                self._wake_writer()
+            return
+        self.ring()
+
+    def ring(self) -> None:
+        """The device's queue has new items: the writer reads it."""
+        self.outbox.ring()
+        self._wake_writer()
+
+    def push(self, frame: Frame) -> None:
+        """Send a frame that must not be dropped; raises `Overloaded` when full."""
+        self.outbox.push(frame)
+        self._wake_writer()
+
+    def push_pending(self, ticket: Ticket[Any], render: Render, on_error: OnError) -> None:
+        """Send what `render` makes of a commit's result once durable, in order."""
+        self.outbox.push_pending(ticket, render, on_error)
+        self._wake_writer()
+
+    def offer(self, frame: Frame) -> bool:
+        """Send an ephemeral frame if there is ample room; False if it was dropped."""
+        if not self.outbox.offer(frame):
+            return False
+        self._wake_writer()
+        return True
+
+    def request_close(self, code: CloseCode | int, reason: str) -> None:
         """Close this connection with `code` (the first request wins)."""
         if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
+            self.close_code, self.close_reason = int(code), reason
         self._scope.cancel()
+        if self._flush_scope is not None:
+            self._flush_scope.cancel()
+
+    def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored items an ack stands for: merged receipts bring their absorbed sids."""
+        if not self.merged_sids:
+            return sids
+        extra = [s for sid in sids for s in self.merged_sids.pop(sid, ())]
+        return sids + tuple(extra) if extra else sids
+
+    def heartbeat(self) -> bool:
+        """Called by the heartbeat when due: ping, or close if the last ping is unanswered."""
+        if self.close_code is not None:
+            return False
+        if self._awaiting_pong:
+            self.request_close(CloseCode.GOING_AWAY, "no pong in time")
+            return False
+        self._awaiting_pong = True
+        self._proto.send_ping(b"")
+        self._wake_writer()
+        return True
+
+    # -- the connection task ---------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve the connection until it closes; never raises for the peer's behaviour."""
         attached = False
         self._log_context = bind_connection(self.id)
+        ctx = self._ctx
         try:
             with self._scope:
-                events = await self._await_hello()
-                if events is None:
+                messages = None
+                with trio.move_on_after(ctx.server.hello_timeout) as waiting:
+                    messages = await self._receive_messages()
+                if waiting.cancelled_caught:
+                    self.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+                if not messages:
                     return
-                attached = await self._start_session(events[0])
-                if not attached:
+                events = self.session.receive(messages[0])
+                first = events[0] if events else Close(CloseCode.POLICY, "hello must come first")
+                if isinstance(first, Close):
+                    self.request_close(first.code, first.reason)
                     return
-                await self._handle_events(events[1:])
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeat)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
+                assert isinstance(first, Command) and isinstance(first.frame, Hello)
+                opened = await ctx.sessions.open(first.frame, FETCH_LIMIT)
+                if opened is None:
+                    self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
+                    return
+                self.user, self.device = opened.user, opened.device
+                self.active = first.frame.active
+                self._log_context.update(user=self.user, device=self.device)
+                attached = True
+                self._handling = True  # what attaching rings is written after `welcome`
+                try:
+                    await ctx.sessions.attach(self, opened)
+                    self._welcome(opened.opening)
+                finally:
+                    self._handling = False
+                ctx.heartbeat.add(self.id, self)
+                await self._handle(events[1:])
+                await self._handle_messages(messages[1:])
+                while (messages := await self._receive_messages()) is not None:
+                    await self._handle_messages(messages)
+        except StoreError as exc:
+            log.warning("connection %s: session not started: %s", self, exc)
+            self.request_close(CloseCode.INTERNAL, "store unavailable")
         except Exception:
             log.exception("connection %s failed", self)
             self.request_close(CloseCode.INTERNAL, "internal error")
         finally:
+            ctx.heartbeat.discard(self.id)
             with trio.CancelScope(shield=True):
+                await self._wait_for_flush()
                 if attached:
-                    await self._detach()
-                await self._flush_before_close()
-                await self._send_close()
+                    await ctx.sessions.detach(self)
+                await self._close()
 
-    # -- session start ---------------------------------------------------------------------
-
-    async def _await_hello(self) -> list[Event] | None:
-        with trio.move_on_after(self.gateway.settings.server.hello_timeout):
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return None
-            events = self.session.receive(message)
-            first = events[0] if events else Close(CloseCode.POLICY, "hello must come first")
-            if isinstance(first, Close):
-                self.request_close(first.code, first.reason)
-                return None
-            return events
-        self.request_close(CloseCode.HELLO_TIMEOUT, "no hello in time")
-        return None
-
-    async def _start_session(self, event: Event) -> bool:
-        assert isinstance(event, Command) and isinstance(event.frame, Hello)
-        try:
-            identity = self.gateway.verifier.verify(event.frame.token)
-        except AuthError as exc:
-            log.info("connection #%d: hello refused: %s", self.id, exc)
-            self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
-            return False
-        gw = self.gateway
-        revoked = await gw.store.revoked_at(identity.user, identity.device)
-        if revoked is not None and (
-            identity.issued_at is None or identity.issued_at * 1000 <= revoked
-        ):
-            log.info("connection #%d: hello refused: token issued before revocation", self.id)
-            self.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
-            return False
-        self.user, self.device, self.active = identity.user, identity.device, event.frame.active
-        self._log_context.update(user=self.user, device=self.device)
-        await gw.store.register_device(self.user, self.device, now_ms())
-        previous = gw.registry.attach(self)
-        if previous is not None:
-            previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
-        if gw.cluster is not None:
-            await gw.cluster.claim(self)  # closes a connection of it on another node
-        gw.presence.add_subscriber(self.id, active=self.active)
-        gw.presence.device_connected(self.user, self.device)
-        # Acks from this device's previous connection may still be queued for commit;
-        # reading the backlog after them means nothing acked is delivered again.
-        await gw.store.sync()
-        queued = await gw.store.count(self.user, self.device, now_ms())
-        server = gw.settings.server
-        heartbeat = math.ceil(server.heartbeat)
-        self.outbox.push(frames.welcome(self.user, self.device, now_ms(), heartbeat, queued))
-        self.outbox.ring()
+    def _welcome(self, opening: SessionOpening) -> None:
+        """Queue `welcome` and the first page of the backlog read with the session."""
+        heartbeat = math.ceil(self._ctx.server.heartbeat)
+        self.outbox.push(
+            frames.welcome(self.user, self.device, now_ms(), heartbeat, opening.queued)
+        )
+        self.outbox.extend(self._take_items(opening.items))
         log.info(
             "connection #%d: %s/%s authenticated, %d queued",
             self.id,
             self.user,
             self.device,
-            queued,
+            opening.queued,
         )
-        return True
 
-    async def _detach(self) -> None:
-        gw = self.gateway
-        gw.presence.remove_subscriber(self.id)
-        if gw.registry.detach(self):
-            if gw.cluster is not None:
-                gw.cluster.release(self)
-            gw.presence.device_disconnected(self.user, self.device)
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                try:
-                    await gw.store.touch_device(self.user, self.device, now_ms())
-                except StoreError as exc:
-                    log.warning("connection #%d: last-seen not recorded: %s", self.id, exc)
+    async def _receive_messages(self) -> list[bytes | str] | None:
+        """Read until at least one whole message arrived; None once the WebSocket is over.
 
-    # -- tasks -----------------------------------------------------------------------------
+        Control frames are handled on the way: pings are answered (by the protocol),
+        pongs clear the heartbeat. A text message comes out as "" (the session closes the
+        connection with 1003 for it). Messages that arrived with the peer's close frame
+        are still returned, and the next call returns None."""
+        proto = self._proto
+        while proto.state is State.OPEN:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                proto.receive_eof()
+                return None
+            proto.receive_data(data)
+            messages: list[bytes | str] = []
+            for frame in cast("list[WsFrame]", proto.events_received()):  # frames, once open
+                opcode = frame.opcode
+                if opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                    if frame.fin and not self._fragments:
+                        messages.append(bytes(frame.data))
+                    else:
+                        self._fragments.append(bytes(frame.data))
+                        if frame.fin:
+                            messages.append(b"".join(self._fragments))
+                            self._fragments = []
+                elif opcode is Opcode.TEXT:
+                    messages.append("")
+                elif opcode is Opcode.PONG:
+                    self._awaiting_pong = False
+            self._note_protocol_failure()
+            if messages:
+                self._ctx.counters.messages_in += len(messages)
+                return messages
+            await self._write_due()  # a pong to send, perhaps
+        return None
 
-    async def _reader(self) -> None:
-        while True:
-            try:
-                message = await self.ws.get_message()
-            except ConnectionClosed:
-                return
-            self.gateway.metrics.messages_in += 1
-            await self._handle_events(self.session.receive(message))
+    def _note_protocol_failure(self) -> None:
+        """Keep the close code of a connection the protocol failed (1002, 1007, 1009)."""
+        proto = self._proto
+        sent = proto.close_sent
+        if self.close_code is None and proto.close_rcvd is None and sent is not None:
+            self.close_code, self.close_reason = int(sent.code), sent.reason
 
-    async def _handle_events(self, events: list[Event]) -> None:
-        router = self.gateway.router
+    async def _handle_messages(self, messages: list[bytes | str]) -> None:
+        """Handle messages that arrived together, then write the answers."""
+        for message in messages:
+            await self._handle(self.session.receive(message))
+        await self._write_due()
+
+    async def _make_room(self) -> None:
+        """Answers pile up (behind a commit, or a slow reader): write what is ready and
+        wait for the rest before reading more, so that a client that pipelines faster
+        than its answers can go is slowed down by TCP instead of closed. Past
+        `write_timeout` the reader is too slow: 1013."""
+        outbox = self.outbox
+        with trio.move_on_after(self._ctx.server.write_timeout) as waiting:
+            while len(outbox) >= outbox.limit // 4 and self.close_code is None:
+                if self._writing and self._flush_done is not None:
+                    await self._flush_done.wait()
+                elif (ticket := outbox.first_pending()) is not None:
+                    await ticket.wait()
+                await self._write_due()
+        if waiting.cancelled_caught:
+            self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+
+    async def _handle(self, events: Sequence[Event]) -> None:
+        router = self._ctx.router
+        self._handling = True
         try:
             for event in events:
                 if self.close_code is not None:
@@ -208,40 +402,125 @@ class Connection:
                 else:
                     self.request_close(event.code, event.reason)
                     return
+                if len(self.outbox) >= self.outbox.limit // 4:
+                    await self._make_room()
         except Overloaded as exc:
             log.warning("connection %s: %s", self, exc)
             self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+        finally:
+            self._handling = False
 
-    async def _writer(self) -> None:
-        gw = self.gateway
-        timeout = gw.settings.server.write_timeout
+    # -- writing ---------------------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        """Make sure someone will write what was just queued."""
+        if self._writing or self._handling or self.close_code is not None:
+            return
+        self._start_flush()
+
+    def _start_flush(self) -> None:
+        self._writing = True
+        self._flush_done = trio.Event()
+        # Made here, not in the task, so that a close before the task runs cancels it.
+        self._flush_scope = trio.CancelScope()
+        self._ctx.flushes.start_soon(self._flush, self._flush_scope)
+
+    async def _write_due(self) -> None:
+        """After handling input: write what is ready, and leave the waiting to a flush."""
+        if self._writing:
+            return  # the running flush sends what was added
+        self._writing = True
+        try:
+            await self._send_ready()
+        finally:
+            self._writing = False
+        outbox = self.outbox
+        if self.close_code is None and (len(outbox) or outbox.rung):
+            self._start_flush()
+
+    async def _flush(self, scope: trio.CancelScope) -> None:
+        """A flush task: write until nothing is left, then end."""
+        rebind(self._log_context)
+        outbox = self.outbox
+        try:
+            with scope:
+                while True:
+                    await self._send_ready()
+                    ticket = outbox.first_pending()
+                    if ticket is not None:
+                        await ticket.wait()
+                    elif outbox.take_ring():
+                        outbox.extend(await self._read_queue())
+                    elif not len(outbox):
+                        return
+        except Exception:
+            log.exception("connection %s: writing failed", self)
+            self.request_close(CloseCode.INTERNAL, "internal error")
+        finally:
+            self._flush_scope = None
+            self._writing = False
+            assert self._flush_done is not None
+            self._flush_done.set()
+
+    async def _wait_for_flush(self) -> None:
+        if self._writing and self._flush_done is not None:
+            if self._flush_scope is not None:
+                self._flush_scope.cancel()
+            await self._flush_done.wait()
+
+    async def _send_ready(self) -> None:
+        """Write the frames that are ready, with the protocol's own bytes (pongs, pings),
+        one `send_all` at a time, each bounded by `write_timeout`, until nothing ready is
+        left. It returns with no await after finding nothing, so nothing queued during
+        the last write is left behind."""
+        proto, counters = self._proto, self._ctx.counters
+        timeout = self._ctx.server.write_timeout
         while True:
-            await self.outbox.wait()
-            out = await self.outbox.take_frames()
-            if self.outbox.take_ring():
-                out += await self._read_queue()
-            if not out:
-                continue
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    for message in _pack(out):
-                        await self.ws.send_message(message)
-                        gw.metrics.messages_out += 1
-                except ConnectionClosed:
-                    self._scope.cancel()  # the peer is gone; its items stay stored
-                    return
-            gw.metrics.frames_out += len(out)
-            if scope.cancelled_caught:
-                log.warning("connection %s: send blocked for %.0fs", self, timeout)
-                self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+            out = self.outbox.take_ready()
+            if out and proto.state is State.OPEN:
+                messages = _pack(out)
+                for message in messages:
+                    proto.send_binary(message)
+                counters.frames_out += len(out)
+                counters.messages_out += len(messages)
+            data = proto.data_to_send()
+            if not data or not await self._write(data, timeout):
                 return
+
+    async def _write(self, data: list[bytes], seconds: float) -> bool:
+        """Write the protocol's output; False (and the stream marked broken) if it could
+        not be written in time or the peer is gone. The protocol's end of stream becomes
+        a TCP half-close, so that the peer reads the close frame before the FIN."""
+        if self._broken:
+            return False
+        eof = data[-1] == b""
+        payload = b"".join(data)
+        # A write cut off half-way would leave half a frame on the wire, and the bytes
+        # taken from the protocol would be lost: only the write's own deadline stops it.
+        with trio.CancelScope(shield=True), trio.move_on_after(seconds) as scope:
+            try:
+                if payload:
+                    await self._stream.send_all(payload)
+                if eof and isinstance(self._stream, trio.abc.HalfCloseableStream):
+                    await self._stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+                self._scope.cancel()  # the peer is gone; its items stay stored
+                return False
+        if scope.cancelled_caught:
+            self._broken = True  # a frame may be cut in half: nothing more can follow
+            log.warning("connection %s: send blocked for %.0fs", self, seconds)
+            self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+            return False
+        return True
 
     async def _read_queue(self) -> list[Frame]:
         """The device's next stored items after the cursor, then `drained` once."""
-        gw = self.gateway
         self._reading = True
         try:
-            items = await gw.store.fetch(self.user, self.device, self.cursor, FETCH_LIMIT, now_ms())
+            items = await self._ctx.queue.fetch(
+                self.user, self.device, self.cursor, FETCH_LIMIT, now_ms()
+            )
         except StoreError as exc:
             log.warning("connection %s: queue read failed, will retry: %s", self, exc)
             await trio.sleep(STORE_RETRY)
@@ -249,10 +528,15 @@ class Connection:
             return []
         finally:
             self._reading = False
-        out, merged = coalesce(items)
+        return self._take_items(items)
+
+    def _take_items(self, items: Sequence[QueueItem]) -> list[Frame]:
+        """Frames for items read from the queue, advancing the cursor; `drained` after
+        the first read that reached the end, and a ring for the next page otherwise."""
+        out, merged = coalesce(list(items))
         self.merged_sids.update(merged)
         if items:
-            self.cursor = items[-1].sid
+            self.cursor = max(self.cursor, items[-1].sid)
         if len(items) == FETCH_LIMIT:
             self.outbox.ring()
         elif not self.drained:
@@ -260,65 +544,49 @@ class Connection:
             out.append(frames.DRAINED)
         return out
 
-    def deliver_live(self, item: QueueItem) -> None:
-        """An item was just committed for this device: hand it to the writer directly
-        when nothing older can be pending, else ring so the writer reads the store.
+    # -- closing ---------------------------------------------------------------------------
 
-        With a store whose sids are consecutive per device, an item that is not the next
-        one means an older one was never rung for: the store is read, so nothing is
-        jumped over."""
-        outbox = self.outbox
-        if (
-            self.drained
-            and not self._reading
-            and not outbox.rung
-            and len(outbox) < outbox.limit // 2
-            and (item.sid == self.cursor + 1 or not self.gateway.store.consecutive_sids)
-        ):
-            if item.sid > self.cursor:
-                self.cursor = item.sid
-                outbox.push(item.to_frame())
-            return
-        outbox.ring()
-
-    def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
-        """The stored items an ack stands for: merged receipts bring their absorbed sids."""
-        if not self.merged_sids:
-            return sids
-        extra = [s for sid in sids for s in self.merged_sids.pop(sid, ())]
-        return sids + tuple(extra) if extra else sids
-
-    async def _heartbeat(self) -> None:
-        interval = self.gateway.settings.server.heartbeat
-        while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(interval) as scope:
+    async def _close(self) -> None:
+        """Flush what is buffered, send the close frame, and end the close handshake, all
+        within `CLOSE_TIMEOUT`; then close the stream."""
+        proto = self._proto
+        # Counted before the close frame goes out: a peer that has read it finds it counted.
+        self._ctx.counters.closes[self.close_code or CloseCode.NORMAL] += 1
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            if proto.state is State.OPEN:
+                await self._flush_before_close()
+                code = self.close_code or CloseCode.NORMAL
+                proto.send_close(code, self.close_reason)
+            data = proto.data_to_send()
+            if data:
+                await self._write(data, CLOSE_TIMEOUT)
+            # Read until the peer's close frame and the end of its stream (the protocol
+            # discards anything else), so that closing never resets a connection whose
+            # peer has not yet read the close frame.
+            while not self._broken and proto.state is not State.CLOSED:
                 try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if scope.cancelled_caught:
-                self.request_close(CloseCode.GOING_AWAY, "no pong in time")
-                return
+                    chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not chunk:
+                    proto.receive_eof()
+                    break
+                proto.receive_data(chunk)
+                data = proto.data_to_send()
+                if data:
+                    await self._write(data, CLOSE_TIMEOUT)
+        await trio.aclose_forcefully(self._stream)
 
     async def _flush_before_close(self) -> None:
         """Send what is already buffered (say, the errors before a 1008) if the peer reads."""
-        if not len(self.outbox) or self.close_code in (CloseCode.OVERLOADED, CloseCode.REPLACED):
+        if self._broken or not len(self.outbox):
             return
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            try:
-                for message in _pack(await self.outbox.take_frames()):
-                    await self.ws.send_message(message)
-            except ConnectionClosed:
-                pass
-
-    async def _send_close(self) -> None:
-        code = self.close_code or CloseCode.NORMAL
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            try:
-                await self.ws.aclose(int(code), self.close_reason or None)
-            except Exception:  # the peer may already be gone; closing is best effort
-                log.debug("connection #%d: close handshake failed", self.id, exc_info=True)
+        if self.close_code in (CloseCode.OVERLOADED, CloseCode.REPLACED):
+            return
+        while (ticket := self.outbox.first_pending()) is not None:
+            await ticket.wait()
+            await self._send_ready()
+        await self._send_ready()
 
 
 def _pack(out: list[Frame]) -> list[bytes]:

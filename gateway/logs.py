@@ -34,6 +34,12 @@ def bind_connection(conn_id: int) -> dict[str, Any]:
     return context
 
 
+def rebind(context: dict[str, Any]) -> None:
+    """Tag the current task's records with a connection's context, as `bind_connection`
+    returned it (for a task that works for a connection but was started by another)."""
+    _context.set(context)
+
+
 class ContextFilter(logging.Filter):
     """Adds the current connection's fields, and the worker number, to every record."""
 

@@ -1,17 +1,19 @@
-"""A connection's bounded outbound buffer, drained by its writer task.
+"""A connection's bounded outbound buffer.
 
 Entries are frames ready to send, or a store `Ticket` with a function that renders its
 result as a frame once the commit is durable (how `sent` waits for the commit without
 blocking the reader). Separately, a *doorbell* flag says the device's queue has new items.
+
+The outbox does no waiting and no I/O: whoever writes for the connection takes the frames
+that are ready (`take_ready`) and, when the head is a commit still in flight, waits on
+its ticket (`first_pending`) before taking more, so frames leave in the order they came.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
-
-import trio
 
 from gateway.errors import Overloaded, StoreError
 from gateway.store import Ticket
@@ -19,16 +21,18 @@ from gateway.store import Ticket
 Frame = dict[str, Any]
 Render = Callable[[Any], Frame]
 OnError = Callable[[StoreError], Frame]
+_Pending = tuple[Ticket[Any], Render, OnError]
 
 
 class Outbox:
     """Frames and pending commits bound for one connection, at most `limit` of them."""
 
+    __slots__ = ("_entries", "_rung", "limit")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._entries: deque[Frame | tuple[Ticket[Any], Render, OnError]] = deque()
-        self._queue_dirty = False
-        self._wakeup = trio.Event()
+        self._entries: deque[Frame | _Pending] = deque()
+        self._rung = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -37,65 +41,62 @@ class Outbox:
         """Queue a frame. Raises `Overloaded` if the buffer is full."""
         self._check_room()
         self._entries.append(frame)
-        self._wakeup.set()
+
+    def extend(self, frames: Iterable[Frame]) -> None:
+        """Queue frames read from the store: bounded by the read itself, never refused."""
+        self._entries.extend(frames)
 
     def offer(self, frame: Frame) -> bool:
         """Queue an ephemeral frame if there is ample room; return False if it was dropped."""
         if len(self._entries) >= self.limit // 2:
             return False
         self._entries.append(frame)
-        self._wakeup.set()
         return True
 
     def push_pending(self, ticket: Ticket[Any], render: Render, on_error: OnError) -> None:
         """Queue the frame that `render` makes of a ticket's result, once it is durable."""
         self._check_room()
         self._entries.append((ticket, render, on_error))
-        self._wakeup.set()
 
     def ring(self) -> None:
         """The device's stored queue has new items."""
-        self._queue_dirty = True
-        self._wakeup.set()
+        self._rung = True
 
     @property
     def rung(self) -> bool:
         """Whether the doorbell has been rung and not yet answered by a store read."""
-        return self._queue_dirty
+        return self._rung
 
     def take_ring(self) -> bool:
         """Consume the doorbell; True if it had been rung."""
-        dirty, self._queue_dirty = self._queue_dirty, False
-        return dirty
+        rung, self._rung = self._rung, False
+        return rung
 
-    async def wait(self) -> None:
-        """Wait until there are entries or the doorbell has been rung."""
-        if not self._entries and not self._queue_dirty:
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
+    def first_pending(self) -> Ticket[Any] | None:
+        """The ticket at the head, if the head is a commit still in flight."""
+        if self._entries:
+            head = self._entries[0]
+            if not isinstance(head, dict) and not head[0].done:
+                return head[0]
+        return None
 
-    async def take_frames(self) -> list[Frame]:
-        """Wait for the pending commits in order, then remove every entry and return the
-        frames. Nothing is removed while waiting, so a writer cancelled in the wait (the
-        connection is closing) leaves every frame for the flush before the close."""
+    def take_ready(self) -> list[Frame]:
+        """Remove and return the frames up to the first commit still in flight."""
         entries = self._entries
-        i = 0
-        while i < len(entries):
-            entry = entries[i]
-            if not isinstance(entry, dict) and not entry[0].done:
-                await entry[0].wait()
-            i += 1
         out: list[Frame] = []
         while entries:
-            entry = entries.popleft()
+            entry = entries[0]
             if isinstance(entry, dict):
                 out.append(entry)
-                continue
-            ticket, render, on_error = entry
-            try:
-                out.append(render(ticket.outcome()))
-            except StoreError as exc:
-                out.append(on_error(exc))
+            else:
+                ticket, render, on_error = entry
+                if not ticket.done:
+                    break
+                try:
+                    out.append(render(ticket.outcome()))
+                except StoreError as exc:
+                    out.append(on_error(exc))
+            entries.popleft()
         return out
 
     def _check_room(self) -> None:

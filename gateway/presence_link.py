@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gateway import frames
+from gateway.clock import now_ms
 from gateway.cluster_presence import ClusterPresence
-from gateway.connection import now_ms
 from presence.fanout import Fanout
 from presence.service import PresenceService
 from presence.state import MemoryPresence, MirrorPresence, PresenceState
@@ -29,14 +29,14 @@ def build_presence(gateway: Gateway) -> PresenceService:
 
     def deliver(conn_id: int, frame: dict[str, Any]) -> bool:
         conn = gateway.connections.get(conn_id)
-        return conn is None or conn.outbox.offer(frame)
+        return conn is None or conn.offer(frame)
 
     def relay_typing(sender: str, sender_device: str, target: str, on: bool) -> None:
         frame = frames.typing(sender, on)
         for conn in gateway.registry.of_user(target):
             if (conn.user, conn.device) == (sender, sender_device) or not conn.active:
                 continue
-            if not conn.outbox.offer(frame):
+            if not conn.offer(frame):
                 gateway.metrics.shed["typing"] += 1
 
     state: PresenceState = MemoryPresence(settings.offline_grace)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
+from gateway.peer import Peer
 from gateway.store.base import QueueItem
 from push.waker import Waker
 
-if TYPE_CHECKING:
-    from gateway.connection import Connection
-
 DeviceKey = tuple[str, str]
+
+
+class Watch:
+    """Whether a device's doorbell rang while it was watched (see `Registry.watch`)."""
+
+    __slots__ = ("key", "rung")
+
+    def __init__(self, key: DeviceKey) -> None:
+        self.key = key
+        self.rung = False
 
 
 class Registry:
@@ -23,13 +30,14 @@ class Registry:
 
     def __init__(self, waker: Waker) -> None:
         self.waker = waker
-        self._by_device: dict[DeviceKey, Connection] = {}
-        self._by_user: dict[str, dict[str, Connection]] = {}
+        self._by_device: dict[DeviceKey, Peer] = {}
+        self._by_user: dict[str, dict[str, Peer]] = {}
+        self._watches: dict[DeviceKey, list[Watch]] = {}
 
     def __len__(self) -> int:
         return len(self._by_device)
 
-    def attach(self, conn: Connection) -> Connection | None:
+    def attach(self, conn: Peer) -> Peer | None:
         """Register a newly authenticated connection; return the one it replaces, if any."""
         key = (conn.user, conn.device)
         previous = self._by_device.get(key)
@@ -38,7 +46,7 @@ class Registry:
         self.waker.connected(conn.user, conn.device)
         return previous
 
-    def detach(self, conn: Connection) -> bool:
+    def detach(self, conn: Peer) -> bool:
         """Forget a connection if it is still the current one for its device."""
         key = (conn.user, conn.device)
         if self._by_device.get(key) is not conn:
@@ -51,22 +59,41 @@ class Registry:
         self.waker.disconnected(conn.user, conn.device)
         return True
 
-    def get(self, user: str, device: str) -> Connection | None:
+    def get(self, user: str, device: str) -> Peer | None:
         """The live connection of a device, if it is connected here."""
         return self._by_device.get((user, device))
 
-    def of_user(self, user: str) -> Iterator[Connection]:
+    def of_user(self, user: str) -> Iterator[Peer]:
         """The live connections of a user's devices."""
         yield from list(self._by_user.get(user, {}).values())
 
-    def all(self) -> list[Connection]:
+    def all(self) -> list[Peer]:
         """Every live connection."""
         return list(self._by_device.values())
 
+    def watch(self, user: str, device: str) -> Watch:
+        """Note every doorbell of a device from now until `unwatch`: a session that is
+        opening has read the queue but is not attached yet, and must not miss an item
+        committed in between."""
+        watch = Watch((user, device))
+        self._watches.setdefault(watch.key, []).append(watch)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        """Stop noting the doorbells of `watch`'s device."""
+        watches = self._watches.get(watch.key)
+        if watches is not None:
+            watches.remove(watch)
+            if not watches:
+                del self._watches[watch.key]
+
     def ring(self, user: str, device: str, urgent: bool, item: QueueItem) -> None:
         """Doorbell: an item was committed for (user, device)."""
+        if self._watches:
+            for watch in self._watches.get((user, device), ()):
+                watch.rung = True
         conn = self._by_device.get((user, device))
         if conn is not None:
-            conn.deliver_live(item)
+            conn.deliver(item)
         else:
             self.waker.stored(user, device, urgent)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gateway import frames
+from gateway.counters import Counters
 from gateway.errors import StoreError
 from gateway.frames import (
     Ack,
@@ -38,7 +39,6 @@ from presence.service import PresenceService
 if TYPE_CHECKING:
     from gateway.connection import Connection
     from gateway.registry import Registry
-    from gateway.server import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Router:
         store: MessageStore,
         registry: Registry,
         presence: PresenceService,
-        metrics: Metrics,
+        metrics: Counters,
         *,
         clock: Callable[[], int],
         max_ttl: int,
@@ -93,7 +93,7 @@ class Router:
                 log.info("connection %s: closed for ignoring rate_limited", conn)
                 conn.request_close(CloseCode.POLICY, "rate limit exceeded")
             else:
-                conn.outbox.push(frames.error("rate_limited", "too many sends", ref=f.id))
+                conn.push(frames.error("rate_limited", "too many sends", ref=f.id))
             return
         now = self.clock()
         envelope = Envelope(
@@ -110,7 +110,7 @@ class Router:
         try:
             ticket = await self.store.submit_send(envelope)
         except StoreError as exc:
-            conn.outbox.push(self._store_failed(f.id, exc))
+            conn.push(self._store_failed(f.id, exc))
             return
 
         def render(outcome: SendOutcome) -> dict[str, Any]:
@@ -122,13 +122,13 @@ class Router:
                 # The first attempt may have been stored without its doorbell ringing (its
                 # commit's answer was lost): have the recipient's devices here read again.
                 for recipient in self.registry.of_user(f.to):
-                    recipient.outbox.ring()
+                    recipient.ring()
             reply = frames.sent(f.id, outcome.ts)
             if outcome.skipped:
                 reply["skipped"] = list(outcome.skipped)
             return reply
 
-        conn.outbox.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
+        conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
 
     async def _ack(self, conn: Connection, f: Ack) -> None:
         sids = conn.expand_acks(f.sids)
@@ -161,9 +161,9 @@ class Router:
         try:
             snapshot = self.presence.subscribe(conn.id, f.users)
         except SubscriptionLimit as exc:
-            conn.outbox.push(frames.error("limit_exceeded", str(exc), ref="sub"))
+            conn.push(frames.error("limit_exceeded", str(exc), ref="sub"))
             return
-        conn.outbox.push(snapshot)
+        conn.push(snapshot)
 
     async def _unsubscribe(self, conn: Connection, f: Unsubscribe) -> None:
         self.presence.unsubscribe(conn.id, f.users)
@@ -182,7 +182,7 @@ class Router:
         try:
             await self.store.set_push_token(conn.user, conn.device, token)
         except StoreError as exc:
-            conn.outbox.push(self._store_failed("push", exc))
+            conn.push(self._store_failed("push", exc))
 
     def _store_failed(self, ref: str, exc: StoreError) -> dict[str, Any]:
         """The error frame for an operation the store refused, which is logged (throttled)."""

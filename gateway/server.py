@@ -2,9 +2,11 @@
 
 ```
 serve_gateway
-└─ services nursery: store writer (group commit)
-   └─ background nursery: expiry sweeper, load probe, presence clock, WebSocket listener
-      └─ connections nursery: one task per connection (reader, writer, heartbeat inside)
+└─ services nursery: store writer (group commit), push dispatcher
+   └─ background nursery: expiry sweeper, load probe, presence clock, heartbeat, cluster
+      link, admin API, the device listeners
+      └─ connections nursery: one task per connection; short flush tasks while other
+         tasks have queued output for one
 ```
 
 Start it with ``server = await nursery.start(serve_gateway, settings)``; the `GatewayServer`
@@ -15,28 +17,28 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import cast
+from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketRequest, WebSocketServer
 
 from gateway.admin import serve_admin
-from gateway.admission import Admission, Refusal
+from gateway.admission import Admission
 from gateway.auth import TokenVerifier
+from gateway.clock import now_ms
 from gateway.cluster import ClusterLink
 from gateway.cluster_presence import ClusterPresence
-from gateway.connection import CLOSE_TIMEOUT, Connection, now_ms
-from gateway.drain import drain_plan
+from gateway.connection import CLOSE_TIMEOUT, EdgeContext
+from gateway.counters import Counters
+from gateway.edge import WS_PATH, Edge
 from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
+from gateway.heartbeat import Heartbeat
 from gateway.listener import AcceptStats, EdgeListener
 from gateway.overload import LoadMonitor
 from gateway.presence_link import build_presence
 from gateway.registry import Registry
 from gateway.router import Router
-from gateway.session import CloseCode
+from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.store import MessageStore, open_store
 from gateway.store.redis import RedisStore
@@ -48,33 +50,12 @@ from push.waker import Waker
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "gateway.v1"
-WS_PATH = "/ws"
-
-
-@dataclass
-class Metrics:
-    """Counters the gateway keeps about itself."""
-
-    connections_opened: int = 0
-    messages_in: int = 0
-    messages_out: int = 0
-    frames_in: int = 0
-    frames_out: int = 0
-    sends: Counter[str] = field(default_factory=Counter)
-    rate_limited: int = 0
-    shed: Counter[str] = field(default_factory=Counter)
-    closes: Counter[int] = field(default_factory=Counter)
-    # Redis backend and cluster bus: errors, recoveries, doorbells and kicks across nodes.
-    redis: Counter[str] = field(default_factory=Counter)
-
-
 class Gateway:
     """The components one gateway process shares between its connections."""
 
     def __init__(self, settings: Settings, *, waker: Waker | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Counters()
         self.push: PushDispatcher | None = None  # None when the caller brings its own waker
         if waker is None:
             waker = self.push = PushDispatcher(settings.push, build_providers(settings.push))
@@ -91,7 +72,6 @@ class Gateway:
         self.admission = Admission(settings.limits, now=trio.current_time())
         self.accepts = AcceptStats()
         self.tls = _tls_certificate(settings)
-        self.connections: dict[int, Connection] = {}  # by id, including those before hello
         self.cluster_presence: ClusterPresence | None = None  # set by build_presence
         self.presence = build_presence(self)
         self.router = Router(
@@ -103,23 +83,26 @@ class Gateway:
             max_ttl=settings.server.max_ttl,
         )
         self.parser = FrameParser(max_ttl=settings.server.max_ttl)
-        self.draining = False
-        self.drained = trio.Event()  # set once draining and every connection has ended
-        self._close_waiters: dict[tuple[str, str], list[tuple[trio.Event, list[int]]]] = {}
+        self.sessions = Sessions(
+            self.verifier, self.store, self.registry, self.presence, self.cluster
+        )
+        self.heartbeat = Heartbeat(settings.server.heartbeat)
+        self.edge: Edge | None = None  # once the connections nursery is open
+
+    @property
+    def connections(self) -> dict[int, Any]:
+        """Live connections by id, including those before `hello`."""
+        return self.edge.connections if self.edge is not None else {}
+
+    @property
+    def draining(self) -> bool:
+        """Whether a graceful shutdown has begun."""
+        return self.edge is not None and self.edge.draining
 
     async def wait_for_close(self, user: str, device: str) -> int:
         """Wait until the next connection of (user, device) ends; return its close code."""
-        event, code = trio.Event(), [0]
-        self._close_waiters.setdefault((user, device), []).append((event, code))
-        await event.wait()
-        return code[0]
-
-    def _closed(self, conn: Connection) -> None:
-        code = int(conn.close_code or CloseCode.NORMAL)
-        self.metrics.closes[code] += 1
-        for event, box in self._close_waiters.pop((conn.user, conn.device), []):
-            box[0] = code
-            event.set()
+        assert self.edge is not None
+        return await self.edge.wait_for_close(user, device)
 
 
 class GatewayServer:
@@ -207,19 +190,27 @@ async def serve_gateway(
                     await background.start(gateway.cluster_presence.run)
             if gateway.tls is not None and server_settings.tls_watch > 0:
                 await background.start(gateway.tls.watch, server_settings.tls_watch)
+            await background.start(gateway.heartbeat.run)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(settings, reuse_port)
                 port = listeners[0].socket.getsockname()[1]
-                ws_server = WebSocketServer(
-                    lambda request: _handle_request(request, gateway),
-                    _edge_listeners(listeners, gateway),
-                    handler_nursery=connections,
-                    max_message_size=server_settings.max_message_size,
-                    connect_timeout=server_settings.handshake_timeout,
-                    disconnect_timeout=CLOSE_TIMEOUT,
+                context = EdgeContext(
+                    server=server_settings,
+                    limits=settings.limits,
+                    parser=gateway.parser,
+                    router=gateway.router,
+                    sessions=gateway.sessions,
+                    queue=gateway.store,
+                    heartbeat=gateway.heartbeat,
+                    counters=gateway.metrics,
+                    flushes=connections,
                 )
+                edge = gateway.edge = Edge(context, gateway.admission)
+                edges = [
+                    EdgeListener(lst, tls=gateway.tls, stats=gateway.accepts) for lst in listeners
+                ]
                 listener_scope = trio.CancelScope()
-                background.start_soon(_listen, ws_server, listener_scope)
+                background.start_soon(_listen, edge, edges, connections, listener_scope)
                 server = GatewayServer(gateway, port)
                 server.admin_port = await background.start(serve_admin, gateway)
                 log.info("gateway listening on %s", server.url)
@@ -228,7 +219,7 @@ async def serve_gateway(
                 deadline = trio.current_time() + server_settings.shutdown_timeout
                 services.cancel_scope.deadline = deadline
                 connections.cancel_scope.deadline = deadline
-                await _drain(gateway)
+                await edge.drain(server_settings.drain_seconds)
                 listener_scope.cancel()
                 # Only sockets still in their handshake (or being refused) are left: they
                 # are no one's connection yet, so they are not waited for.
@@ -254,94 +245,15 @@ async def _open_listeners(settings: Settings, reuse_port: bool) -> list[trio.Soc
         ) from None
 
 
-async def _listen(ws_server: WebSocketServer, scope: trio.CancelScope) -> None:
+async def _listen(
+    edge: Edge,
+    listeners: list[EdgeListener],
+    connections: trio.Nursery,
+    scope: trio.CancelScope,
+) -> None:
     """Accept connections until `scope` is cancelled (the start of a graceful shutdown)."""
     with scope:
-        await ws_server.run()
-
-
-async def _drain(gateway: Gateway) -> None:
-    """Readiness off and new connections refused at once; every connection then closed
-    with 1012, spread over `drain_seconds`, each with its reconnect hint."""
-    gateway.draining = True
-    plan = drain_plan(list(gateway.connections.values()), gateway.settings.server.drain_seconds)
-    log.info("draining %d connections over %.1fs", len(plan), gateway.settings.server.drain_seconds)
-    start = trio.current_time()
-    for step in plan:
-        await trio.sleep_until(start + step.offset)
-        step.target.request_close(CloseCode.RESTARTING, step.reason)
-    # Connections that finished their upgrade while the plan ran.
-    for conn in list(gateway.connections.values()):
-        conn.request_close(CloseCode.RESTARTING, "server restarting")
-    if gateway.connections:
-        await gateway.drained.wait()
-
-
-async def _handle_request(request: WebSocketRequest, gateway: Gateway) -> None:
-    """Accept or refuse one upgrade, then run the connection; never raises."""
-    ip = _peer_ip(request)
-    try:
-        if request.path.split("?", 1)[0] != WS_PATH:
-            await request.reject(404, body=b"the device endpoint is /ws\n")
-            return
-        if gateway.draining:
-            refusal: Refusal | None = gateway.admission.refuse("draining")
-        else:
-            origin = _header(request, b"origin")
-            refusal = gateway.admission.admit(ip, origin, trio.current_time())
-        if refusal is not None:
-            await request.reject(
-                refusal.status,
-                extra_headers=refusal.headers(),
-                body=f"refused: {refusal.reason}\n".encode(),
-            )
-            return
-    except ConnectionClosed:
-        return
-    except Exception:
-        log.exception("websocket upgrade failed")
-        return
-    try:
-        try:
-            offered = SUBPROTOCOL in request.proposed_subprotocols
-            ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
-        except ConnectionClosed:
-            return
-        except Exception:
-            log.exception("websocket upgrade failed")
-            return
-        gateway.metrics.connections_opened += 1
-        conn = Connection(ws, gateway, gateway.parser)
-        gateway.connections[conn.id] = conn
-        try:
-            await conn.run()
-        finally:
-            del gateway.connections[conn.id]
-            gateway._closed(conn)
-            if gateway.draining and not gateway.connections:
-                gateway.drained.set()
-    finally:
-        gateway.admission.release(ip)
-
-
-def _edge_listeners(
-    listeners: list[trio.SocketListener], gateway: Gateway
-) -> list[trio.SocketListener]:
-    edges = [EdgeListener(lst, tls=gateway.tls, stats=gateway.accepts) for lst in listeners]
-    # WebSocketServer is annotated for trio's own listeners but serves any Listener.
-    return cast("list[trio.SocketListener]", edges)
-
-
-def _peer_ip(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return str(remote.address) if isinstance(remote, Endpoint) else remote
-
-
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+        await edge.serve(listeners, connections)
 
 
 async def _sweep_expired(gateway: Gateway) -> None:

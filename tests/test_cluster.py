@@ -21,7 +21,7 @@ import trio
 
 from gateway.auth import mint_token
 from gateway.client import connect
-from gateway.connection import now_ms
+from gateway.clock import now_ms
 from gateway.server import GatewayServer
 from gateway.settings import Settings
 from gateway.store import Envelope
