@@ -39,22 +39,23 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from prometheus_client import CollectorRegistry
 
 from gateway.clock import now_ms
+from gateway.counters import Counters
 from gateway.errors import StoreError
 from gateway.logthrottle import LogThrottle
-from gateway.metrics import CONTENT_TYPE, gateway_registry, render
+from gateway.metrics import CONTENT_TYPE, EdgeView, render
+from gateway.registry import Registry
 from gateway.session import CloseCode
-from gateway.store import Envelope
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+from gateway.settings import Settings
+from gateway.store import Envelope, MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,49 @@ class Request:
         return value
 
 
-class AdminApi:
-    """The ASGI application. `gateway` is the running gateway it reports on and acts for."""
+class Revocations(Protocol):
+    """Closes a revoked device's connection on another node of the cluster."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.registry = gateway_registry(gateway)
-        settings = gateway.settings
+    async def close_revoked(self, user: str, device: str) -> bool:
+        """Tell the node holding the device, if another one does; True if one was told.
+
+        Raises:
+            StoreError: The cluster cannot be reached.
+        """
+        ...
+
+
+class AdminApi:
+    """The ASGI application, acting for the gateway whose parts it is given.
+
+    Args:
+        settings: The configuration.
+        store: Where messages are published and devices kept.
+        registry: This process's live connections (revocation closes one).
+        counters: Where the outcome of each published message is counted.
+        edge: Readiness reads whether the edge is draining.
+        metrics: The registry `/metrics` renders.
+        revocations: Closes revoked devices on other nodes (None on a single node).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: MessageStore,
+        registry: Registry,
+        counters: Counters,
+        edge: EdgeView,
+        metrics: CollectorRegistry,
+        revocations: Revocations | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.connections = registry
+        self.counters = counters
+        self.edge = edge
+        self.registry = metrics
+        self.revocations = revocations
         self.api_key = settings.admin.api_key
         # A base64 body of max_message_size bytes, plus room for the other fields.
         self.max_body = settings.server.max_message_size * 4 // 3 + 16 * 1024
@@ -238,11 +275,11 @@ class AdminApi:
 
     async def not_ready_reason(self) -> str | None:
         """Why the gateway should get no new devices now, or None if it is ready."""
-        if self.gateway.draining:
+        if self.edge.draining:
             return "draining"
         with trio.move_on_after(READY_PROBE_TIMEOUT):
             try:
-                await self.gateway.store.ping()
+                await self.store.ping()
             except StoreError as exc:
                 log.warning("readiness: the store is unreachable: %s", exc)
                 return "store_unreachable"
@@ -252,8 +289,7 @@ class AdminApi:
     # -- publishing -----------------------------------------------------------------------
 
     async def _publish(self, request: Request) -> Response:
-        gw = self.gateway
-        settings = gw.settings
+        settings = self.settings
         data = request.json()
         to = _user(_field(data, "to", str))
         try:
@@ -284,17 +320,17 @@ class AdminApi:
             expires=now + ttl * 1000,
         )
         try:
-            outcome = await (await gw.store.submit_send(envelope)).result()
+            outcome = await (await self.store.submit_send(envelope)).result()
         except StoreError as exc:
-            gw.metrics.sends["failed"] += 1
+            self.counters.sends["failed"] += 1
             log.warning("admin API: message for %s not stored: %s", to, exc)
             raise HttpError(
                 503, "store_unavailable", "not stored; retry with the same id"
             ) from None
         if outcome.unknown_recipient:
-            gw.metrics.sends["unknown_recipient"] += 1
+            self.counters.sends["unknown_recipient"] += 1
             raise HttpError(404, "unknown_recipient", "the recipient has no known device")
-        gw.metrics.sends["duplicate" if outcome.duplicate else "stored"] += 1
+        self.counters.sends["duplicate" if outcome.duplicate else "stored"] += 1
         answer: dict[str, Any] = {"id": msg_id, "ts": outcome.ts}
         if outcome.duplicate:
             answer["duplicate"] = True
@@ -303,8 +339,7 @@ class AdminApi:
     # -- devices --------------------------------------------------------------------------
 
     async def _list_devices(self, user: str) -> Response:
-        gw = self.gateway
-        records = await _store_call(gw.store.devices(user))
+        records = await _store_call(self.store.devices(user))
         devices = [
             {
                 "device": r.device,
@@ -312,28 +347,27 @@ class AdminApi:
                 "last_seen": r.last_seen,
                 "has_push": r.push is not None,
                 "push_provider": r.push.provider if r.push is not None else None,
-                "connected_here": gw.registry.get(user, r.device) is not None,
+                "connected_here": self.connections.get(user, r.device) is not None,
             }
             for r in sorted(records, key=lambda r: r.device)
         ]
         return Response.json(200, {"user": user, "devices": devices})
 
     async def _register(self, user: str, device: str) -> Response:
-        created = await _store_call(self.gateway.store.register_device(user, device, now_ms()))
+        created = await _store_call(self.store.register_device(user, device, now_ms()))
         log.info("admin API: device %s/%s %s", user, device, "registered" if created else "known")
         answer = {"user": user, "device": device, "created": created}
         return Response.json(201 if created else 200, answer)
 
     async def _revoke(self, user: str, device: str) -> Response:
-        gw = self.gateway
-        # Tokens issued before now are refused from now on (see `revoked_at` at hello).
+        # Tokens issued before now are refused from now on (see `open_session` at hello).
         kicked_elsewhere = False
-        existed = await _store_call(gw.store.revoke_device(user, device, now_ms()))
-        conn = gw.registry.get(user, device)
+        existed = await _store_call(self.store.revoke_device(user, device, now_ms()))
+        conn = self.connections.get(user, device)
         if conn is not None:
             conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
-        elif gw.cluster is not None:  # connected to another node, perhaps
-            kicked_elsewhere = await _store_call(gw.cluster.close_revoked(user, device))
+        elif self.revocations is not None:  # connected to another node, perhaps
+            kicked_elsewhere = await _store_call(self.revocations.close_revoked(user, device))
         kicked = conn is not None or kicked_elsewhere
         log.info(
             "admin API: device %s/%s revoked%s",
@@ -412,7 +446,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def _hypercorn_config(gateway: Gateway) -> Config:
+def _hypercorn_config() -> Config:
     config = Config()
     config.accesslog = None
     config.errorlog = logging.getLogger("gateway.admin.http")
@@ -424,17 +458,16 @@ def _hypercorn_config(gateway: Gateway) -> Config:
 
 
 async def serve_admin(
-    gateway: Gateway, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+    app: AdminApi, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve the admin API until cancelled.
+    """Serve `app` on `[admin] host`:`[admin] port` until cancelled.
 
     Reports the bound port through `task_status`, or None if the port could not be bound;
     binding is then retried every `BIND_RETRY` seconds (logged at error level once, then
     at most once per `BIND_LOG_INTERVAL`).
     """
-    app = AdminApi(gateway)
-    config = _hypercorn_config(gateway)
-    admin = gateway.settings.admin
+    config = _hypercorn_config()
+    admin = app.settings.admin
     reported = False
     bind_log = LogThrottle(BIND_LOG_INTERVAL)
 

@@ -139,7 +139,7 @@ async def _serve_until_signalled(settings: Settings, reuse_port: bool) -> None:
                 nursery.start_soon(_drain_when_orphaned, server, os.getppid())
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    if server.gateway.tls is None:
+                    if server.tls is None:
                         log.info("SIGHUP: no TLS certificate to reload")
                     else:
                         server.reload_tls()

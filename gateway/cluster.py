@@ -25,19 +25,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from gateway.clock import now_ms
 from gateway.errors import StoreError
 from gateway.peer import Peer
+from gateway.registry import Registry
 from gateway.session import CloseCode
 from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member
 from gateway.store.redis_scripts import prefix, read_device, wire_device
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +52,28 @@ EventHook = Callable[[str, str, str], None]
 class ClusterLink:
     """This node's part in the cluster; see the module docstring."""
 
-    def __init__(self, gateway: Gateway, store: RedisStore) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        store: RedisStore,
+        registry: Registry,
+        *,
+        node_ttl: float,
+        catchup_interval: float,
+        offline_grace: float,
+        on_event: EventHook,
+    ) -> None:
         self.store = store
+        self.registry = registry
         self.node_id = store.node_id
-        settings = gateway.settings.cluster
-        self.node_ttl_ms = int(settings.node_ttl * 1000)
-        self.catchup_interval = settings.catchup_interval
-        self.grace_ms = int(gateway.settings.presence.offline_grace * 1000)
+        self.node_ttl_ms = int(node_ttl * 1000)
+        self.catchup_interval = catchup_interval
+        self.grace_ms = int(offline_grace * 1000)
         self.counters = store.counters
         self.listening = False
-        self.on_event: EventHook = lambda kind, user, device: None
+        self.on_event = on_event
         self._releases, self._to_release = trio.open_memory_channel[tuple[str, str, str]](
             RELEASE_QUEUE
         )
-        store.on_recovered = self._ring_all
 
     def claim_value(self, conn: Peer) -> str:
         """What the registry holds for a device connected through `conn`."""
@@ -137,7 +141,7 @@ class ClusterLink:
                     self.listening = True
                     first.set()
                     delay = 0.1
-                    self._ring_all()  # anything rung while nobody listened
+                    self.registry.ring_all()  # anything rung while nobody listened
                     async for message in pubsub:
                         self._dispatch(message["channel"], message["data"])
             except BaseException as exc:
@@ -171,16 +175,16 @@ class ClusterLink:
 
     def _doorbell(self, user: str, device: str, urgent: bool, member: bytes) -> None:
         self.counters["doorbells_received"] += 1
-        self.gateway.registry.ring(user, device, urgent, decode_member(member))
+        self.registry.ring(user, device, urgent, decode_member(member))
 
     def _kick(self, user: str, device: str, conn_id: str) -> None:
-        conn = self.gateway.registry.get(user, device)
+        conn = self.registry.get(user, device)
         if conn is not None and str(conn.id) == conn_id:
             self.counters["kicks_received"] += 1
             conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
 
     def _revoked(self, user: str, device: str, conn_id: str) -> None:
-        conn = self.gateway.registry.get(user, device)
+        conn = self.registry.get(user, device)
         if conn is not None and str(conn.id) == conn_id:
             self.counters["revocations_received"] += 1
             conn.request_close(CloseCode.UNAUTHORIZED, "unauthorized")
@@ -207,9 +211,9 @@ class ClusterLink:
         return True
 
     def _event(self, kind: str, user: str, device: str) -> None:
-        if kind == "c" and self.gateway.registry.get(user, device) is None:
+        if kind == "c" and self.registry.get(user, device) is None:
             # Connected on another node: nothing pending here should wake it up.
-            self.gateway.registry.waker.connected(user, device)
+            self.registry.waker.connected(user, device)
         self.on_event(kind, user, device)
 
     # -- claims ---------------------------------------------------------------------------
@@ -219,7 +223,7 @@ class ClusterLink:
         another connection means this one was replaced (and its kick lost)."""
         while True:
             await trio.sleep(self.node_ttl_ms / 3000)
-            conns = self.gateway.registry.all()
+            conns = self.registry.all()
             for start in range(0, len(conns), REFRESH_CHUNK):
                 chunk = conns[start : start + REFRESH_CHUNK]
                 calls: list[Call] = [
@@ -271,11 +275,7 @@ class ClusterLink:
             return
         while True:
             await trio.sleep(self.catchup_interval)
-            self._ring_all()
-
-    def _ring_all(self) -> None:
-        for conn in self.gateway.registry.all():
-            conn.ring()
+            self.registry.ring_all()
 
 
 # What a lost or closed Redis connection raises from a coredis subscriber, alone or grouped.

@@ -30,11 +30,10 @@ READ_CHUNK = 1000
 class ClusterPresence:
     """Reads presence from Redis into a mirror, and writes hidden flags to it."""
 
-    def __init__(self, store: RedisStore, mirror: MirrorPresence, *, reconcile: float) -> None:
+    def __init__(self, store: RedisStore, *, reconcile: float) -> None:
         self.store = store
-        self.mirror = mirror
+        self.mirror = MirrorPresence(on_hidden=self.on_hidden)  # the service's state
         self.reconcile = reconcile
-        self.service: PresenceService | None = None  # set once built
         self._dirty: set[str] = set()
         self._hides: list[tuple[str, bool]] = []
         self._rechecks: list[tuple[float, str]] = []  # heap of grace-period ends
@@ -51,17 +50,24 @@ class ClusterPresence:
         self._hides.append((user, hidden))
         self._wakeup.set()
 
-    async def refresh(self, users: tuple[str, ...]) -> None:
-        """Read `users` from Redis now (before a snapshot of them is answered).
+    async def refresh(self, users: tuple[str, ...]) -> list[PresenceItem]:
+        """Read `users` from Redis now (before a snapshot of them is answered); return the
+        changes to the mirror.
 
         Raises:
             StoreError: Redis is unavailable.
         """
-        self._apply(await self._read(list(users)))
+        return await self._read(list(users))
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        service: PresenceService,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Write hides, read back changed users and due grace periods, and re-read every
-        mirrored user each `reconcile` seconds, until cancelled."""
+        mirrored user each `reconcile` seconds, until cancelled; the changes go to
+        `service`'s subscribers."""
         task_status.started()
         next_reconcile = trio.current_time() + self.reconcile
         while True:
@@ -82,7 +88,9 @@ class ClusterPresence:
                 await self._write_hides()
                 for start in range(0, len(users), READ_CHUNK):
                     chunk = sorted(users)[start : start + READ_CHUNK]
-                    self._apply(await self._read(chunk))
+                    changes = await self._read(chunk)
+                    if changes:
+                        service.apply(changes)
             except StoreError as exc:
                 log.warning("presence not read from redis: %s", exc)
                 self._dirty.update(users)  # again on the next round
@@ -121,7 +129,3 @@ class ClusterPresence:
             last_seen = int(seen) if seen else None
             changes += self.mirror.update(user, online, last_seen, hidden == 1)
         return changes
-
-    def _apply(self, changes: list[PresenceItem]) -> None:
-        if changes and self.service is not None:
-            self.service.apply(changes)

@@ -69,6 +69,14 @@ class Edge:
                 stream = await listener.accept()
                 handlers.start_soon(self._serve_stream, stream)
 
+    def open_connections(self) -> int:
+        """Open connections, including those before `hello`."""
+        return len(self.connections)
+
+    def outbox_depths(self) -> list[int]:
+        """Frames buffered for each open connection."""
+        return [len(conn.outbox) for conn in list(self.connections.values())]
+
     async def wait_for_close(self, user: str, device: str) -> int:
         """Wait until the next connection of (user, device) ends; return its close code."""
         event, code = trio.Event(), [0]

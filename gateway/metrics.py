@@ -10,14 +10,21 @@ describes every metric.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+from gateway.admission import Admission
+from gateway.counters import Counters
+from gateway.listener import AcceptStats
+from gateway.overload import LoadMonitor
+from gateway.registry import Registry
+from gateway.store.base import MessageStore
+from gateway.tls import TlsCertificate
+from push.dispatcher import PushDispatcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -35,11 +42,43 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-class GatewayCollector(Collector):
-    """Reads a `Gateway`'s state at scrape time."""
+class EdgeView(Protocol):
+    """What the metrics read of the device edge."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    @property
+    def draining(self) -> bool:
+        """Whether a graceful shutdown has begun."""
+        ...
+
+    def open_connections(self) -> int:
+        """Open connections, including those before `hello`."""
+        ...
+
+    def outbox_depths(self) -> list[int]:
+        """Frames buffered for each open connection."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSources:
+    """The parts of a gateway that `/metrics` reads when scraped."""
+
+    counters: Counters
+    edge: EdgeView
+    registry: Registry
+    admission: Admission
+    accepts: AcceptStats
+    tls: TlsCertificate | None
+    store: MessageStore
+    push: PushDispatcher | None
+    load: LoadMonitor
+
+
+class GatewayCollector(Collector):
+    """Reads a gateway's state at scrape time."""
+
+    def __init__(self, sources: MetricSources) -> None:
+        self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family, freshly read."""
@@ -50,12 +89,13 @@ class GatewayCollector(Collector):
         yield from self._load()
 
     def _connections(self) -> Iterator[Metric]:
-        gw = self.gateway
+        gw = self.sources
         authenticated = len(gw.registry)
         states = GaugeMetricFamily(
             "gateway_connections", "Open device connections by state.", labels=["state"]
         )
-        states.add_metric(["awaiting_hello"], max(0, len(gw.connections) - authenticated))
+        awaiting = gw.edge.open_connections() - authenticated
+        states.add_metric(["awaiting_hello"], max(0, awaiting))
         states.add_metric(["authenticated"], authenticated)
         yield states
         yield _gauge(
@@ -63,7 +103,7 @@ class GatewayCollector(Collector):
             "The global connection cap in force ([limits] max_connections, or automatic).",
             gw.admission.max_connections,
         )
-        m = gw.metrics
+        m = gw.counters
         yield _counter(
             "gateway_connections_opened",
             "WebSocket upgrades accepted.",
@@ -96,10 +136,12 @@ class GatewayCollector(Collector):
                 ["result"],
                 [(("ok",), tls.reloads), (("failed",), tls.failed_reloads)],
             )
-        yield _gauge("gateway_draining", "1 while a graceful shutdown is draining.", gw.draining)
+        yield _gauge(
+            "gateway_draining", "1 while a graceful shutdown is draining.", gw.edge.draining
+        )
 
     def _traffic(self) -> Iterator[Metric]:
-        m = self.gateway.metrics
+        m = self.sources.counters
         yield _counter(
             "gateway_messages",
             "WebSocket messages (each one frame or a batch), by direction.",
@@ -133,7 +175,7 @@ class GatewayCollector(Collector):
                 ["event"],
                 [((event,), n) for event, n in sorted(m.redis.items())],
             )
-        depths = [len(conn.outbox) for conn in list(self.gateway.connections.values())]
+        depths = self.sources.edge.outbox_depths()
         yield _gauge(
             "gateway_outbox_frames",
             "Frames buffered for devices, summed over connections.",
@@ -146,7 +188,7 @@ class GatewayCollector(Collector):
         )
 
     def _store(self) -> Iterator[Metric]:
-        store = self.gateway.store
+        store = self.sources.store
         yield _gauge(
             "gateway_store_queue_depth", "Submissions waiting for a commit.", store.queue_depth()
         )
@@ -154,7 +196,7 @@ class GatewayCollector(Collector):
         yield from store.commit_stats.batch_size.collect()
 
     def _push(self) -> Iterator[Metric]:
-        push = self.gateway.push
+        push = self.sources.push
         if push is None:
             return
         stats = push.metrics()
@@ -190,7 +232,7 @@ class GatewayCollector(Collector):
         )
 
     def _load(self) -> Iterator[Metric]:
-        load = self.gateway.load
+        load = self.sources.load
         yield _gauge(
             "gateway_event_loop_lag_seconds",
             "How late the event loop woke the last probe (every 0.1 s).",
@@ -207,10 +249,10 @@ class GatewayCollector(Collector):
         yield _gauge("gateway_overloaded", "1 while shedding load.", load.overloaded)
 
 
-def gateway_registry(gateway: Gateway) -> CollectorRegistry:
+def gateway_registry(sources: MetricSources) -> CollectorRegistry:
     """A registry holding only this gateway's metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+    registry.register(GatewayCollector(sources))
     return registry
 
 

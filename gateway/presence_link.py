@@ -2,66 +2,61 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from gateway import frames
 from gateway.clock import now_ms
-from gateway.cluster_presence import ClusterPresence
+from gateway.registry import Registry
+from gateway.settings import PresenceSettings
 from presence.fanout import Fanout
 from presence.service import PresenceService
-from presence.state import MemoryPresence, MirrorPresence, PresenceState
+from presence.state import MemoryPresence, PresenceItem, PresenceState
 from presence.typing import TypingTracker
 
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+Refresh = Callable[[tuple[str, ...]], Awaitable[list[PresenceItem]]]
 
 
-def build_presence(gateway: Gateway) -> PresenceService:
-    """A presence service whose frames go to `gateway`'s connections.
+def build_presence(
+    settings: PresenceSettings,
+    registry: Registry,
+    *,
+    overloaded: Callable[[], bool],
+    shed: Counter[str],
+    state: PresenceState | None = None,
+    refresh: Refresh | None = None,
+) -> PresenceService:
+    """A presence service whose frames go to the connections in `registry`.
 
-    On a cluster, the service works on a mirror of the presence held in Redis, kept up to
-    date by a `ClusterPresence` (which `serve_gateway` runs).
+    On a cluster, `state` is the mirror of the presence held in Redis and `refresh` reads
+    users back from it (both from a `ClusterPresence`); on one node the state is kept in
+    memory.
 
     Presence and typing are sheddable: they are offered to a connection's outbox, which
     refuses them once it is half full, while messages and receipts always get a place.
     """
-    settings = gateway.settings.presence
 
     def deliver(conn_id: int, frame: dict[str, Any]) -> bool:
-        conn = gateway.connections.get(conn_id)
+        conn = registry.by_id(conn_id)
         return conn is None or conn.offer(frame)
 
     def relay_typing(sender: str, sender_device: str, target: str, on: bool) -> None:
         frame = frames.typing(sender, on)
-        for conn in gateway.registry.of_user(target):
+        for conn in registry.of_user(target):
             if (conn.user, conn.device) == (sender, sender_device) or not conn.active:
                 continue
             if not conn.offer(frame):
-                gateway.metrics.shed["typing"] += 1
+                shed["typing"] += 1
 
-    state: PresenceState = MemoryPresence(settings.offline_grace)
-    refresh = None
-    if gateway.cluster is not None:
-        mirror = MirrorPresence()
-        state = mirror
-        link = gateway.cluster_presence = ClusterPresence(
-            gateway.cluster.store, mirror, reconcile=gateway.settings.cluster.catchup_interval
-        )
-        mirror.on_hidden = link.on_hidden
-        gateway.cluster.on_event = link.on_event
-        refresh = link.refresh
-
-    service = PresenceService(
-        state,
+    return PresenceService(
+        state if state is not None else MemoryPresence(settings.offline_grace),
         Fanout(settings.batch_ms / 1000, max_watch=settings.max_watch),
         TypingTracker(),
         deliver=deliver,
         relay_typing=relay_typing,
         wall_ms=now_ms,
-        overloaded=lambda: gateway.load.overloaded,
-        shed=gateway.metrics.shed,
+        overloaded=overloaded,
+        shed=shed,
         refresh=refresh,
     )
-    if gateway.cluster_presence is not None:
-        gateway.cluster_presence.service = service
-    return service

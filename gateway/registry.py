@@ -32,6 +32,7 @@ class Registry:
         self.waker = waker
         self._by_device: dict[DeviceKey, Peer] = {}
         self._by_user: dict[str, dict[str, Peer]] = {}
+        self._by_id: dict[int, Peer] = {}  # replaced ones too, until they end
         self._watches: dict[DeviceKey, list[Watch]] = {}
 
     def __len__(self) -> int:
@@ -42,12 +43,14 @@ class Registry:
         key = (conn.user, conn.device)
         previous = self._by_device.get(key)
         self._by_device[key] = conn
+        self._by_id[conn.id] = conn
         self._by_user.setdefault(conn.user, {})[conn.device] = conn
         self.waker.connected(conn.user, conn.device)
         return previous
 
     def detach(self, conn: Peer) -> bool:
-        """Forget a connection if it is still the current one for its device."""
+        """Forget a connection that ended; True if it was still its device's current one."""
+        self._by_id.pop(conn.id, None)
         key = (conn.user, conn.device)
         if self._by_device.get(key) is not conn:
             return False
@@ -63,6 +66,10 @@ class Registry:
         """The live connection of a device, if it is connected here."""
         return self._by_device.get((user, device))
 
+    def by_id(self, conn_id: int) -> Peer | None:
+        """An attached connection by its id (a replaced one too, until it ends)."""
+        return self._by_id.get(conn_id)
+
     def of_user(self, user: str) -> Iterator[Peer]:
         """The live connections of a user's devices."""
         yield from list(self._by_user.get(user, {}).values())
@@ -70,6 +77,11 @@ class Registry:
     def all(self) -> list[Peer]:
         """Every live connection."""
         return list(self._by_device.values())
+
+    def ring_all(self) -> None:
+        """Have every live connection read its queue (doorbells may have been lost)."""
+        for conn in list(self._by_device.values()):
+            conn.ring()
 
     def watch(self, user: str, device: str) -> Watch:
         """Note every doorbell of a device from now until `unwatch`: a session that is

@@ -1,32 +1,34 @@
-"""The gateway process: services, the WebSocket listener, and graceful shutdown.
+"""The gateway process: the composition root, the services and graceful shutdown.
 
 ```
 serve_gateway
 └─ services nursery: store writer (group commit), push dispatcher
    └─ background nursery: expiry sweeper, load probe, presence clock, heartbeat, cluster
-      link, admin API, the device listeners
+      link and cluster presence (Redis), TLS watcher, admin API, the device listeners
       └─ connections nursery: one task per connection; short flush tasks while other
          tasks have queued output for one
 ```
 
-Start it with ``server = await nursery.start(serve_gateway, settings)``; the `GatewayServer`
-handed back knows the real port (port 0 picks a free one) and can `shutdown()` gracefully.
+`serve_gateway` builds every component here, once, and hands each its collaborators as
+constructor arguments; nothing else assembles the gateway. Start it with
+``server = await nursery.start(serve_gateway, settings)``: the `GatewayServer` handed
+back knows the real port (port 0 picks a free one), can `shutdown()` gracefully, and
+holds the components for tools and tests.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from dataclasses import dataclass
 
 import trio
 
-from gateway.admin import serve_admin
+from gateway.admin import AdminApi, serve_admin
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
+from gateway.backend import open_backend
 from gateway.clock import now_ms
-from gateway.cluster import ClusterLink
-from gateway.cluster_presence import ClusterPresence
 from gateway.connection import CLOSE_TIMEOUT, EdgeContext
 from gateway.counters import Counters
 from gateway.edge import WS_PATH, Edge
@@ -34,14 +36,14 @@ from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
 from gateway.heartbeat import Heartbeat
 from gateway.listener import AcceptStats, EdgeListener
+from gateway.metrics import MetricSources, gateway_registry
 from gateway.overload import LoadMonitor
 from gateway.presence_link import build_presence
 from gateway.registry import Registry
 from gateway.router import Router
 from gateway.sessions import Sessions
 from gateway.settings import Settings
-from gateway.store import MessageStore, open_store
-from gateway.store.redis import RedisStore
+from gateway.store import MessageStore
 from gateway.tls import TlsCertificate
 from gateway.workers import open_reuseport_listeners
 from push.dispatcher import PushDispatcher
@@ -50,74 +52,32 @@ from push.waker import Waker
 
 log = logging.getLogger(__name__)
 
-class Gateway:
-    """The components one gateway process shares between its connections."""
 
-    def __init__(self, settings: Settings, *, waker: Waker | None = None) -> None:
-        self.settings = settings
-        self.metrics = Counters()
-        self.push: PushDispatcher | None = None  # None when the caller brings its own waker
-        if waker is None:
-            waker = self.push = PushDispatcher(settings.push, build_providers(settings.push))
-        self.registry = Registry(waker)
-        self.node_id = secrets.token_hex(6)  # this process, among nodes sharing Redis
-        self.store: MessageStore = open_store(
-            settings, self.registry.ring, counters=self.metrics.redis, node_id=self.node_id
-        )
-        self.cluster: ClusterLink | None = None
-        if isinstance(self.store, RedisStore):
-            self.cluster = ClusterLink(self, self.store)
-        self.verifier = TokenVerifier(settings.auth)
-        self.load = LoadMonitor(settings.server.overload_lag)
-        self.admission = Admission(settings.limits, now=trio.current_time())
-        self.accepts = AcceptStats()
-        self.tls = _tls_certificate(settings)
-        self.cluster_presence: ClusterPresence | None = None  # set by build_presence
-        self.presence = build_presence(self)
-        self.router = Router(
-            self.store,
-            self.registry,
-            self.presence,
-            self.metrics,
-            clock=now_ms,
-            max_ttl=settings.server.max_ttl,
-        )
-        self.parser = FrameParser(max_ttl=settings.server.max_ttl)
-        self.sessions = Sessions(
-            self.verifier, self.store, self.registry, self.presence, self.cluster
-        )
-        self.heartbeat = Heartbeat(settings.server.heartbeat)
-        self.edge: Edge | None = None  # once the connections nursery is open
-
-    @property
-    def connections(self) -> dict[int, Any]:
-        """Live connections by id, including those before `hello`."""
-        return self.edge.connections if self.edge is not None else {}
-
-    @property
-    def draining(self) -> bool:
-        """Whether a graceful shutdown has begun."""
-        return self.edge is not None and self.edge.draining
-
-    async def wait_for_close(self, user: str, device: str) -> int:
-        """Wait until the next connection of (user, device) ends; return its close code."""
-        assert self.edge is not None
-        return await self.edge.wait_for_close(user, device)
-
-
+@dataclass(eq=False)
 class GatewayServer:
-    """A running gateway, as handed back by ``nursery.start(serve_gateway, ...)``."""
+    """A running gateway, as handed back by ``nursery.start(serve_gateway, ...)``: where
+    it listens, how to stop it, and its components (for tools and tests)."""
 
-    def __init__(self, gateway: Gateway, port: int) -> None:
-        self.gateway = gateway
-        self.port = port
-        self.admin_port: int | None = None  # None while the admin port cannot be bound
+    settings: Settings
+    port: int
+    edge: Edge
+    registry: Registry
+    store: MessageStore
+    router: Router
+    counters: Counters
+    admission: Admission
+    push: PushDispatcher | None  # None when the caller brought its own waker
+    tls: TlsCertificate | None
+    node_id: str  # this process, among nodes sharing Redis
+    admin_port: int | None = None  # None while the admin port cannot be bound
+
+    def __post_init__(self) -> None:
         self._shutdown = trio.Event()
 
     @property
     def url(self) -> str:
         """The device endpoint, for clients on this host."""
-        server = self.gateway.settings.server
+        server = self.settings.server
         scheme = "wss" if server.tls_cert else "ws"
         host = server.host if server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
@@ -126,7 +86,7 @@ class GatewayServer:
     @property
     def admin_url(self) -> str:
         """The admin and backend API, for clients on this host."""
-        admin = self.gateway.settings.admin
+        admin = self.settings.admin
         host = admin.host if admin.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.admin_port}"
@@ -147,8 +107,7 @@ class GatewayServer:
             True if new handshakes now use the files' contents; False if TLS is off or the
             files could not be loaded (the previous certificate stays in use).
         """
-        tls = self.gateway.tls
-        return tls.reload() if tls is not None else False
+        return self.tls.reload() if self.tls is not None else False
 
 
 async def serve_gateway(
@@ -174,45 +133,93 @@ async def serve_gateway(
             processes of ``gateway serve --workers N``.
         task_status: Receives the `GatewayServer` once the port is listening.
     """
-    gateway = Gateway(settings, waker=waker)
     server_settings = settings.server
+    counters = Counters()
+    push: PushDispatcher | None = None
+    if waker is None:
+        waker = push = PushDispatcher(settings.push, build_providers(settings.push))
+    registry = Registry(waker)
+    node_id = secrets.token_hex(6)
+    backend = open_backend(settings, registry, counters, node_id=node_id)
+    store, cluster, cluster_presence = backend.store, backend.cluster, backend.cluster_presence
+    load = LoadMonitor(server_settings.overload_lag)
+    presence = build_presence(
+        settings.presence,
+        registry,
+        overloaded=lambda: load.overloaded,
+        shed=counters.shed,
+        state=cluster_presence.mirror if cluster_presence is not None else None,
+        refresh=cluster_presence.refresh if cluster_presence is not None else None,
+    )
+    router = Router(
+        store, registry, presence, counters, clock=now_ms, max_ttl=server_settings.max_ttl
+    )
+    sessions = Sessions(TokenVerifier(settings.auth), store, registry, presence, cluster)
+    heartbeat = Heartbeat(server_settings.heartbeat)
+    admission = Admission(settings.limits, now=trio.current_time())
+    accepts = AcceptStats()
+    tls = _tls_certificate(settings)
+
     async with trio.open_nursery() as services:
-        await services.start(gateway.store.run)
-        if gateway.push is not None:
-            await services.start(gateway.push.run, gateway.store)
+        await services.start(store.run)
+        if push is not None:
+            await services.start(push.run, store)
         async with trio.open_nursery() as background:
-            background.start_soon(_sweep_expired, gateway)
-            await background.start(gateway.load.run)
-            await background.start(gateway.presence.run)
-            if gateway.cluster is not None:
-                await background.start(gateway.cluster.run)
-                if gateway.cluster_presence is not None:
-                    await background.start(gateway.cluster_presence.run)
-            if gateway.tls is not None and server_settings.tls_watch > 0:
-                await background.start(gateway.tls.watch, server_settings.tls_watch)
-            await background.start(gateway.heartbeat.run)
+            background.start_soon(_sweep_expired, store, settings.store.sweep_interval)
+            await background.start(load.run)
+            await background.start(presence.run)
+            await background.start(heartbeat.run)
+            if cluster is not None:
+                await background.start(cluster.run)
+            if cluster_presence is not None:
+                await background.start(cluster_presence.run, presence)
+            if tls is not None and server_settings.tls_watch > 0:
+                await background.start(tls.watch, server_settings.tls_watch)
             async with trio.open_nursery() as connections:
                 listeners = await _open_listeners(settings, reuse_port)
-                port = listeners[0].socket.getsockname()[1]
-                context = EdgeContext(
-                    server=server_settings,
-                    limits=settings.limits,
-                    parser=gateway.parser,
-                    router=gateway.router,
-                    sessions=gateway.sessions,
-                    queue=gateway.store,
-                    heartbeat=gateway.heartbeat,
-                    counters=gateway.metrics,
-                    flushes=connections,
+                edge = Edge(
+                    EdgeContext(
+                        server=server_settings,
+                        limits=settings.limits,
+                        parser=FrameParser(max_ttl=server_settings.max_ttl),
+                        router=router,
+                        sessions=sessions,
+                        queue=store,
+                        heartbeat=heartbeat,
+                        counters=counters,
+                        flushes=connections,
+                    ),
+                    admission,
                 )
-                edge = gateway.edge = Edge(context, gateway.admission)
-                edges = [
-                    EdgeListener(lst, tls=gateway.tls, stats=gateway.accepts) for lst in listeners
-                ]
                 listener_scope = trio.CancelScope()
+                edges = [EdgeListener(lst, tls=tls, stats=accepts) for lst in listeners]
                 background.start_soon(_listen, edge, edges, connections, listener_scope)
-                server = GatewayServer(gateway, port)
-                server.admin_port = await background.start(serve_admin, gateway)
+                server = GatewayServer(
+                    settings=settings,
+                    port=listeners[0].socket.getsockname()[1],
+                    edge=edge,
+                    registry=registry,
+                    store=store,
+                    router=router,
+                    counters=counters,
+                    admission=admission,
+                    push=push,
+                    tls=tls,
+                    node_id=node_id,
+                )
+                metrics = MetricSources(
+                    counters, edge, registry, admission, accepts, tls, store, push, load
+                )
+                admin = AdminApi(
+                    settings,
+                    store=store,
+                    registry=registry,
+                    counters=counters,
+                    edge=edge,
+                    metrics=gateway_registry(metrics),
+                    revocations=cluster,
+                )
+                server.admin_port = await background.start(serve_admin, admin)
                 log.info("gateway listening on %s", server.url)
                 task_status.started(server)
                 await server._shutdown.wait()
@@ -225,11 +232,11 @@ async def serve_gateway(
                 # are no one's connection yet, so they are not waited for.
                 connections.cancel_scope.cancel()
             background.cancel_scope.cancel()  # the sweeper, load probe and presence clock
-        if gateway.push is not None:
+        if push is not None:
             with trio.move_on_at(deadline - CLOSE_TIMEOUT):
-                await gateway.push.wait_idle()  # wake-ups already queued go out
-            gateway.push.close()  # what is still unsent is dropped; its items stay stored
-        gateway.store.close()  # flushes what was submitted, then store.run returns
+                await push.wait_idle()  # wake-ups already queued go out
+            push.close()  # what is still unsent is dropped; its items stay stored
+        store.close()  # flushes what was submitted, then store.run returns
     log.info("gateway stopped")
 
 
@@ -256,12 +263,11 @@ async def _listen(
         await edge.serve(listeners, connections)
 
 
-async def _sweep_expired(gateway: Gateway) -> None:
-    """Delete expired items every `sweep_interval` seconds."""
-    interval = gateway.settings.store.sweep_interval
+async def _sweep_expired(store: MessageStore, interval: float) -> None:
+    """Delete expired items every `interval` seconds."""
     while True:
         try:
-            removed = await gateway.store.sweep_expired(now_ms())
+            removed = await store.sweep_expired(now_ms())
         except StoreError as exc:
             log.warning("expiry sweep failed: %s", exc)
         else:

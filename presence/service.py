@@ -49,7 +49,7 @@ class PresenceService:
         wall_ms: Callable[[], int],
         overloaded: Callable[[], bool] = lambda: False,
         shed: Counter[str] | None = None,
-        refresh: Callable[[tuple[str, ...]], Awaitable[None]] | None = None,
+        refresh: Callable[[tuple[str, ...]], Awaitable[list[PresenceItem]]] | None = None,
     ) -> None:
         self.state = state
         self.fanout = fanout
@@ -90,7 +90,7 @@ class PresenceService:
         """Bring the state of `users` up to date before a snapshot of them (a no-op unless
         the state mirrors a shared store)."""
         if self._refresh is not None:
-            await self._refresh(users)
+            self._publish(await self._refresh(users))
 
     def apply(self, items: list[PresenceItem]) -> None:
         """Changes that arrived from elsewhere (another node), for subscribers here."""

@@ -171,7 +171,7 @@ class MirrorPresence:
     nothing to do here. A device connecting on this node makes its user online at once,
     without waiting for the shared store to be read back.
 
-    `on_hidden` (settable) is called with (user, hidden) when a user hides or shows their presence,
+    `on_hidden` is called with (user, hidden) when a user hides or shows their presence,
     for the shared store to record.
     """
 

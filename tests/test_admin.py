@@ -48,7 +48,7 @@ async def http(server: GatewayServer) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def token(server: GatewayServer, user: str, device: str) -> str:
-    return mint_token(server.gateway.settings.auth, user, device)
+    return mint_token(server.settings.auth, user, device)
 
 
 def b64(data: bytes) -> str:
@@ -107,7 +107,7 @@ async def test_readiness_is_false_while_the_store_does_not_answer(
     async def unreachable() -> None:
         raise StoreError("connection refused")
 
-    monkeypatch.setattr(server.gateway.store, "ping", unreachable)
+    monkeypatch.setattr(server.store, "ping", unreachable)
     ready = await http.get("/readyz")
     assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "store_unreachable"})  # fmt: skip
     monkeypatch.undo()
@@ -261,7 +261,7 @@ async def test_publish_to_an_online_device_arrives_as_an_ordinary_msg_once(
         assert again.status_code == 202
         assert again.json() == {"id": "n-1", "ts": answer["ts"], "duplicate": True}
     # Acked once, stored once: nothing is left for bob.
-    assert await server.gateway.store.count("bob", "phone", 0) == 0
+    assert await server.store.count("bob", "phone", 0) == 0
 
 
 async def test_publish_is_durable_before_202_and_wakes_an_idle_device(
@@ -281,7 +281,7 @@ async def test_publish_is_durable_before_202_and_wakes_an_idle_device(
         )
         assert response.status_code == 202
         # Durable before the answer: it is in the store the moment we hear back.
-        assert await server.gateway.store.count("bob", "phone", 0) == 1
+        assert await server.store.count("bob", "phone", 0) == 1
         with trio.fail_after(10):
             (record,) = await fake_apns.wait_requests(1)
         assert record.token == APNS_TOKEN
@@ -327,7 +327,7 @@ async def test_pre_register_then_list_devices_without_their_tokens(
     }
     assert devices["phone"]["last_seen"] >= devices["phone"]["created"]
     assert "secret-push-token-123" not in listing.text
-    assert await server.gateway.store.count("carol", "tablet", 0) == 2  # early + barrier
+    assert await server.store.count("carol", "tablet", 0) == 2  # early + barrier
 
 
 async def test_revocation_kicks_the_live_connection_and_forgets_the_device(
@@ -338,7 +338,7 @@ async def test_revocation_kicks_the_live_connection_and_forgets_the_device(
             closed = trio.Event()
 
             async def watch() -> None:
-                await server.gateway.wait_for_close("dave", "laptop")
+                await server.edge.wait_for_close("dave", "laptop")
                 closed.set()
 
             async with trio.open_nursery() as nursery:
@@ -453,8 +453,8 @@ async def test_revocation_on_one_node_closes_the_device_on_another(
         assert response.json()["kicked"] is True
         with trio.fail_after(DEADLINE):
             assert await close_code(phone) == 4001
-        assert b.gateway.metrics.redis["revocations_sent"] == 1
-        assert a.gateway.metrics.redis["revocations_received"] == 1
+        assert b.counters.redis["revocations_sent"] == 1
+        assert a.counters.redis["revocations_received"] == 1
 
 
 async def test_readiness_follows_the_redis_store_down_and_back(tmp_path: Path) -> None:

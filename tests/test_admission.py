@@ -22,7 +22,7 @@ from tests.rawws import close_code, hello, raw_ws, recv, recv_until, send
 @asynccontextmanager
 async def devices(server: GatewayServer, n: int) -> AsyncIterator[list[WebSocketConnection]]:
     """`n` authenticated raw connections, devices u0/d .. u{n-1}/d."""
-    auth = server.gateway.settings.auth
+    auth = server.settings.auth
     async with AsyncExitStack() as stack:
         conns = []
         for i in range(n):
@@ -53,7 +53,7 @@ async def test_the_global_cap_refuses_with_503_and_retry_after(tmp_path):
 
         assert rejection.status_code == 503
         assert 3 <= int(dict(rejection.headers)[b"retry-after"]) <= 6
-        assert server.gateway.admission.refused["max_connections"] == 1
+        assert server.admission.refused["max_connections"] == 1
         await assert_still_serving(server, a, "u1")
 
     async with running_server(settings) as server:
@@ -61,7 +61,7 @@ async def test_the_global_cap_refuses_with_503_and_retry_after(tmp_path):
             pass
         # Places are given back when connections end.
         async with devices(server, 2):
-            assert server.gateway.admission.open == 2
+            assert server.admission.open == 2
 
 
 async def test_the_per_ip_cap_refuses_a_second_connection_from_the_same_address(tmp_path):
@@ -71,7 +71,7 @@ async def test_the_per_ip_cap_refuses_a_second_connection_from_the_same_address(
 
         assert rejection.status_code == 503
         assert b"retry-after" in dict(rejection.headers)
-        assert server.gateway.admission.refused["max_connections_per_ip"] == 1
+        assert server.admission.refused["max_connections_per_ip"] == 1
         await send(a, {"t": "sub", "users": ["u0"]})
         assert (await recv(a))[0]["t"] == "presence"
 
@@ -82,7 +82,7 @@ async def test_the_handshake_rate_limit_refuses_a_burst(tmp_path):
         rejection = await refused(server)
 
         assert rejection.status_code == 503
-        assert server.gateway.admission.refused["handshake_rate"] == 1
+        assert server.admission.refused["handshake_rate"] == 1
         await assert_still_serving(server, a, "u1")
 
 
@@ -99,7 +99,7 @@ async def test_a_browser_origin_outside_the_allowlist_gets_403(tmp_path):
             assert (await hello(ws, token))[0]["t"] == "welcome"
         async with raw_ws(server.url) as ws:  # native apps send no Origin
             assert (await hello(ws, token))[0]["t"] == "welcome"
-        assert server.gateway.admission.refused == {"origin": 1}
+        assert server.admission.refused == {"origin": 1}
 
 
 async def test_a_slowloris_handshake_is_cut_off_after_handshake_timeout(tmp_path):
@@ -136,7 +136,7 @@ async def test_sends_over_the_rate_get_rate_limited_and_persistent_abuse_closes_
         assert sent == ["m0", "m1"]
         assert limited == ["m2", "m3", "m4"]
         assert code == 1008
-        assert server.gateway.metrics.rate_limited == 4
+        assert server.counters.rate_limited == 4
         # The other device got exactly the two allowed messages and is unaffected.
         delivered: list[str] = []
         with trio.fail_after(10):

@@ -80,7 +80,7 @@ async def queue_for_bob(server: GatewayServer, token: Any) -> None:
 
 async def bobs_queue(server: GatewayServer) -> list[tuple[str, bytes]]:
     """What bob's phone has queued, read straight from the store."""
-    items = await server.gateway.store.fetch("bob", "phone", 0, 100, 0)
+    items = await server.store.fetch("bob", "phone", 0, 100, 0)
     return [(i.msg_id, i.body) for i in items]
 
 
@@ -97,8 +97,8 @@ async def refused_with_4001(url: str, token: str) -> None:
 )  # fmt: skip
 async def test_forged_hs256_tokens_are_refused_and_change_nothing(server, token, attack):
     await queue_for_bob(server, token)
-    secret = server.gateway.settings.auth.jwt_secret.encode()
-    good = mint_token(server.gateway.settings.auth, "mallory", "phone")
+    secret = server.settings.auth.jwt_secret.encode()
+    good = mint_token(server.settings.auth, "mallory", "phone")
     forged = {
         "alg-none": forge({"alg": "none", "typ": "JWT"}, bob_claims(), None),
         "alg-none-signed": forge({"alg": "none"}, bob_claims(), secret),
@@ -115,7 +115,7 @@ async def test_forged_hs256_tokens_are_refused_and_change_nothing(server, token,
     await refused_with_4001(server.url, forged)
 
     assert await bobs_queue(server) == [("secret", b"for bob only")]
-    assert server.gateway.registry.get("bob", "phone") is None
+    assert server.registry.get("bob", "phone") is None
 
 
 async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_none(
@@ -147,7 +147,7 @@ async def test_rs256_gateway_refuses_hs256_keyed_with_its_public_key_and_alg_non
             jwt.encode(bob_claims(), "any-shared-secret-of-at-least-32-bytes", algorithm="HS256"),
         ):
             await refused_with_4001(server.url, forged)
-        assert server.gateway.metrics.closes[4001] == 3
+        assert server.counters.closes[4001] == 3
 
 
 async def test_a_token_replayed_after_revocation_is_refused_and_a_newer_one_admitted(
@@ -175,9 +175,9 @@ async def test_a_token_replayed_after_revocation_is_refused_and_a_newer_one_admi
 
         await refused_with_4001(server.url, stolen)
 
-        assert [d.device for d in await server.gateway.store.devices("bob")] == ["tablet"]
+        assert [d.device for d in await server.store.devices("bob")] == ["tablet"]
         assert await bobs_queue(server) == []
-        assert len(await server.gateway.store.fetch("bob", "tablet", 0, 10, 0)) == 1
+        assert len(await server.store.fetch("bob", "tablet", 0, 10, 0)) == 1
         # A token issued after the revocation (the phone enrolled again) is admitted.
         fresh = jwt.encode(bob_claims(iat=revoked + 1), auth.jwt_secret, algorithm="HS256")
         async with raw_ws(server.url) as ws:
@@ -206,7 +206,7 @@ async def test_a_device_cannot_ack_the_items_of_another_device_of_the_same_user(
     async with connect(server.url, token("alice", "phone")) as alice:
         for n in range(3):  # and three more for the phone alone
             await alice.send("bob", b"phone only", bodies={"phone": b"phone only"}, id=f"p{n}")
-    store = server.gateway.store
+    store = server.store
     phone_before = await store.fetch("bob", "phone", 0, 10, 0)
     [tablet_item] = await store.fetch("bob", "tablet", 0, 10, 0)
     # sids are per receiving device: the phone's that are not also the tablet's own
@@ -247,7 +247,7 @@ async def test_read_frames_naming_ids_sent_to_someone_else_queue_nothing(server,
         receipt = (await alice.next_delivery()).frame
 
     assert (receipt["kind"], receipt["by"], receipt["ids"]) == ("read", "mallory", ["to-mallory"])
-    queued = await server.gateway.store.fetch("alice", "phone", 0, 100, 0)
+    queued = await server.store.fetch("alice", "phone", 0, 100, 0)
     read_ids = [i.ids for i in queued if i.kind.name == "READ"]
     assert read_ids == [("to-mallory",)]
 
@@ -287,7 +287,7 @@ async def next_presence(client: Any) -> list[dict[str, Any]]:
 
 async def test_a_frame_before_hello_cannot_touch_anyone(server, token):
     await queue_for_bob(server, token)
-    sids = [i.sid for i in await server.gateway.store.fetch("bob", "phone", 0, 10, 0)]
+    sids = [i.sid for i in await server.store.fetch("bob", "phone", 0, 10, 0)]
     for frame in (
         {"t": "ack", "sids": sids},
         {"t": "send", "id": "x", "to": "bob", "body": b"spoof"},

@@ -26,9 +26,9 @@ async def test_client_reconnects_after_a_server_side_close_and_keeps_receiving(s
         connect(server.url, token("bob", "phone"), backoff=Backoff(base=0.01)) as bob,
         connect(server.url, token("alice", "phone")) as alice,
     ):
-        first = server.gateway.registry.get("bob", "phone")
+        first = server.registry.get("bob", "phone")
         first.request_close(CloseCode.OVERLOADED, "try again later")
-        await server.gateway.wait_for_close("bob", "phone")
+        await server.edge.wait_for_close("bob", "phone")
         sent = await alice.send("bob", b"after the reconnect")
         assert (await bob.next_delivery()).frame["id"] == sent.id
         assert bob.connections == 2
@@ -38,7 +38,7 @@ async def test_unanswered_sends_are_resent_after_reconnect_without_duplicates(se
     async with connect(server.url, token("bob", "phone")):
         pass
     async with connect(server.url, token("alice", "phone"), backoff=Backoff(base=0.01)) as alice:
-        conn = server.gateway.registry.get("alice", "phone")
+        conn = server.registry.get("alice", "phone")
         # Close alice's connection before the server can answer: the commit is still
         # pending when the writer is cancelled, so `sent` never reaches the client.
         async with trio.open_nursery() as nursery:

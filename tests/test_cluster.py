@@ -70,7 +70,7 @@ async def two_nodes(
         running_server(settings, waker=waker_a or LogWaker()) as a,
         running_server(settings, waker=LogWaker()) as b,
     ):
-        assert a.gateway.node_id != b.gateway.node_id
+        assert a.node_id != b.node_id
         yield a, b
 
 
@@ -95,8 +95,8 @@ async def test_a_message_sent_on_one_node_reaches_a_device_on_the_other_at_once(
                 with trio.fail_after(DEADLINE):
                     receipt = await alice.next_delivery()
                 assert receipt.frame["t"] == "receipt" and receipt.frame["ids"] == [sent.id]
-        assert b.gateway.metrics.redis["doorbells_published"] >= 1
-        assert a.gateway.metrics.redis["doorbells_received"] >= 1
+        assert b.counters.redis["doorbells_published"] >= 1
+        assert a.counters.redis["doorbells_received"] >= 1
 
 
 async def test_a_second_connection_on_another_node_closes_the_first_with_4009(
@@ -119,8 +119,8 @@ async def test_a_second_connection_on_another_node_closes_the_first_with_4009(
                         from tests.rawws import recv
 
                         frames += await recv(second)
-        assert b.gateway.metrics.redis["kicks_sent"] == 1
-        assert a.gateway.metrics.redis["kicks_received"] == 1
+        assert b.counters.redis["kicks_sent"] == 1
+        assert a.counters.redis["kicks_received"] == 1
 
 
 async def test_a_device_connected_on_another_node_gets_no_wake_up(tmp_path, shared_redis):
@@ -195,7 +195,7 @@ async def test_a_lost_doorbell_only_delays_delivery_until_the_catch_up(tmp_path,
             with trio.fail_after(DEADLINE):
                 delivery = await bob.next_delivery()
             assert delivery.frame["body"] == b"rung in vain"
-        counters = node.gateway.metrics.redis
+        counters = node.counters.redis
         assert counters["doorbells_published"] >= 1
         assert counters["doorbells_received"] == 0  # it came through the catch-up read
 
@@ -211,7 +211,7 @@ async def test_an_item_nobody_was_rung_for_is_not_jumped_over(tmp_path, redis_ur
     ):
         await bob.wait_drained()
         # A store of the same node that rings nobody stands for the lost answer.
-        unrung = RedisStore(redis_url, doorbell=lambda *ring: None, node_id=node.gateway.node_id)
+        unrung = RedisStore(redis_url, doorbell=lambda *ring: None, node_id=node.node_id)
         async with trio.open_nursery() as nursery:
             await nursery.start(unrung.run)
             now = now_ms()

@@ -96,12 +96,12 @@ async def test_upgrades_during_the_drain_are_refused_with_503(tmp_path):
         await hello(b, mint_token(settings.auth, "b", "phone"))
         server.shutdown()
         with trio.fail_after(5):
-            while not server.gateway.draining:  # noqa: ASYNC110 (a flag, polled with a bound)
+            while not server.edge.draining:  # noqa: ASYNC110 (a flag, polled with a bound)
                 await trio.sleep(0.01)
         with pytest.raises(ClientClosed):
             async with connect(server.url, mint_token(settings.auth, "c", "d"), reconnect=False):
                 pass
-        assert server.gateway.admission.refused["draining"] == 1
+        assert server.admission.refused["draining"] == 1
 
 
 def test_backoff_follows_the_reconnect_hint_of_1012_with_jitter():
@@ -161,10 +161,10 @@ async def test_drain_flushes_wake_ups_already_queued(tmp_path, fake_apns) -> Non
                 await fake_apns.wait_requests(1)  # in flight, held by the gate
             server.shutdown()
             with trio.fail_after(10):
-                while not server.gateway.draining:  # noqa: ASYNC110 (a flag, polled with a bound)
+                while not server.edge.draining:  # noqa: ASYNC110 (a flag, polled with a bound)
                     await trio.sleep(0.01)
         gate.set()  # the provider answers only now, during the drain
     # serve_gateway has returned: the wake-up completed instead of being cancelled.
-    push = server.gateway.push
+    push = server.push
     assert push is not None
     assert push.counters[("apns", "sent_alert")] == 1

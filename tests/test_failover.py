@@ -188,10 +188,10 @@ async def test_a_redis_restart_mid_stream_loses_nothing_that_was_sent(tmp_path):
                 # The devices' connections stayed up through the outage.
                 assert (bob.connections, alice.connections) == (1, 1)
             # Metrics say what happened: sends failed on B, and both channels came back.
-            assert b.gateway.metrics.redis["errors"] >= 1
-            assert b.gateway.metrics.redis["recoveries"] >= 2  # the start, then back
+            assert b.counters.redis["errors"] >= 1
+            assert b.counters.redis["recoveries"] >= 2  # the start, then back
             for node in (a, b):
-                assert node.gateway.metrics.redis["listen_errors"] >= 1
-                assert node.gateway.metrics.redis["listen_recoveries"] >= 1
+                assert node.counters.redis["listen_errors"] >= 1
+                assert node.counters.redis["listen_recoveries"] >= 1
     finally:
         redis.stop()

@@ -15,7 +15,7 @@ async def test_a_peer_that_never_answers_pings_is_closed(tmp_path, token):
     async with running_server(settings) as server:
         peer = await StubbornPeer.connect(server.port)
         await peer.send({"t": "hello", "v": 1, "token": token("bob", "phone")})
-        code = await server.gateway.wait_for_close("bob", "phone")
+        code = await server.edge.wait_for_close("bob", "phone")
         assert code == 1001
         assert await peer.read_until_closed() == 1001
 
@@ -29,7 +29,7 @@ async def test_a_peer_that_answers_pings_stays(tmp_path, token):
     ):
         await trio.sleep(0.8)  # eight heartbeat rounds are what is under test
         assert bob.connections == 1
-        assert server.gateway.registry.get("bob", "phone") is not None
+        assert server.registry.get("bob", "phone") is not None
 
 
 async def test_a_reader_that_never_reads_is_closed_with_1013_and_keeps_its_items(tmp_path, token):
@@ -39,7 +39,7 @@ async def test_a_reader_that_never_reads_is_closed_with_1013_and_keeps_its_items
         await peer.send({"t": "hello", "v": 1, "token": token("bob", "phone")})
         body = b"x" * 60_000
         async with connect(server.url, token("alice", "phone")) as alice:
-            closed = server.gateway.wait_for_close("bob", "phone")
+            closed = server.edge.wait_for_close("bob", "phone")
             async with trio.open_nursery() as nursery:
                 result: list[int] = []
 

@@ -50,7 +50,7 @@ async def test_connection_records_carry_conn_user_and_device_and_no_secrets(tmp_
             await send(alice, {"t": "hello", "v": 1, "token": "x.y.z"})  # a bad frame
             await recv_until(alice, "error")
         with trio.fail_after(10):
-            while len(server.gateway.connections):
+            while len(server.edge.connections):
                 await trio.sleep(0.01)
 
     lines = json_lines()

@@ -23,7 +23,7 @@ from tests.conftest import make_settings, running_server
 @contextmanager
 def doorbell_lost(server: GatewayServer) -> Iterator[None]:
     """Commits inside the block ring nothing, as if their answers never came back."""
-    store = server.gateway.store
+    store = server.store
     ring = store._doorbell  # type: ignore[attr-defined]
     store._doorbell = lambda *args: None  # type: ignore[attr-defined]
     try:

@@ -316,7 +316,7 @@ async def test_a_failing_connection_closes_with_1011_and_the_server_carries_on(s
     async def explode(conn, frame):
         raise RuntimeError("handler bug")
 
-    server.gateway.router._handlers[Typing] = explode
+    server.router._handlers[Typing] = explode
     async with connect(server.url, token("bob", "phone")) as bob:
         async with raw_ws(server.url) as ws:
             await hello(ws, token("alice", "phone"))
@@ -330,7 +330,7 @@ async def test_a_failing_connection_closes_with_1011_and_the_server_carries_on(s
 async def test_concurrent_senders_reach_an_online_device_in_order_without_store_reads(
     server, token
 ):
-    store = server.gateway.store
+    store = server.store
     reads = 0
     fetch = store.fetch
 

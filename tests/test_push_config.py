@@ -91,8 +91,8 @@ async def test_a_bad_key_at_start_up_is_loud_but_the_gateway_serves(
     settings = make_settings(tmp_path, push={"apns": apns})
     with caplog.at_level(logging.ERROR, logger="push.providers"):
         async with running_server(settings) as server:
-            assert server.gateway.push is not None
-            assert isinstance(server.gateway.push.providers["apns"], BrokenProvider)
+            assert server.push is not None
+            assert isinstance(server.push.providers["apns"], BrokenProvider)
             from gateway.auth import mint_token
 
             async with connect(server.url, mint_token(settings.auth, "bob", "phone")) as bob:

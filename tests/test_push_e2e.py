@@ -64,7 +64,7 @@ async def server(
 
 
 def dispatcher(server: GatewayServer) -> PushDispatcher:
-    push = server.gateway.push
+    push = server.push
     assert push is not None
     return push
 
@@ -84,7 +84,7 @@ async def go_idle(
     closed = trio.Event()
 
     async def watch() -> None:
-        await server.gateway.wait_for_close("bob", "phone")
+        await server.edge.wait_for_close("bob", "phone")
         closed.set()
 
     async with trio.open_nursery() as nursery:
@@ -150,7 +150,7 @@ async def test_a_410_clears_the_token(
 ) -> None:
     fake_apns.script.add(Reply(410, "Unregistered"), token=APNS_TOKEN)
     await go_idle(server, token, "apns", APNS_TOKEN, topic=TOPIC)
-    store = server.gateway.store
+    store = server.store
     assert await store.push_token("bob", "phone") is not None
     async with connect(server.url, token("alice", "phone")) as alice:
         with trio.fail_after(10):
@@ -175,7 +175,7 @@ async def test_a_token_registered_again_survives_a_late_410(
                 await register(bob, "apns", APNS_TOKEN, topic=TOPIC)  # the app registers again
             answer.set()
             await dispatcher(server).wait_idle()
-    stored = await server.gateway.store.push_token("bob", "phone")
+    stored = await server.store.push_token("bob", "phone")
     assert stored is not None and stored.token == APNS_TOKEN
     assert dispatcher(server).counters[("apns", "token_kept")] == 1
 

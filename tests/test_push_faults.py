@@ -70,7 +70,7 @@ async def register(client: GatewayClient, push_token: str) -> None:
 
 
 def dispatcher(server: Any) -> PushDispatcher:
-    push = server.gateway.push
+    push = server.push
     assert push is not None
     return push
 

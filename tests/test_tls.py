@@ -118,7 +118,7 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(tmp_path, ca
         cert.write_text("not a certificate")
         assert not server.reload_tls()
         assert await handshake_ok(server.url, trusting(new))
-        assert (server.gateway.tls.reloads, server.gateway.tls.failed_reloads) == (1, 1)
+        assert (server.tls.reloads, server.tls.failed_reloads) == (1, 1)
 
 
 async def test_changed_files_are_picked_up_by_the_watcher(tmp_path, cas):
@@ -132,7 +132,7 @@ async def test_changed_files_are_picked_up_by_the_watcher(tmp_path, cas):
         with trio.fail_after(10):
             while not await handshake_ok(server.url, trusting(new)):
                 await trio.sleep(0.05)
-        assert server.gateway.tls.reloads >= 1
+        assert server.tls.reloads >= 1
 
 
 async def test_sighup_reloads_the_certificate_of_a_running_gateway(tmp_path, cas):

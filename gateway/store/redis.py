@@ -125,8 +125,6 @@ def connect(url: str, *, cluster: bool = False) -> Client:
 
 
 class RedisStore(MessageStore):
-    consecutive_sids = True  # one INCR counter per device
-
     """Redis-backed `MessageStore`; see the module docstring for the commit model.
 
     Other services of the process (the cluster link, presence) use `client` and
@@ -138,7 +136,13 @@ class RedisStore(MessageStore):
     device connected nowhere in the cluster.
 
     With `cluster`, `url` names one node of a Redis Cluster (see `connect`).
+
+    `on_recovered` is called when Redis answers again after failing: operations that
+    failed for lack of an answer may have been carried out, and nobody was rung for their
+    items.
     """
+
+    consecutive_sids = True  # one INCR counter per device
 
     def __init__(
         self,
@@ -150,6 +154,7 @@ class RedisStore(MessageStore):
         counters: Counter[str] | None = None,
         node_id: str = "",
         cluster: bool = False,
+        on_recovered: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
         self.cluster = cluster
@@ -164,9 +169,7 @@ class RedisStore(MessageStore):
         self.client: Client = connect(url, cluster=cluster)
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
-        # Called when Redis answers again after failing: operations that failed for lack
-        # of an answer may have been carried out, and nobody was rung for their items.
-        self.on_recovered: Callable[[], None] = lambda: None
+        self.on_recovered = on_recovered
         self.batch_sizes: list[int] = []
         self.commits = 0
         self.last_commit_seconds = 0.0
