@@ -1,26 +1,62 @@
-"""Core benchmark of the gateway: routing, latency, idle memory, backlog drain, handshakes.
+"""Core benchmark of the gateway: routing, latency, idle memory, backlog drain, handshakes,
+and CPU per unit of work at a fixed rate.
 
 Run it from the repository root:
 
     python scripts/bench_core.py            # full: 3 runs of every scenario
     python scripts/bench_core.py --quick    # one small, fast run
+    python scripts/bench_core.py --quick --only rate --baseline-commit 9195dc8
 
 The gateway under test runs in its own OS process (``python -m gateway.cli serve`` with a
 temporary TOML file and SQLite file on a free loopback port). The load generator is this
 script's main process. A baseline server runs the same scenarios in the same invocation:
-the *in-memory floor*, a small server in this file that speaks the same subset of protocol
-v1 on the same stack (Trio, trio-websocket, cbor2) with in-memory queues, no SQLite, no
-JWT signature check and no frame validation. Each scenario gets a fresh server process.
 
-Scenarios (defaults; ``--quick`` shrinks them):
+- by default the *in-memory floor*, a small server in this file that speaks the same subset
+  of protocol v1 on the same stack (Trio, trio-websocket, cbor2) with in-memory queues, no
+  SQLite, no JWT signature check and no frame validation;
+- with ``--baseline-commit REV``, the gateway as it was at git commit REV instead (add
+  ``--with-floor`` to run the floor as well): REV is checked out with ``git worktree add
+  --detach`` into a temporary directory outside the repository, and that gateway is
+  started with the same Python and ``PYTHONPATH=<worktree>``, so that ``-m gateway.cli``
+  imports the worktree's packages (checked once: the script prints where ``gateway``
+  comes from for each side). The worktree is removed (``git worktree remove --force``) on
+  the way out. The summary then prints, next to the medians, the ratio new / baseline for
+  every figure.
 
-1. routed durable messages/s between online devices: 500 senders -> 500 receivers, 200-byte
-   bodies, each sender keeps at most ``--window`` sends without a ``sent`` outstanding,
-   receivers ack every delivery and senders ack every receipt;
-2. p50/p99 send -> arrival latency at half the gateway's median rate from (1), paced;
-3. VmRSS growth per idle authenticated connection, 10,000 connections;
-4. hello -> ``drained`` time for a backlog of 10,000 queued messages, acking as it goes;
-5. connect + hello + welcome + close per second, with ``--handshake-concurrency`` at once.
+Each scenario gets a fresh server process. A server that does not start is reported, that
+side is skipped for the rest of the invocation, and the exit status is 1.
+
+Scenarios (defaults; ``--quick`` shrinks them; ``--only`` names them):
+
+1. ``route``: routed durable messages/s between online devices: 500 senders -> 500
+   receivers, 200-byte bodies, each sender keeps at most ``--window`` sends without a
+   ``sent`` outstanding, receivers ack every delivery and senders ack every receipt;
+2. ``latency``: p50/p99 send -> arrival latency at half the gateway's median rate from (1),
+   paced;
+3. ``idle``: VmRSS growth per idle authenticated connection, 10,000 connections;
+4. ``drain``: hello -> ``drained`` time for a backlog of 10,000 queued messages, acking as
+   it goes;
+5. ``hs``: connect + hello + welcome + close per second, with ``--handshake-concurrency`` at
+   once;
+6. ``rate``: CPU per unit of work at a fixed rate below saturation, which stays steady from
+   run to run where saturated rates on a shared machine do not. (a) ``--rate-total`` msgs/s
+   in total (default 1,500: ``--rate-pairs`` 40 senders -> 40 receivers, 37.5/s each), one
+   ``send`` per WebSocket message, each on its own schedule whatever the answers (open
+   loop, so that every run and every server gets the same work; at most ``--window``
+   unanswered); each receiver acks every ``msg`` on its own, in its own WebSocket message,
+   and each sender acks every ``receipt`` the same way. Over ``--duration`` s after
+   ``--warmup`` s: the server process's CPU (user + sys of all its threads, /proc/PID/stat)
+   per routed message in microseconds (CPU seconds / ``msg`` frames delivered in the
+   window), the achieved rate and p50/p99 send -> arrival latency. A server that does not
+   keep up (achieved below 97% of the rate, messages missing, p50 above 20 ms, or a core at
+   ~100%) is flagged: CPU per message falls as batching grows near saturation, so such a
+   figure is not comparable; lower ``--rate-total``. (b) Then, on the same server with the
+   load stopped, ``--reconnect-pool`` known devices (each said hello once before, untimed)
+   reconnect one after another at ``--reconnect-rate``/s (default 100), at most
+   ``--reconnect-concurrency`` at once, ``--reconnect-rate`` x ``--duration`` times:
+   upgrade, ``hello``, wait for ``welcome`` and ``drained``, close handshake. Reported: the
+   server's CPU per reconnect in milliseconds (CPU from the first reconnect until 0.25 s
+   after the last / reconnects completed).
 
 Only 127.0.0.1 is used. Every loop is bounded in count and time, and every server process
 this script starts is stopped on the way out, also on error or Ctrl-C.
@@ -81,6 +117,9 @@ BODY_BYTES = 200
 CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
 CONNECT_TIMEOUT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Scenario 6: a median send -> arrival latency above this means messages queue in the
+# server, which then batches more and spends less CPU per message: not "below saturation".
+RATE_QUEUEING_P50_MS = 20.0
 
 Frame = dict[str, Any]
 
@@ -107,6 +146,32 @@ TARGETS = (
     Target("drain_s", "drain 10k backlog", "s", "<=", 1.0),
     Target("handshakes_per_s", "handshakes + hello/s", "conn/s", ">=", 2000),
 )
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the summary: a figure of one scenario, with or without a target."""
+
+    key: str
+    label: str
+    unit: str
+    scenario: str
+    field: str | None = None  # None: Sample.value; else a key of Sample.extra
+    target: Target | None = None
+
+
+ROWS = (
+    *(
+        Row(t.key, t.label, t.unit, scenario, None, t)
+        for t, scenario in zip(TARGETS, ("route", "latency", "idle", "drain", "hs"), strict=True)
+    ),
+    Row("rate_routed_per_s", "routed msgs/s @ fixed rate", "msg/s", "rate", "routed_per_s"),
+    Row("cpu_us_per_msg", "CPU per routed msg @ rate", "µs", "rate"),
+    Row("rate_p50_ms", "p50 latency @ fixed rate", "ms", "rate", "p50_ms"),
+    Row("rate_p99_ms", "p99 latency @ fixed rate", "ms", "rate", "p99_ms"),
+    Row("cpu_ms_per_reconnect", "CPU per reconnect", "ms", "rate", "reconnect_cpu_ms"),
+)
+SCENARIOS = ("route", "latency", "idle", "drain", "hs", "rate")
 
 
 @dataclass
@@ -137,6 +202,13 @@ def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, all threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_status_kb(pid: int, key: str) -> int:
@@ -198,8 +270,42 @@ class Meter:
         )
 
 
+class ServerStartError(RuntimeError):
+    """A server under test exited or did not listen at start."""
+
+
+def server_env(kind: str, args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a server: ours without GATEWAY__ overrides; for ``baseline``,
+    the baseline worktree first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
+    if kind == "baseline":
+        tree = getattr(args, "baseline_tree", None)
+        if tree is None:
+            raise RuntimeError("kind 'baseline' needs --baseline-commit")
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def gateway_origin(kind: str, args: argparse.Namespace, cwd: Path) -> str:
+    """The file `import gateway` finds in a server of `kind` (same Python, env and cwd)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=server_env(kind, args),
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ServerStartError(f"{kind}: `import gateway` failed:\n{done.stderr[-2000:]}")
+    return str(Path(done.stdout.strip()).resolve())
+
+
 class ServerProcess:
-    """The gateway (``kind="gateway"``) or the in-memory floor, in its own OS process."""
+    """The gateway (``kind="gateway"``), the gateway of ``--baseline-commit``
+    (``kind="baseline"``) or the in-memory floor, in its own OS process."""
 
     def __init__(self, kind: str, workdir: Path, args: argparse.Namespace, tag: str) -> None:
         self.kind = kind
@@ -224,7 +330,7 @@ class ServerProcess:
         return Meter(self.pid)
 
     def command(self) -> list[str]:
-        if self.kind == "gateway":
+        if self.kind in ("gateway", "baseline"):
             config = self.dir / "gateway.toml"
             config.write_text(
                 "[server]\n"
@@ -233,12 +339,14 @@ class ServerProcess:
                 "[store]\n"
                 f'path = "{self.dir / "gateway.db"}"\n'
                 f'synchronous = "{self.args.synchronous}"\n'
+                "[admin]\n"
+                "port = 0\n"  # any free port: never collides with another gateway's 8766
                 "[log]\n"
                 f'level = "{self.args.log_level}"\n',
                 encoding="utf-8",
             )
-            launcher = ["-m", "gateway.cli"]
-            if self.args.gateway_launcher:
+            launcher = ["-m", "gateway.cli"]  # the baseline: its worktree, by PYTHONPATH
+            if self.args.gateway_launcher and self.kind == "gateway":
                 launcher = [str(Path(self.args.gateway_launcher).resolve())]
             return [sys.executable, *launcher, "serve", "--config", str(config)]
         return [
@@ -250,7 +358,7 @@ class ServerProcess:
         ]
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
+        env = server_env(self.kind, self.args)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -264,13 +372,13 @@ class ServerProcess:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited at start:\n{self.log_tail()}")
+                raise ServerStartError(f"{self.kind} exited at start:\n{self.log_tail()}")
             try:
                 with socket.create_connection((HOST, self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not listen on {self.port} within 20 s")
+        raise ServerStartError(f"{self.kind} did not listen on {self.port} within 20 s")
 
     def stop(self) -> None:
         _LIVE.discard(self)
@@ -318,6 +426,57 @@ def running(
         yield server
     finally:
         server.stop()
+
+
+def _git(repo: Path, *argv: str, timeout: float = 120) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout.strip()
+
+
+class BaselineTree:
+    """A git worktree of ``--baseline-commit`` in a temporary directory outside the
+    repository: ``git worktree add --detach``, and ``git worktree remove --force`` after."""
+
+    def __init__(self, rev: str) -> None:
+        self.repo = Path(_git(Path(__file__).resolve().parent, "rev-parse", "--show-toplevel"))
+        self.commit = _git(self.repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        self.short = _git(self.repo, "rev-parse", "--short", self.commit)
+        self.subject = _git(self.repo, "log", "-1", "--format=%s", self.commit)
+        self.tmp: Path | None = None
+        self.path: Path | None = None
+
+    def create(self) -> Path:
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench_core_base_{self.short}_")).resolve()
+        self.tmp = tmp
+        if tmp.is_relative_to(self.repo):
+            raise RuntimeError(f"the temp dir {tmp} is inside the repository {self.repo}")
+        path = tmp / "tree"
+        self.path = path  # set first: remove() cleans up after a half-done add too
+        _git(self.repo, "worktree", "add", "--detach", str(path), self.commit, timeout=300)
+        return path
+
+    def remove(self) -> None:
+        path, self.path = self.path, None
+        tmp, self.tmp = self.tmp, None
+        if path is not None:
+            try:
+                _git(self.repo, "worktree", "remove", "--force", str(path))
+            except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+                print(f"  !! removing the baseline worktree: {exc}", file=sys.stderr)
+                with contextlib.suppress(OSError, subprocess.SubprocessError, RuntimeError):
+                    shutil.rmtree(path, ignore_errors=True)
+                    _git(self.repo, "worktree", "prune")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- load generator helpers --------------------------------------------------------------
@@ -678,12 +837,13 @@ async def scenario_drain(server: ServerProcess, tokens: Tokens, args: argparse.N
 # ---- scenario 5: handshakes --------------------------------------------------------------------
 
 
-async def _handshake(url: str, token: str) -> bool:
+async def _handshake(url: str, token: str, until: str = "welcome") -> bool:
+    """Connect, hello, wait for `until` (``welcome`` or ``drained``), close handshake."""
     ok = False
     try:
         async with trio.open_nursery() as nursery:
             ws = await connect(nursery, url)
-            await hello(ws, token, until="welcome")
+            await hello(ws, token, until=until)
             await ws.aclose()
             nursery.cancel_scope.cancel()
             ok = True
@@ -725,6 +885,225 @@ async def scenario_handshakes(
         elapsed = time.perf_counter() - t0
         usage = meter.stop()
     return Sample(counts[0] / elapsed, usage, {"failures": failures, "completed": counts[0]})
+
+
+# ---- scenario 6: CPU per unit of work at a fixed rate ----------------------------------------
+
+
+@dataclass
+class RateState:
+    stop: bool = False
+    delivered: int = 0
+    sent_ok: int = 0
+    receipts: int = 0
+    errors: int = 0
+    closed: int = 0
+    send_times: list[float] = field(default_factory=list)
+    lateness: list[float] = field(default_factory=list)
+    arrivals: list[tuple[float, float]] = field(default_factory=list)  # (t_send, latency)
+
+
+async def _rate_receiver(ws: Wire, st: RateState) -> None:
+    """Ack every ``msg`` on its own, in its own WebSocket message."""
+    try:
+        for _ in range(MAX_LOOP):
+            message = await ws.get_message()
+            now = trio.current_time()
+            for f in frames_of(message):
+                if f["t"] == "msg":
+                    t_send = struct.unpack_from("<d", f["body"])[0]
+                    st.arrivals.append((t_send, now - t_send))
+                    st.delivered += 1
+                    await ws.send_message(encode({"t": "ack", "sids": [f["sid"]]}))
+    except ConnectionClosed:
+        st.closed += 1
+
+
+async def _rate_sender(
+    ws: Wire, to: str, st: RateState, pad: bytes, first_at: float, interval: float, count: int,
+    window: int,
+) -> None:  # fmt: skip
+    """One ``send`` per WebSocket message every `interval` s, whatever the answers (open
+    loop), with at most `window` unanswered; every ``receipt`` acked on its own."""
+    answered = trio.Semaphore(window)
+
+    async def replies() -> None:
+        for _ in range(MAX_LOOP):
+            for f in frames_of(await ws.get_message()):
+                kind = f["t"]
+                if kind == "sent":
+                    st.sent_ok += 1
+                    answered.release()
+                elif kind == "receipt":
+                    st.receipts += 1
+                    await ws.send_message(encode({"t": "ack", "sids": [f["sid"]]}))
+                elif kind == "error":
+                    st.errors += 1
+                    if "ref" in f:
+                        answered.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replies)
+            for n in range(count):
+                due = first_at + n * interval
+                await trio.sleep_until(due)
+                await answered.acquire()
+                if st.stop:
+                    break
+                now = trio.current_time()
+                body = struct.pack("<d", now) + pad
+                await ws.send_message(encode({"t": "send", "id": f"r{n}", "to": to, "body": body}))
+                st.send_times.append(now)
+                st.lateness.append(now - due)
+            nursery.cancel_scope.cancel()
+    except* ConnectionClosed:
+        st.closed += 1
+
+
+async def _close_all(conns: Sequence[Wire]) -> None:
+    """Close handshakes of all `conns` at once, bounded to 5 s in all."""
+    with trio.move_on_after(5):
+        async with trio.open_nursery() as nursery:
+            for ws in conns:
+                nursery.start_soon(_close_quietly, ws)
+
+
+async def _close_quietly(ws: Wire) -> None:
+    with contextlib.suppress(ConnectionClosed, OSError, trio.BrokenResourceError):
+        await ws.aclose()
+
+
+async def _reconnects(
+    server: ServerProcess, tokens: Tokens, args: argparse.Namespace
+) -> dict[str, float]:
+    """Known devices reconnect one after another at a fixed rate: CPU per reconnect."""
+    c = max(1, args.reconnect_concurrency)
+    rate = args.reconnect_rate
+    pool = tokens.many("rc", c * max(1, math.ceil(args.reconnect_pool / c)))
+    total = max(c, round(rate * args.duration))
+    durations: list[float] = []
+    lateness: list[float] = []
+    failures = 0
+
+    async def known(token: str, limiter: trio.CapacityLimiter) -> None:
+        nonlocal failures
+        async with limiter:
+            if not await _handshake(server.url, token, until="drained"):
+                failures += 1
+
+    async def worker(w: int, start: float) -> None:
+        nonlocal failures
+        for k in range(w, total, c):  # device k % len(pool) belongs to worker w only
+            due = start + k / rate
+            await trio.sleep_until(due)
+            began = trio.current_time()
+            lateness.append(began - due)
+            if await _handshake(server.url, pool[k % len(pool)][1], until="drained"):
+                durations.append(trio.current_time() - began)
+            else:
+                failures += 1
+
+    with trio.fail_after(total / rate + 180):
+        limiter = trio.CapacityLimiter(args.connect_concurrency)
+        async with trio.open_nursery() as nursery:  # every device says hello once (untimed)
+            for _, token in pool:
+                nursery.start_soon(known, token, limiter)
+        if failures:
+            raise RuntimeError(f"reconnect: {failures} of {len(pool)} first hellos failed")
+        await trio.sleep(1.0)
+        meter = server.meter()
+        meter.start()
+        start = trio.current_time() + 0.05
+        async with trio.open_nursery() as nursery:
+            for w in range(c):
+                nursery.start_soon(worker, w, start)
+        finished = trio.current_time()
+        await trio.sleep(0.25)  # the server's last disconnects finish
+        usage = meter.stop()
+    done = len(durations)
+    return {
+        "reconnect_cpu_ms": usage.server * usage.wall / done * 1000 if done else math.nan,
+        "reconnects": done,
+        "reconnect_failures": failures,
+        "reconnects_offered_per_s": rate,
+        "reconnects_per_s": done / (finished - start) if done else 0.0,
+        "reconnect_p50_ms": percentile(durations, 0.5) * 1000,
+        "reconnect_p99_ms": percentile(durations, 0.99) * 1000,
+        "reconnect_lateness_p99_ms": percentile(lateness, 0.99) * 1000,
+        "reconnect_server_cores": usage.server,
+        "reconnect_generator_cores": usage.generator,
+    }
+
+
+async def scenario_rate(server: ServerProcess, tokens: Tokens, args: argparse.Namespace) -> Sample:
+    """Scenario 6: server CPU per routed message at a fixed rate, then per reconnect."""
+    pairs = args.rate_pairs
+    rate = args.rate_total
+    interval = pairs / rate  # between two sends of one sender
+    pad = random.Random(3).randbytes(BODY_BYTES - 8)
+    receivers = tokens.many("rate-rx", pairs)
+    senders = tokens.many("rate-tx", pairs)
+    st = RateState()
+    meter = server.meter()
+    with trio.fail_after(args.warmup + args.duration + 120):
+        async with trio.open_nursery() as nursery:
+            rx = await open_many(nursery, server.url, receivers, args.connect_concurrency)
+            tx = await open_many(nursery, server.url, senders, args.connect_concurrency)
+            if len(rx) != pairs or len(tx) != pairs:
+                raise RuntimeError(f"only {len(rx)}+{len(tx)} of {2 * pairs} devices connected")
+            start = trio.current_time() + 0.2
+            count = int((args.warmup + args.duration + 3) / interval) + 1
+            async with trio.open_nursery() as load:
+                for ws in rx:
+                    load.start_soon(_rate_receiver, ws, st)
+                for i, ws in enumerate(tx):
+                    first_at = start + i * interval / pairs  # spread evenly over the interval
+                    load.start_soon(
+                        _rate_sender, ws, receivers[i][0], st, pad, first_at, interval, count,
+                        args.window,
+                    )  # fmt: skip
+                await trio.sleep_until(start + args.warmup)
+                t0 = trio.current_time()
+                meter.start()
+                user0, sys0 = proc_cpu_split(server.pid)
+                d0, s0 = st.delivered, st.sent_ok
+                await trio.sleep(args.duration)
+                usage = meter.stop()
+                user1, sys1 = proc_cpu_split(server.pid)
+                t1 = trio.current_time()
+                d1, s1 = st.delivered, st.sent_ok
+                st.stop = True
+                await trio.sleep(2.0)  # in-flight arrivals
+                load.cancel_scope.cancel()
+            await _close_all(rx + tx)
+            nursery.cancel_scope.cancel()
+    measured = t1 - t0
+    routed = d1 - d0
+    in_window = [lat for ts, lat in st.arrivals if t0 <= ts < t1]
+    sent_in_window = sum(1 for ts in st.send_times if t0 <= ts < t1)
+    missing = max(0, sent_in_window - len(in_window))
+    samples = in_window + [math.inf] * missing  # not arrived within 2 s: counted as worst
+    cpu = usage.server * usage.wall
+    extra: dict[str, float] = {
+        "offered_per_s": rate,
+        "routed": routed,
+        "routed_per_s": routed / measured,
+        "sent_per_s": (s1 - s0) / measured,
+        "server_cpu_s": cpu,
+        "server_user_s": user1 - user0,
+        "server_sys_s": sys1 - sys0,
+        "p50_ms": percentile(samples, 0.5) * 1000,
+        "p99_ms": percentile(samples, 0.99) * 1000,
+        "missing": missing,
+        "samples": len(samples),
+        "sender_lateness_p99_ms": percentile(st.lateness, 0.99) * 1000,
+        "errors": st.errors,
+        "closed": st.closed,
+    }
+    await trio.sleep(1.0)
+    extra.update(await _reconnects(server, tokens, args))
+    return Sample(cpu / routed * 1e6 if routed else math.nan, usage, extra)
 
 
 # ---- the in-memory floor (baseline server) ------------------------------------------------------
@@ -889,7 +1268,7 @@ async def _serve_floor(port: int) -> None:
 
 
 Scenario = Callable[[ServerProcess, Tokens, argparse.Namespace], Awaitable[Sample]]
-KINDS = ("gateway", "floor")
+KINDS = ("gateway", "baseline", "floor")
 
 
 def run_one(
@@ -903,11 +1282,38 @@ def run_one(
         profiler = _start_profiler(args, server, f"{name}-{kind}-{run}")
         try:
             sample: Sample = trio.run(scenario, server, tokens, args)
+        except Exception as exc:
+            raise ScenarioError(f"{_leaf(exc)}\n{_indent(server.log_tail(8))}") from exc
         finally:
             _stop_profiler(profiler)
         for line in server.warnings()[:5]:
             print(f"    {kind} log: {line}", flush=True)
         return sample
+
+
+class ScenarioError(RuntimeError):
+    """A scenario failed against one server (the others still run)."""
+
+
+def _leaf(exc: BaseException) -> str:
+    """The first innermost exception of `exc`, with where it was raised, on one line."""
+    for _ in range(100):
+        if not isinstance(exc, BaseExceptionGroup) or not exc.exceptions:
+            break
+        exc = exc.exceptions[0]
+    where = ""
+    tb = exc.__traceback__
+    for _ in range(1000):
+        if tb is None or tb.tb_next is None:
+            break
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def _indent(text: str, prefix: str = "      | ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 def _start_profiler(
@@ -960,6 +1366,22 @@ def describe(name: str, sample: Sample) -> str:
             f"{sample.value:.3f} s hello->drained ({sample.extra['msgs_per_s']:,.0f} msg/s,"
             f" first msg after {sample.extra['first_msg_ms']:.0f} ms)"
         )
+    elif name == "rate":
+        x = sample.extra
+        sys_share = x["server_sys_s"] / max(1e-9, x["server_user_s"] + x["server_sys_s"])
+        text = (
+            f"{sample.value:,.1f} µs CPU per routed msg ({sys_share:.0%}"
+            f" sys; {int(x['routed']):,} routed = {x['routed_per_s']:,.0f}/s of"
+            f" {x['offered_per_s']:,.0f} offered; p50 {x['p50_ms']:.1f} ms / p99"
+            f" {x['p99_ms']:.1f} ms, {int(x['missing'])} missing, sender lateness p99"
+            f" {x['sender_lateness_p99_ms']:.1f} ms)"
+            f"\n      reconnects: {x['reconnect_cpu_ms']:.2f} ms CPU each"
+            f" ({int(x['reconnects']):,} at {x['reconnects_per_s']:,.0f}/s of"
+            f" {x['reconnects_offered_per_s']:,.0f} offered, {int(x['reconnect_failures'])} failed;"
+            f" p50 {x['reconnect_p50_ms']:.1f} / p99 {x['reconnect_p99_ms']:.1f} ms each;"
+            f" server {x['reconnect_server_cores']:.0%} of a core,"
+            f" generator {x['reconnect_generator_cores']:.0%})"
+        )
     else:
         text = (
             f"{sample.value:,.0f} handshakes/s ({int(sample.extra['completed']):,} done,"
@@ -968,6 +1390,21 @@ def describe(name: str, sample: Sample) -> str:
     for key in ("errors", "closed"):
         if sample.extra.get(key):
             text += f" [{key}: {int(sample.extra[key])}]"
+    if name == "rate":
+        x, u = sample.extra, sample.usage
+        if (
+            x["routed_per_s"] < 0.97 * x["offered_per_s"]
+            or x["missing"]
+            or x["p50_ms"] > RATE_QUEUEING_P50_MS
+            or (u is not None and max(u.server, u.server_main) >= 0.9)
+        ):
+            text += (
+                "\n      !! not below saturation (achieved < 97% of offered, messages missing,"
+                f" p50 > {RATE_QUEUEING_P50_MS:g} ms or server at ~100% of a core): CPU per msg"
+                " is lower when messages queue; try a lower --rate-total"
+            )
+        if x["reconnects_per_s"] < 0.97 * x["reconnects_offered_per_s"]:
+            text += "\n      !! reconnects fell behind their rate: try a lower --reconnect-rate"
     if sample.usage is not None and sample.usage.wall >= 0.5:  # /proc counts 10 ms ticks
         u = sample.usage
         text += (
@@ -995,8 +1432,25 @@ def main_bench(args: argparse.Namespace) -> int:
     if args.idle_conns + 100 > fd_limit - 200:
         print(f"--idle-conns {args.idle_conns} needs more fds than {fd_limit}", file=sys.stderr)
         return 2
-    only = set(args.only.split(",")) if args.only else {"route", "latency", "idle", "drain", "hs"}
-    kinds = KINDS if not args.no_baseline else ("gateway",)
+    only = set(args.only.split(",")) if args.only else set(SCENARIOS)
+    if only - set(SCENARIOS):
+        print(f"--only: unknown {sorted(only - set(SCENARIOS))}", file=sys.stderr)
+        return 2
+    if args.rate_total <= 0 or args.rate_pairs <= 0 or args.reconnect_rate <= 0:
+        print("--rate-total, --rate-pairs and --reconnect-rate must be > 0", file=sys.stderr)
+        return 2
+    tree: BaselineTree | None = None
+    if args.baseline_commit:
+        try:
+            tree = BaselineTree(args.baseline_commit)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            print(f"--baseline-commit: not a commit ({exc})", file=sys.stderr)
+            return 2
+    kinds = ["gateway"]
+    if args.baseline_commit:
+        kinds.append("baseline")
+    if not args.no_baseline and (not args.baseline_commit or args.with_floor):
+        kinds.append("floor")
     tokens = Tokens()
     print(_machine_line(), flush=True)
     busy = other_cpu_use()
@@ -1007,81 +1461,173 @@ def main_bench(args: argparse.Namespace) -> int:
         f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
         f" warmup {args.warmup:g} s + {args.duration:g} s measured; idle {args.idle_conns:,};"
         f" backlog {args.backlog:,}; handshakes {args.handshakes:,} x"
-        f" {args.handshake_concurrency} concurrent; store synchronous={args.synchronous},"
-        f" gateway log level {args.log_level}; client {args.client}; RLIMIT_NOFILE {fd_limit}",
+        f" {args.handshake_concurrency} concurrent; fixed rate {args.rate_total:,g} msg/s over"
+        f" {args.rate_pairs} pairs, reconnects {args.reconnect_rate:g}/s x"
+        f" {args.reconnect_concurrency} concurrent (pool {args.reconnect_pool});"
+        f" store synchronous={args.synchronous}, gateway log level {args.log_level};"
+        f" client {args.client}; RLIMIT_NOFILE {fd_limit}",
         flush=True,
     )
-    results: dict[str, dict[str, list[Sample]]] = {k: {} for k in KINDS}
+    results: dict[str, dict[str, list[Sample]]] = {k: {} for k in kinds}
+    failed: dict[str, str] = {}
+    errors: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_core_", dir=args.tmpdir))
 
     def series(name: str, scenario: Scenario, title: str) -> None:
         print(f"\n== {title}", flush=True)
         for run in range(args.runs):
             for kind in kinds:
-                sample = run_one(kind, name, run, workdir, args, tokens, scenario)
+                if kind in failed:
+                    if run == 0:
+                        print(f"  {kind:8}: skipped, it did not start", flush=True)
+                    continue
+                try:
+                    sample = run_one(kind, name, run, workdir, args, tokens, scenario)
+                except ServerStartError as exc:
+                    failed[kind] = str(exc)
+                    head, _, tail = str(exc).partition("\n")
+                    print(f"  run {run + 1} {kind:8}: DID NOT START: {head}", flush=True)
+                    print(_indent("\n".join(tail.splitlines()[-8:])), flush=True)
+                    continue
+                except ScenarioError as exc:
+                    errors.append(f"{name} on {kind}, run {run + 1}")
+                    print(f"  run {run + 1} {kind:8}: FAILED: {exc}", flush=True)
+                    continue
                 results[kind].setdefault(name, []).append(sample)
-                print(f"  run {run + 1} {kind:7}: {describe(name, sample)}", flush=True)
+                print(f"  run {run + 1} {kind:8}: {describe(name, sample)}", flush=True)
 
     async def saturate(server: ServerProcess, tok: Tokens, a: argparse.Namespace) -> Sample:
         return await scenario_route(server, tok, a, None)
 
     try:
+        if tree is not None:
+            args.baseline_tree = tree.create()
+            args.baseline_label = f"{tree.short} ({tree.subject})"
+        _print_origins(kinds, args, workdir, tree, failed)
         if "route" in only or ("latency" in only and not args.rate):
             series("route", saturate, "1. routed durable msgs/s at saturation")
         if "latency" in only:
-            rate = args.rate or statistics.median(s.value for s in results["gateway"]["route"]) / 2
+            rate = args.rate
+            if not rate:
+                first = next((results[k]["route"] for k in kinds if results[k].get("route")), [])
+                medians = [s.value for s in first]
+                rate = statistics.median(medians) / 2 if medians else None
+            if rate:
 
-            async def paced(server: ServerProcess, tok: Tokens, a: argparse.Namespace) -> Sample:
-                return await scenario_route(server, tok, a, rate)
+                async def paced(
+                    server: ServerProcess, tok: Tokens, a: argparse.Namespace
+                ) -> Sample:
+                    return await scenario_route(server, tok, a, rate)
 
-            series("latency", paced, f"2. latency, paced at {rate:,.0f} msg/s (half of 1.)")
+                how = "" if args.rate else " (half of 1.)"
+                series("latency", paced, f"2. latency, paced at {rate:,.0f} msg/s{how}")
+            else:
+                print("\n== 2. latency: skipped, 1. gave no rate", flush=True)
         if "idle" in only:
             series("idle", scenario_idle, f"3. RSS per idle connection ({args.idle_conns:,})")
         if "drain" in only:
             series("drain", scenario_drain, f"4. drain a backlog of {args.backlog:,} on reconnect")
         if "hs" in only:
             series("hs", scenario_handshakes, "5. handshakes + hello/welcome + close per second")
+        if "rate" in only:
+            series(
+                "rate",
+                scenario_rate,
+                f"6. server CPU per routed msg at a fixed {args.rate_total:,g} msg/s"
+                f" ({args.rate_pairs} -> {args.rate_pairs} devices, one send per message, paced,"
+                f" every msg and receipt acked on its own), then per reconnect of a known device"
+                f" at {args.reconnect_rate:g}/s",
+            )
     finally:
         stop_all_servers()
+        if tree is not None:
+            tree.remove()
+        args.baseline_tree = None
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(results, args)
+    summary["failed_to_start"] = failed
+    summary["failed_runs"] = errors
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return 0
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    for kind, why in failed.items():
+        print(f"!! {kind} did not start: {why.splitlines()[0]}", flush=True)
+    for what in errors:
+        print(f"!! failed: {what}", flush=True)
+    return 1 if failed or errors else 0
+
+
+def _print_origins(
+    kinds: Sequence[str], args: argparse.Namespace, workdir: Path, tree: BaselineTree | None,
+    failed: dict[str, str],
+) -> None:  # fmt: skip
+    """Where each gateway server imports `gateway` from, checked before any scenario."""
+    for kind in kinds:
+        if kind == "floor":
+            continue
+        if kind == "gateway" and args.gateway_launcher:
+            print(f"gateway : started by {Path(args.gateway_launcher).resolve()}", flush=True)
+            continue
+        try:
+            origin = gateway_origin(kind, args, workdir)
+        except ServerStartError as exc:
+            failed[kind] = str(exc)
+            print(f"!! {exc}", flush=True)
+            continue
+        line = f"{kind:8}: the server imports gateway from {origin}"
+        if kind == "baseline":
+            assert tree is not None and tree.path is not None
+            if not Path(origin).is_relative_to(tree.path.resolve()):
+                raise RuntimeError(f"the baseline imports {origin}, not the worktree {tree.path}")
+            line += f"\n          = commit {tree.short}: {tree.subject}"
+        print(line, flush=True)
+
+
+def _median(samples: Sequence[Sample], row: Row) -> float:
+    values = [s.value if row.field is None else s.extra.get(row.field, math.nan) for s in samples]
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
 
 
 def summarize(
     results: dict[str, dict[str, list[Sample]]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    names = {
-        "msgs_per_s": "route",
-        "p99_ms": "latency",
-        "rss_kb_per_conn": "idle",
-        "drain_s": "drain",
-        "handshakes_per_s": "hs",
-    }
-    print(f"\n== summary: medians of {args.runs} run(s); ratio = gateway / in-memory floor")
+    kinds = list(results)
+    others = [k for k in kinds if k != "gateway"]
+    ratio_head = {"baseline": "new/base", "floor": "gw/floor"}
+    print(f"\n== summary: medians of {args.runs} run(s)")
+    if "baseline" in kinds:
+        new = f"started by {args.gateway_launcher}" if args.gateway_launcher else "working tree"
+        print(
+            f"   baseline = the gateway at commit {getattr(args, 'baseline_label', '?')};"
+            f" new/base = gateway ({new}) / baseline"
+        )
+    if "floor" in kinds:
+        print("   floor = the in-memory floor; gw/floor = gateway / floor")
     header = (
-        f"{'metric':28} {'gateway':>10} {'floor':>10} {'ratio':>7}  {'target':>12}  "
-        f"{'result':6}  gateway at ~100% of a core?"
+        f"{'metric':36} {'gateway':>10}"
+        + "".join(f" {k:>10} {ratio_head[k]:>8}" for k in others)
+        + f"  {'target':>12}  {'result':6}  gateway at ~100% of a core?"
     )
     print(header)
     print("-" * len(header))
-    summary: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "metrics": {}}
-    for target in TARGETS:
-        name = names[target.key]
-        gw = results["gateway"].get(name)
-        if not gw:
+    summary: dict[str, Any] = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "metrics": {},
+    }
+    for row in ROWS:
+        runs = {k: results[k].get(row.scenario, []) for k in kinds}
+        if not any(runs.values()):
             continue
-        fl = results["floor"].get(name)
-        g = statistics.median(s.value for s in gw)
-        f = statistics.median(s.value for s in fl) if fl else math.nan
-        ratio = g / f if fl and f else math.nan
-        verdict = "PASS" if target.met(g) else "MISS"
-        usages = [s.usage for s in gw if s.usage is not None and s.usage.wall >= 0.5]
+        med = {k: _median(runs[k], row) for k in kinds}
+        g = med["gateway"]
+        ratios = {k: g / med[k] if med[k] else math.nan for k in others}
+        verdict = "-"
+        if row.target is not None and not math.isnan(g):
+            verdict = "PASS" if row.target.met(g) else "MISS"
         busy = "-"
-        if usages:
+        usages = [s.usage for s in runs["gateway"] if s.usage is not None and s.usage.wall >= 0.5]
+        if usages and row.field is None:
             main = statistics.median(u.server_main for u in usages)
             proc = statistics.median(u.server for u in usages)
             gen = statistics.median(u.generator for u in usages)
@@ -1089,23 +1635,28 @@ def summarize(
                 f"{'yes' if max(main, proc) >= 0.9 else 'no'} (process {proc:.0%},"
                 f" main thread {main:.0%}; generator {gen:.0%})"
             )
-        bound = f"{target.op} {target.bound:,g}"
+        bound = f"{row.target.op} {row.target.bound:,g}" if row.target else "-"
         print(
-            f"{target.label + ' (' + target.unit + ')':28} {_fmt(g):>10} {_fmt(f):>10}"
-            f" {ratio:>7.2f}  {bound:>12}  {verdict:6}  {busy}"
+            f"{row.label + ' (' + row.unit + ')':36} {_fmt(g):>10}"
+            + "".join(f" {_fmt(med[k]):>10} {_fmt_ratio(ratios[k]):>8}" for k in others)
+            + f"  {bound:>12}  {verdict:6}  {busy}"
         )
-        summary["metrics"][target.key] = {
-            "gateway_median": g,
-            "floor_median": f,
-            "ratio": ratio,
-            "target": f"{target.op} {target.bound:g}",
-            "result": verdict,
-            "gateway_runs": [asdict(s) for s in gw],
-            "floor_runs": [asdict(s) for s in fl] if fl else [],
-        }
+        metric: dict[str, Any] = {f"{k}_median": med[k] for k in kinds}
+        if "floor" in ratios:
+            metric["ratio"] = ratios["floor"]
+        if "baseline" in ratios:
+            metric["ratio_baseline"] = ratios["baseline"]
+        metric["target"] = f"{row.target.op} {row.target.bound:g}" if row.target else None
+        metric["result"] = verdict
+        metric.update({f"{k}_runs": [asdict(s) for s in runs[k]] for k in kinds})
+        summary["metrics"][row.key] = metric
     if args.quick:
         print("(--quick: smaller scales than the targets assume; use the full run for verdicts)")
     return summary
+
+
+def _fmt_ratio(value: float) -> str:
+    return "-" if math.isnan(value) or math.isinf(value) else f"{value:.2f}"
 
 
 def _fmt(value: float) -> str:
@@ -1195,7 +1746,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--gateway-launcher",
         help="a Python file run instead of `-m gateway.cli` (A/B tests of patched gateways)",
     )
-    p.add_argument("--only", help="comma list of route,latency,idle,drain,hs")
+    p.add_argument(
+        "--rate-total",
+        type=float,
+        default=1500.0,
+        help="6.: msgs/s in total, paced, below saturation (default 1500)",
+    )
+    p.add_argument("--rate-pairs", type=int, default=40, help="6.: senders -> receivers (40)")
+    p.add_argument(
+        "--reconnect-rate", type=float, default=100.0, help="6.: reconnects/s (default 100)"
+    )
+    p.add_argument(
+        "--reconnect-concurrency", type=int, default=10, help="6.: reconnects at once at most"
+    )
+    p.add_argument("--reconnect-pool", type=int, default=200, help="6.: known devices (200)")
+    p.add_argument("--only", help="comma list of " + ",".join(SCENARIOS))
+    p.add_argument(
+        "--baseline-commit",
+        metavar="REV",
+        help="baseline = the gateway at git commit REV (a temporary worktree), not the floor",
+    )
+    p.add_argument(
+        "--with-floor", action="store_true", help="with --baseline-commit: run the floor too"
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the floor (debugging only)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--profile-dir", help="record each server with py-spy (raw stacks) here")
@@ -1207,6 +1780,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--tmpdir", help="where server files go (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep server logs and databases")
+    p.set_defaults(baseline_tree=None, baseline_label=None)
     args = p.parse_args(argv)
     # Remember what was given explicitly, so that --quick only changes the rest.
     for name, default in (
