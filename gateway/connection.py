@@ -25,6 +25,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -122,6 +124,8 @@ class Connection:
         "_awaiting_pong",
         "_broken",
         "_ctx",
+        "_eof_due",
+        "_fd",
         "_flush_done",
         "_flush_scope",
         "_fragments",
@@ -131,6 +135,7 @@ class Connection:
         "_reading",
         "_scope",
         "_stream",
+        "_unsent",
         "_writing",
         "active",
         "close_code",
@@ -170,7 +175,11 @@ class Connection:
         self._writing = False  # a writer (this task or a flush task) is sending
         self._handling = False  # this task is handling input, and writes right after
         self._awaiting_pong = False
-        self._broken = False  # a write was cut off: the stream can carry nothing more
+        self._broken = False  # the peer is gone, or a write was cut off: write nothing more
+        self._unsent = b""  # output the kernel has not taken yet
+        self._eof_due = False  # half-close TCP once `_unsent` is out
+        # Plain TCP is written to straight from its descriptor; TLS through its stream.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._fragments: list[bytes] = []
         self._scope = trio.CancelScope()
         self._flush_scope: trio.CancelScope | None = None
@@ -217,7 +226,7 @@ class Connection:
     def push_pending(self, ticket: Ticket[Any], render: Render, on_error: OnError) -> None:
         """Send what `render` makes of a commit's result once durable, in order."""
         self.outbox.push_pending(ticket, render, on_error)
-        self._wake_writer()
+        ticket.on_done(self._wake_writer)  # its answer is ready once it resolves
 
     def offer(self, frame: Frame) -> bool:
         """Send an ephemeral frame if there is ample room; False if it was dropped."""
@@ -356,7 +365,7 @@ class Connection:
             if messages:
                 self._ctx.counters.messages_in += len(messages)
                 return messages
-            await self._write_due()  # a pong to send, perhaps
+            self._write_due()  # a pong to send, perhaps
         return None
 
     def _note_protocol_failure(self) -> None:
@@ -370,7 +379,7 @@ class Connection:
         """Handle messages that arrived together, then write the answers."""
         for message in messages:
             await self._handle(self.session.receive(message))
-        await self._write_due()
+        self._write_due()
 
     async def _make_room(self) -> None:
         """Answers pile up (behind a commit, or a slow reader): write what is ready and
@@ -384,7 +393,7 @@ class Connection:
                     await self._flush_done.wait()
                 elif (ticket := outbox.first_pending()) is not None:
                     await ticket.wait()
-                await self._write_due()
+                self._write_due()
         if waiting.cancelled_caught:
             self.request_close(CloseCode.OVERLOADED, "too slow a reader")
 
@@ -411,12 +420,18 @@ class Connection:
             self._handling = False
 
     # -- writing ---------------------------------------------------------------------------
+    # Output leaves through `_write_now`, which writes straight to the socket without
+    # waiting: a write the kernel takes at once needs no task and no trip through the
+    # scheduler. Whatever must wait (a full socket buffer, a store read after a doorbell)
+    # goes to a flush task. A commit still in flight at the head of the outbox needs
+    # neither: its ticket calls `_wake_writer` when it resolves.
 
     def _wake_writer(self) -> None:
-        """Make sure someone will write what was just queued."""
+        """Write what was just queued, now if the kernel takes it, else in a flush task."""
         if self._writing or self._handling or self.close_code is not None:
-            return
-        self._start_flush()
+            return  # that writer, or the connection task once it has handled its input
+        if not self._write_now() or self.outbox.rung:
+            self._start_flush()
 
     def _start_flush(self) -> None:
         self._writing = True
@@ -425,34 +440,24 @@ class Connection:
         self._flush_scope = trio.CancelScope()
         self._ctx.flushes.start_soon(self._flush, self._flush_scope)
 
-    async def _write_due(self) -> None:
-        """After handling input: write what is ready, and leave the waiting to a flush."""
-        if self._writing:
-            return  # the running flush sends what was added
-        self._writing = True
-        try:
-            await self._send_ready()
-        finally:
-            self._writing = False
-        outbox = self.outbox
-        if self.close_code is None and (len(outbox) or outbox.rung):
+    def _write_due(self) -> None:
+        """After handling input: write what is ready, leaving any waiting to a flush."""
+        if self._writing or self.close_code is not None:
+            return  # the running flush sends what was added; a close flushes on its own
+        if not self._write_now() or self.outbox.rung:
             self._start_flush()
 
     async def _flush(self, scope: trio.CancelScope) -> None:
-        """A flush task: write until nothing is left, then end."""
+        """A flush task: write until nothing is ready, answer doorbells, then end."""
         rebind(self._log_context)
         outbox = self.outbox
         try:
             with scope:
                 while True:
                     await self._send_ready()
-                    ticket = outbox.first_pending()
-                    if ticket is not None:
-                        await ticket.wait()
-                    elif outbox.take_ring():
-                        outbox.extend(await self._read_queue())
-                    elif not len(outbox):
+                    if not outbox.take_ring():
                         return
+                    outbox.extend(await self._read_queue())
         except Exception:
             log.exception("connection %s: writing failed", self)
             self.request_close(CloseCode.INTERNAL, "internal error")
@@ -468,51 +473,83 @@ class Connection:
                 self._flush_scope.cancel()
             await self._flush_done.wait()
 
-    async def _send_ready(self) -> None:
-        """Write the frames that are ready, with the protocol's own bytes (pongs, pings),
-        one `send_all` at a time, each bounded by `write_timeout`, until nothing ready is
-        left. It returns with no await after finding nothing, so nothing queued during
-        the last write is left behind."""
-        proto, counters = self._proto, self._ctx.counters
-        timeout = self._ctx.server.write_timeout
+    def _take_output(self) -> None:
+        """Move the ready frames into the protocol, and its output into `_unsent`."""
+        out = self.outbox.take_ready()
+        proto = self._proto
+        if out and proto.state is State.OPEN:
+            messages = _pack(out)
+            for message in messages:
+                proto.send_binary(message)
+            counters = self._ctx.counters
+            counters.frames_out += len(out)
+            counters.messages_out += len(messages)
+        data = proto.data_to_send()
+        if data:
+            if data[-1] == b"":  # the protocol is done: half-close once this is out
+                data.pop()
+                self._eof_due = True
+            self._unsent += b"".join(data)
+
+    def _write_now(self) -> bool:
+        """Write what is ready without waiting; True once nothing is left unwritten."""
         while True:
-            out = self.outbox.take_ready()
-            if out and proto.state is State.OPEN:
-                messages = _pack(out)
-                for message in messages:
-                    proto.send_binary(message)
-                counters.frames_out += len(out)
-                counters.messages_out += len(messages)
-            data = proto.data_to_send()
-            if not data or not await self._write(data, timeout):
+            self._take_output()
+            if not self._unsent:
+                break
+            if self._fd < 0 or self._broken:
+                return self._broken  # TLS writes through its stream; a broken one, never
+            try:
+                written = os.write(self._fd, self._unsent)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self._lost()
+                return True
+            self._unsent = self._unsent[written:]
+            if self._unsent:
+                return False
+        if self._eof_due and not self._broken:
+            self._eof_due = False
+            self._half_close()
+        return True
+
+    async def _send_ready(self) -> None:
+        """Write everything that is ready, waiting while the socket's buffer is full, each
+        wait bounded by `write_timeout` (then 1013: too slow a reader). A wait is never
+        cut short by a close: half a frame on the wire would corrupt what follows."""
+        while not self._write_now():
+            seconds = self._ctx.server.write_timeout
+            with trio.CancelScope(shield=True), trio.move_on_after(seconds) as waiting:
+                try:
+                    if self._fd < 0:
+                        data, self._unsent = self._unsent, b""
+                        await self._stream.send_all(data)
+                    else:
+                        await self._stream.wait_send_all_might_not_block()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._lost()
+                    return
+            if waiting.cancelled_caught:
+                self._broken = True  # a TLS record may be cut in half: nothing can follow
+                log.warning("connection %s: send blocked for %.0fs", self, seconds)
+                self.request_close(CloseCode.OVERLOADED, "too slow a reader")
                 return
 
-    async def _write(self, data: list[bytes], seconds: float) -> bool:
-        """Write the protocol's output; False (and the stream marked broken) if it could
-        not be written in time or the peer is gone. The protocol's end of stream becomes
-        a TCP half-close, so that the peer reads the close frame before the FIN."""
-        if self._broken:
-            return False
-        eof = data[-1] == b""
-        payload = b"".join(data)
-        # A write cut off half-way would leave half a frame on the wire, and the bytes
-        # taken from the protocol would be lost: only the write's own deadline stops it.
-        with trio.CancelScope(shield=True), trio.move_on_after(seconds) as scope:
+    def _half_close(self) -> None:
+        """Send TCP's FIN after the close frame, so that the peer reads the frame first."""
+        stream = self._stream
+        if isinstance(stream, trio.SocketStream):
             try:
-                if payload:
-                    await self._stream.send_all(payload)
-                if eof and isinstance(self._stream, trio.abc.HalfCloseableStream):
-                    await self._stream.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._broken = True
-                self._scope.cancel()  # the peer is gone; its items stay stored
-                return False
-        if scope.cancelled_caught:
-            self._broken = True  # a frame may be cut in half: nothing more can follow
-            log.warning("connection %s: send blocked for %.0fs", self, seconds)
-            self.request_close(CloseCode.OVERLOADED, "too slow a reader")
-            return False
-        return True
+                stream.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._lost()
+
+    def _lost(self) -> None:
+        """The peer is gone: nothing more can be written; its items stay stored."""
+        self._broken = True
+        self._unsent = b""
+        self._scope.cancel()
 
     async def _read_queue(self) -> list[Frame]:
         """The device's next stored items after the cursor, then `drained` once."""
@@ -550,16 +587,14 @@ class Connection:
         """Flush what is buffered, send the close frame, and end the close handshake, all
         within `CLOSE_TIMEOUT`; then close the stream."""
         proto = self._proto
+        self._writing = True  # from here on, this task alone writes
         # Counted before the close frame goes out: a peer that has read it finds it counted.
         self._ctx.counters.closes[self.close_code or CloseCode.NORMAL] += 1
         with trio.move_on_after(CLOSE_TIMEOUT):
             if proto.state is State.OPEN:
                 await self._flush_before_close()
-                code = self.close_code or CloseCode.NORMAL
-                proto.send_close(code, self.close_reason)
-            data = proto.data_to_send()
-            if data:
-                await self._write(data, CLOSE_TIMEOUT)
+                proto.send_close(self.close_code or CloseCode.NORMAL, self.close_reason)
+            await self._send_ready()
             # Read until the peer's close frame and the end of its stream (the protocol
             # discards anything else), so that closing never resets a connection whose
             # peer has not yet read the close frame.
@@ -572,9 +607,7 @@ class Connection:
                     proto.receive_eof()
                     break
                 proto.receive_data(chunk)
-                data = proto.data_to_send()
-                if data:
-                    await self._write(data, CLOSE_TIMEOUT)
+                await self._send_ready()
         await trio.aclose_forcefully(self._stream)
 
     async def _flush_before_close(self) -> None:

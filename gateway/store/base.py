@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -20,6 +21,8 @@ from prometheus_client import Histogram
 from gateway.errors import StoreError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Called after a commit for each item stored: (user, device, urgent, item). The item lets
 #: a connected device receive it without reading it back from the store.
@@ -139,22 +142,42 @@ class SessionOpening:
 class Ticket(Generic[T]):
     """The promise of a submitted store operation: resolves once the commit is durable."""
 
-    __slots__ = ("_done", "_error", "_value")
+    __slots__ = ("_callbacks", "_done", "_error", "_value")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[], None]] | None = None
 
     def resolve(self, value: T) -> None:
         """Complete with a value (called by the backend after commit)."""
         self._value = value
-        self._done.set()
+        self._complete()
 
     def fail(self, error: BaseException) -> None:
         """Complete with an error (called by the backend when the commit failed)."""
         self._error = error
+        self._complete()
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (at once if already done) when the operation completes, either
+        way; for a caller that must not wait, such as a connection's writer."""
+        if self._done.is_set():
+            callback()
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _complete(self) -> None:
         self._done.set()
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            try:
+                callback()
+            except Exception:  # one caller's failure is not the backend's
+                log.exception("a store ticket's callback failed")
 
     @property
     def done(self) -> bool:
