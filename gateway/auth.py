@@ -13,6 +13,10 @@ from gateway.settings import AuthSettings
 
 # Small clock skew between the token issuer and this host is normal on phones' backends.
 LEEWAY_SECONDS = 30
+# Tokens verified recently, kept so that a device reconnecting with the same token is
+# not verified again (a signature check is the costliest step of a reconnect, and far
+# costlier with ES256 or RS256). The oldest are forgotten first past this many.
+VERIFIED_CACHE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +33,8 @@ class TokenVerifier:
     """Verifies `hello` tokens with exactly one configured algorithm.
 
     Only that algorithm is accepted, so ``alg: none`` and HS/RS key confusion are refused
-    by construction.
+    by construction. A token that verified once is remembered (the exact string, so its
+    signature with it) and only its expiry is checked again.
     """
 
     def __init__(self, settings: AuthSettings) -> None:
@@ -45,6 +50,7 @@ class TokenVerifier:
                     f"[auth] jwt_public_key_file: cannot read {settings.jwt_public_key_file}: "
                     f"{exc.strerror}"
                 ) from None
+        self._verified: dict[str, Identity] = {}
 
     def verify(self, token: str) -> Identity:
         """Check a token's signature, expiry and claims.
@@ -52,6 +58,18 @@ class TokenVerifier:
         Raises:
             AuthError: For any problem; the message is for logs, never for the client.
         """
+        identity = self._verified.get(token)
+        if identity is None:
+            identity = self._verify(token)
+            if len(self._verified) >= VERIFIED_CACHE:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = identity
+        elif identity.expires + LEEWAY_SECONDS <= time.time():
+            del self._verified[token]
+            raise AuthError("ExpiredSignatureError")
+        return identity
+
+    def _verify(self, token: str) -> Identity:
         try:
             claims = jwt.decode(
                 token,

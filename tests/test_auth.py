@@ -230,3 +230,26 @@ def test_minting_an_asymmetric_token_needs_the_private_key(tmp_path):
 
     with pytest.raises(ConfigError, match="jwt_private_key_file"):
         mint_token(public_only, "alice", "phone")
+
+
+def test_a_token_seen_before_is_not_verified_again_but_still_expires(hs256, monkeypatch):
+    verifier = TokenVerifier(hs256)
+    exp = int(time.time()) + 60
+    token = hs_token(claims(exp=exp))
+    decoded: list[str] = []
+    decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **kw: decoded.append("x") or decode(*a, **kw))
+    assert verifier.verify(token) == verifier.verify(token)
+    assert decoded == ["x"]
+    later = exp + LEEWAY_SECONDS + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    with pytest.raises(AuthError):
+        verifier.verify(token)
+
+
+def test_a_token_refused_once_is_refused_again(hs256):
+    verifier = TokenVerifier(hs256)
+    forged = hs_token(claims(), secret="some-other-secret-of-a-reasonable-length")
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            verifier.verify(forged)
