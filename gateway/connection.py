@@ -323,7 +323,8 @@ class Connection:
         self.outbox.push(
             frames.welcome(self.user, self.device, now_ms(), heartbeat, opening.queued)
         )
-        self.outbox.extend(self._take_items(opening.items))
+        more = opening.queued > len(opening.items)
+        self.outbox.extend(self._take_items(opening.items, more=more))
         log.info(
             "connection #%d: %s/%s authenticated, %d queued",
             self.id,
@@ -565,16 +566,16 @@ class Connection:
             return []
         finally:
             self._reading = False
-        return self._take_items(items)
+        return self._take_items(items, more=len(items) == FETCH_LIMIT)
 
-    def _take_items(self, items: Sequence[QueueItem]) -> list[Frame]:
+    def _take_items(self, items: Sequence[QueueItem], *, more: bool) -> list[Frame]:
         """Frames for items read from the queue, advancing the cursor; `drained` after
         the first read that reached the end, and a ring for the next page otherwise."""
         out, merged = coalesce(list(items))
         self.merged_sids.update(merged)
         if items:
             self.cursor = max(self.cursor, items[-1].sid)
-        if len(items) == FETCH_LIMIT:
+        if more:
             self.outbox.ring()
         elif not self.drained:
             self.drained = True

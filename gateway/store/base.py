@@ -130,8 +130,9 @@ class SessionOpening:
 
     `refused` is True when the device was revoked after its token was issued; nothing
     else is read or written then. Otherwise the device is registered (durably), and
-    `items` is the first page of its queue (at most the asked limit, in sid order) and
-    `queued` how many unexpired items it holds in all.
+    `items` is the first page of its queue (in sid order; at most the asked limit, and a
+    backend may read fewer) and `queued` how many unexpired items it holds in all: more
+    than `items` means the rest is still to be fetched.
     """
 
     refused: bool

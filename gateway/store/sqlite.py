@@ -102,6 +102,12 @@ READERS = 2
 # How long closing the store waits for reads in flight on worker threads.
 READER_CLOSE_TIMEOUT = 5.0
 SUBMIT_QUEUE = 4096
+# Last-seen times are informational: they ride with the next commit, and when nothing
+# else is committed, they go in one commit at most this many seconds after the first.
+TOUCH_DELAY = 1.0
+# The first page a known device's `hello` reads on the event loop's own thread (the rest
+# of its backlog is fetched on a reader thread), so the loop is never held long.
+LOOP_PAGE = 32
 
 Ring = tuple[str, str, bool, QueueItem]
 OpResult = tuple[Any, list[Ring]]
@@ -173,6 +179,10 @@ class SqliteStore(MessageStore):
         self._write_limiter = trio.CapacityLimiter(1)
         self._known: set[tuple[str, str]] = set()  # devices known to be registered
         self._revoked: set[tuple[str, str]] = set()  # revoked by this process
+        self._unsettled = 0  # submissions not yet committed (or failed)
+        self._loop_conn: sqlite3.Connection | None = None  # reads on the event loop's thread
+        self._touches: dict[tuple[str, str], int] = {}  # last-seen times not yet committed
+        self._touched = trio.Event()  # set when the first of `_touches` arrives
         self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
         self.commits = 0
 
@@ -198,6 +208,7 @@ class SqliteStore(MessageStore):
         writer.executescript(INDEXES)
         self._tx = _Tx(writer)
         self._reader_conns = [self._connect() for _ in range(READERS)]
+        self._loop_conn = self._connect()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the database file and commit submissions until `close`."""
@@ -211,15 +222,33 @@ class SqliteStore(MessageStore):
             self._readers_send.send_nowait(conn)
         task_status.started()
         try:
-            while (batch := await self._queue.next_batch(self._max_batch)) is not None:
-                with trio.CancelScope(shield=True):
-                    await self._commit(batch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit_touches)
+                while (batch := await self._queue.next_batch(self._max_batch)) is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._commit(batch)
+                nursery.cancel_scope.cancel()
         finally:
             self.close()
             self._queue.fail_unsubmitted()
             with trio.CancelScope(shield=True):
+                if self._touches:
+                    await self._commit([])
                 idle = await self._take_back_readers()
                 await trio.to_thread.run_sync(self._close_connections, idle)
+
+    async def _commit_touches(self) -> None:
+        """Commit last-seen times that no other commit took along, `TOUCH_DELAY` after
+        the first of them."""
+        while True:
+            await self._touched.wait()
+            await trio.sleep(TOUCH_DELAY)
+            self._touched = trio.Event()
+            if self._touches:
+                try:
+                    await self._submit(lambda tx: (None, []))  # the touches ride with it
+                except StoreClosed:
+                    return
 
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
@@ -244,7 +273,7 @@ class SqliteStore(MessageStore):
         return idle
 
     def _close_connections(self, readers: list[sqlite3.Connection]) -> None:
-        for conn in [self._tx.conn if self._tx else None, *readers]:
+        for conn in [self._tx.conn if self._tx else None, self._loop_conn, *readers]:
             if conn is not None:
                 conn.close()
 
@@ -252,21 +281,32 @@ class SqliteStore(MessageStore):
 
     async def _submit(self, apply: Apply) -> Ticket[Any]:
         ticket: Ticket[Any] = Ticket()
-        await self._queue.put(_Op(apply, ticket))
+        self._unsettled += 1
+        try:
+            await self._queue.put(_Op(apply, ticket))
+        except BaseException:
+            self._unsettled -= 1
+            raise
         return ticket
 
     async def _commit(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
+        touches, self._touches = self._touches, {}
         try:
             outcomes = await trio.to_thread.run_sync(
-                self._apply_batch, batch, limiter=self._write_limiter
+                self._apply_batch, batch, touches, limiter=self._write_limiter
             )
         except sqlite3.Error as exc:
             log.error("store commit of %d operations failed: %s", len(batch), exc)
+            self._unsettled -= len(batch)
+            for key, seen in touches.items():  # tried again with the next commit
+                self._touches.setdefault(key, seen)
+            self._touched.set()
             error = StoreError(f"commit failed: {exc}")
             for op in batch:
                 op.ticket.fail(error)
             return
+        self._unsettled -= len(batch)
         self.commits += 1
         self.batch_sizes.append(len(batch))
         del self.batch_sizes[:-1000]
@@ -283,25 +323,37 @@ class SqliteStore(MessageStore):
             else:
                 op.ticket.fail(value)
 
-    def _apply_batch(self, batch: Sequence[_Op]) -> list[tuple[bool, Any, list[Ring]]]:
-        """Apply a batch in one transaction. Every SQLite call hands the GIL back and forth
-        with the event loop, so the common case runs with no per-operation savepoints; if
-        an operation fails, the batch is rolled back and redone with one savepoint each,
-        so that only the failing operation fails."""
+    def _apply_batch(
+        self, batch: Sequence[_Op], touches: dict[tuple[str, str], int]
+    ) -> list[tuple[bool, Any, list[Ring]]]:
+        """Apply a batch, and the last-seen times that ride with it, in one transaction.
+        Every SQLite call hands the GIL back and forth with the event loop, so the common
+        case runs with no per-operation savepoints; if an operation fails, the batch is
+        rolled back and redone with one savepoint each, so that only it fails."""
         tx = self._tx
         assert tx is not None
         try:
-            return self._run_batch(tx, batch, isolate=False)
+            return self._run_batch(tx, batch, touches, isolate=False)
         except _OperationFailed:
-            return self._run_batch(tx, batch, isolate=True)
+            return self._run_batch(tx, batch, touches, isolate=True)
 
     def _run_batch(
-        self, tx: _Tx, batch: Sequence[_Op], *, isolate: bool
+        self,
+        tx: _Tx,
+        batch: Sequence[_Op],
+        touches: dict[tuple[str, str], int],
+        *,
+        isolate: bool,
     ) -> list[tuple[bool, Any, list[Ring]]]:
         conn = tx.conn
         outcomes: list[tuple[bool, Any, list[Ring]]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if touches:
+                conn.executemany(
+                    "UPDATE devices SET last_seen=? WHERE user=? AND device=?",
+                    [(seen, user, device) for (user, device), seen in touches.items()],
+                )
             for op in batch:
                 if not isolate:
                     try:
@@ -376,6 +428,16 @@ class SqliteStore(MessageStore):
         """
         if limit < 0:
             raise ValueError("limit must not be negative")
+        key = (user, device)
+        if key in self._known and key not in self._revoked and not self._unsettled:
+            # Registered by this process and not revoked since, and nothing submitted is
+            # uncommitted: what is committed is all there is, and a read of it on this
+            # thread is ordered after every submission without a trip to the writer.
+            assert self._loop_conn is not None
+            try:
+                return _read_opening(self._loop_conn, user, device, now, min(limit, LOOP_PAGE))
+            except sqlite3.Error as exc:
+                raise StoreError(f"read failed: {exc}") from None
 
         def apply(tx: _Tx) -> OpResult:
             return _apply_open(tx, user, device, issued_at, now, limit), []
@@ -441,14 +503,13 @@ class SqliteStore(MessageStore):
         return result
 
     async def touch_device(self, user: str, device: str, last_seen: int) -> None:
-        def apply(tx: _Tx) -> OpResult:
-            tx.conn.execute(
-                "UPDATE devices SET last_seen=? WHERE user=? AND device=?",
-                (last_seen, user, device),
-            )
-            return None, []
-
-        await self._submit(apply)  # last-seen is informational: queue it, don't wait
+        """Record when a device was last connected: it is committed with the next commit
+        (so before anything submitted after it is answered), or `TOUCH_DELAY` later."""
+        if self._queue.closed:
+            raise StoreClosed("the store is shutting down")
+        if not self._touches:
+            self._touched.set()
+        self._touches[(user, device)] = last_seen
 
     async def set_push_token(self, user: str, device: str, token: PushToken | None) -> None:
         def apply(tx: _Tx) -> OpResult:
@@ -619,6 +680,27 @@ def _apply_open(
         return SessionOpening(refused=False, items=items, queued=len(items))
     (queued,) = conn.execute(
         "SELECT count(*) FROM queue WHERE did=? AND expires>?", (did, now)
+    ).fetchone()
+    return SessionOpening(refused=False, items=items, queued=int(queued))
+
+
+def _read_opening(
+    conn: sqlite3.Connection, user: str, device: str, now: int, limit: int
+) -> SessionOpening:
+    """The first `limit` items of a known device's queue and how many it holds."""
+    rows = conn.execute(
+        "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent, q.body"
+        " FROM devices d JOIN queue q ON q.did = d.did"
+        " WHERE d.user=? AND d.device=? AND q.expires>? ORDER BY q.sid LIMIT ?",
+        (user, device, now, limit),
+    ).fetchall()
+    items = tuple(_item(row) for row in rows)
+    if len(items) < limit:
+        return SessionOpening(refused=False, items=items, queued=len(items))
+    (queued,) = conn.execute(
+        "SELECT count(*) FROM devices d JOIN queue q ON q.did = d.did"
+        " WHERE d.user=? AND d.device=? AND q.expires>?",
+        (user, device, now),
     ).fetchone()
     return SessionOpening(refused=False, items=items, queued=int(queued))
 
