@@ -72,10 +72,11 @@ class RawClient:
         return out
 
     async def upgrade(
-        self, path: str = "/ws", headers: dict[str, str] | None = None
+        self, path: str = "/ws", headers: dict[str, str] | None = None, then: bytes = b""
     ) -> tuple[int, dict[str, str]]:
-        """Send the opening handshake; return the status and the (lower-cased) headers.
-        A 101 is checked for a correct Sec-WebSocket-Accept."""
+        """Send the opening handshake (followed at once, in the same write, by `then`);
+        return the status and the (lower-cased) headers. A 101 is checked for a correct
+        Sec-WebSocket-Accept."""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {path} HTTP/1.1",
@@ -86,7 +87,7 @@ class RawClient:
             "Sec-WebSocket-Version: 13",
             *(f"{k}: {v}" for k, v in (headers or {}).items()),
         ]
-        await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self.stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + then)
         while b"\r\n\r\n" not in self.buf:
             assert await self._fill(), "EOF before the HTTP response"
         head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
@@ -272,6 +273,21 @@ async def test_a_fragmented_hello_with_a_ping_between_fragments_is_reassembled(s
                 welcome = welcome or "welcome" in kinds
             else:
                 pytest.fail(f"unexpected opcode {opcode:#x}")
+    await client.aclose()
+
+
+@pytest.mark.parametrize("sent_with_it", [1, 2, 7], ids=["byte", "header", "partial"])
+async def test_hello_sent_with_the_upgrade_request_is_answered(server, token, sent_with_it):
+    # Clients that do not wait for the 101 put their first frame, or part of it, in the
+    # same write as the request: nothing of it may be lost.
+    hello = frame(BINARY, cbor2.dumps({"t": "hello", "v": 1, "token": token("bob", "phone")}))
+    client = await RawClient.open(server.port)
+    with trio.fail_after(BOUND):
+        status, _ = await client.upgrade(then=hello[:sent_with_it])
+        assert status == 101
+        await client.send(hello[sent_with_it:])
+        frames = await client.frames_until("drained")
+    assert frames[0]["t"] == "welcome"
     await client.aclose()
 
 
