@@ -5,14 +5,15 @@ frames that come out, and writes what is due, all in one loop. An idle connectio
 that one task, blocked in `receive_some`, and nothing else:
 
 - Output queued by other tasks (deliveries, receipts, presence, typing) goes into the
-  connection's bounded `Outbox`. If nobody is writing for the connection, a short-lived
-  *flush task* starts in the shared flush nursery; it writes, waits for commits whose
-  answers are due (`sent`) and reads the device's queue when its doorbell rang, and ends
-  when there is nothing left to write. Nothing polls.
+  connection's bounded `Outbox` and is written at once, straight to the socket, when the
+  kernel takes it. Only when it cannot (the socket's buffer is full) or when the device's
+  doorbell asks for a store read does a short-lived *flush task* start in the shared
+  flush nursery; it ends when there is nothing left to write. A `sent` that waits for its
+  commit is written by the commit's own callback. Nothing polls.
 - Pings come from the process-wide `Heartbeat`, which calls `heartbeat()` when due.
 
-Exactly one writer runs at a time (`_writing`): the connection task right after handling
-input, or the flush task.
+One writer at a time (`_writing`, `_handling`): the connection task right after handling
+input, a flush task, or whoever queued output while neither was busy.
 
 Failure domain: anything that goes wrong inside a connection ends that connection (1011
 for an unexpected exception) and nothing else. Every close goes through `request_close`,
