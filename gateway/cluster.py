@@ -33,7 +33,7 @@ from gateway.errors import StoreError
 from gateway.peer import Peer
 from gateway.registry import Registry
 from gateway.session import CloseCode
-from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member
+from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member, uncancelled
 from gateway.store.redis_scripts import prefix, read_device, wire_device
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,15 @@ class ClusterLink:
             StoreError: Redis is unavailable.
         """
         try:
-            claim = await self.store.client.get(f"{prefix(user)}:node:{device}")
-            if claim is None:
-                return False
-            node, _, conn_id = claim.partition(b"|")
-            if node.decode() == self.node_id:
-                return False
-            message = b"r" + wire_device(user, device) + conn_id
-            await self.store.client.publish(NODE_CHANNEL + node.decode(), message)
+            with uncancelled():
+                claim = await self.store.client.get(f"{prefix(user)}:node:{device}")
+                if claim is None:
+                    return False
+                node, _, conn_id = claim.partition(b"|")
+                if node.decode() == self.node_id:
+                    return False
+                message = b"r" + wire_device(user, device) + conn_id
+                await self.store.client.publish(NODE_CHANNEL + node.decode(), message)
         except REDIS_ERRORS as exc:
             raise StoreError(f"revocation not sent to the device's node: {exc}") from None
         self.counters["revocations_sent"] += 1

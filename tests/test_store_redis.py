@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import coredis
 import pytest
 import trio
+import trio.testing
 from coredis._utils import hash_slot
 
 from gateway.errors import StoreError
@@ -114,3 +115,19 @@ async def test_a_store_started_before_redis_waits_for_it(tmp_path):
             store.close()
     finally:
         redis.stop()
+
+
+async def test_reads_cancelled_in_flight_do_not_use_up_the_connection_pool(store):
+    # A connection that ends while its queue read waits on Redis cancels the read; the
+    # client's pool must get its connection back, or after as many cancellations as the
+    # pool has connections every operation of the gateway waits forever.
+    await register(store, "bob", "phone")
+    await send(store, envelope())
+    for _ in range(100):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_all, store, "bob", "phone")
+            await trio.testing.wait_all_tasks_blocked()  # the read waits on Redis
+            nursery.cancel_scope.cancel()
+    with trio.fail_after(5):
+        assert [item.msg_id for item in await fetch_all(store, "bob", "phone")] == ["m1"]
+        await send(store, envelope("m2"))

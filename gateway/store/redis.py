@@ -340,14 +340,19 @@ class RedisStore(MessageStore):
 
     async def _pipeline(self, calls: list[Call]) -> list[Any]:
         """Run script calls in one pipeline, in order; a script Redis lost (after a restart
-        without its script cache) is loaded again and its call redone."""
-        results = await self._run_calls(calls)
-        missing = [n for n, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._load_scripts()
-            redone = await self._run_calls([calls[n] for n in missing])
-            for n, result in zip(missing, redone, strict=True):
-                results[n] = result
+        without its script cache) is loaded again and its call redone.
+
+        It is never cancelled half-way (see `uncancelled`): the client's own timeouts
+        bound it, and a caller's cancellation takes effect once it is done."""
+        with uncancelled():
+            results = await self._run_calls(calls)
+            missing = [n for n, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                await self._load_scripts()
+                redone = await self._run_calls([calls[n] for n in missing])
+                for n, result in zip(missing, redone, strict=True):
+                    results[n] = result
+        await trio.lowlevel.checkpoint_if_cancelled()
         return results
 
     async def _run_calls(self, calls: list[Call]) -> list[Any]:
@@ -464,7 +469,8 @@ class RedisStore(MessageStore):
 
     async def revoked_at(self, user: str, device: str) -> int | None:
         try:
-            value = await self.client.get(f"{prefix(user)}:rev:{device}")
+            with uncancelled():
+                value = await self.client.get(f"{prefix(user)}:rev:{device}")
         except REDIS_ERRORS as exc:
             self._unavailable(exc)
             raise RedisUnavailable(f"redis unavailable: {exc}") from None
@@ -555,11 +561,23 @@ class RedisStore(MessageStore):
 
     async def push_token(self, user: str, device: str) -> PushToken | None:
         try:
-            values = await self.client.hgetall(f"{prefix(user)}:d:{device}")
+            with uncancelled():
+                values = await self.client.hgetall(f"{prefix(user)}:d:{device}")
         except REDIS_ERRORS as exc:
             self._unavailable(exc)
             raise RedisUnavailable(f"redis unavailable: {exc}") from None
         return _push({k.decode(): v for k, v in values.items()})
+
+
+def uncancelled() -> trio.CancelScope:
+    """A scope for one exchange with Redis that the caller's cancellation cannot cut.
+
+    coredis marks a connection whose command was cancelled in flight as unusable, and
+    its pool then neither takes it back nor frees its place: after as many cancellations
+    as the pool has connections (say, connections closing while their queue reads wait),
+    every operation would wait for a free connection forever. The client's own
+    `STREAM_TIMEOUT` and `CONNECT_TIMEOUT` still bound the exchange."""
+    return trio.CancelScope(shield=True)
 
 
 # -- operations: generators of script-call steps ----------------------------------------
