@@ -222,13 +222,21 @@ async def idle_upgrades(port: int, count: int, limit: float, report: HostileRepo
 
 
 async def never_reader(
-    gateway: GatewayProcess, messages: int, limit: float, report: HostileReport
+    gateway: GatewayProcess,
+    messages: int,
+    limit: float,
+    report: HostileReport,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A device that stops reading while someone sends it large messages; afterwards,
-    how many items are still queued for it."""
+    how many items are still queued for it. Started once its `hello` is on its way: the
+    floods share this process, and reading the upgrade's answer behind a thousand others
+    could take longer than `hello_timeout`."""
     stream = await upgrade(gateway.port, rcvbuf=4096)
     hello = {"t": "hello", "v": 1, "token": mint_token(AUTH, "stuck", "phone")}
     await stream.send_all(_frame(cbor2.dumps(hello)))
+    task_status.started()
     async with connect(gateway.url, mint_token(AUTH, "feeder", "phone")) as feeder:
         for n in range(messages):
             await feeder.send("stuck", b"x" * BIG_BODY, id=f"big-{n}")
@@ -323,9 +331,9 @@ async def run_hostile(gateway: GatewayProcess, sizes: HostileSizes) -> HostileRe
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample, gateway, report, 0.25)
         async with trio.open_nursery() as hostile:
+            await hostile.start(never_reader, gateway, sizes.stuck_messages, 30.0, report)
             hostile.start_soon(slowloris, gateway.port, sizes.slowloris, sizes.trickle, report)
             hostile.start_soon(idle_upgrades, gateway.port, sizes.flood, 60.0, report)
-            hostile.start_soon(never_reader, gateway, sizes.stuck_messages, 30.0, report)
             hostile.start_soon(ping_flood, gateway.url, sizes.seconds, report)
             hostile.start_soon(oversized, gateway.url, sizes.oversized, report)
             await well_behaved(
