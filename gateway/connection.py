@@ -65,6 +65,9 @@ STORE_RETRY = 1.0
 RECEIVE_SIZE = 65536
 
 _ids = itertools.count(1)
+# With `[limits] send_rate = 0` a limiter lets everything through and keeps no state, so
+# every connection shares this one.
+_UNLIMITED = SendLimiter(0, 1, 1, now=0.0)
 
 
 class Router(Protocol):
@@ -161,15 +164,21 @@ class Connection:
         self.session = Session(ctx.parser, max_bad_frames=server.max_bad_frames)
         self.outbox = Outbox(server.outbox_limit)
         limits = ctx.limits
-        self.send_limit = SendLimiter(
-            limits.send_rate, limits.send_burst, limits.rate_limit_strikes, now=trio.current_time()
-        )
+        self.send_limit = _UNLIMITED
+        if limits.send_rate > 0:
+            self.send_limit = SendLimiter(
+                limits.send_rate,
+                limits.send_burst,
+                limits.rate_limit_strikes,
+                now=trio.current_time(),
+            )
         self.user = ""
         self.device = ""
         self.active = True
         self.cursor = 0  # highest sid sent on this connection
         self.drained = False
-        self.merged_sids: dict[int, tuple[int, ...]] = {}  # merged receipt sid -> absorbed
+        # merged receipt sid -> the sids it absorbed; None until a receipt is merged
+        self.merged_sids: dict[int, tuple[int, ...]] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self._reading = False  # a store read of this device's queue is in flight
@@ -181,7 +190,7 @@ class Connection:
         self._eof_due = False  # half-close TCP once `_unsent` is out
         # Plain TCP is written to straight from its descriptor; TLS through its stream.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes] | None = None  # of a message still arriving
         self._scope = trio.CancelScope()
         self._flush_scope: trio.CancelScope | None = None
         self._flush_done: trio.Event | None = None
@@ -246,9 +255,10 @@ class Connection:
 
     def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
         """The stored items an ack stands for: merged receipts bring their absorbed sids."""
-        if not self.merged_sids:
+        merged = self.merged_sids
+        if not merged:
             return sids
-        extra = [s for sid in sids for s in self.merged_sids.pop(sid, ())]
+        extra = [s for sid in sids for s in merged.pop(sid, ())]
         return sids + tuple(extra) if extra else sids
 
     def heartbeat(self) -> bool:
@@ -352,13 +362,16 @@ class Connection:
             for frame in cast("list[WsFrame]", proto.events_received()):  # frames, once open
                 opcode = frame.opcode
                 if opcode is Opcode.BINARY or opcode is Opcode.CONT:
-                    if frame.fin and not self._fragments:
+                    fragments = self._fragments
+                    if frame.fin and fragments is None:
                         messages.append(bytes(frame.data))
+                    elif fragments is None:
+                        self._fragments = [bytes(frame.data)]
                     else:
-                        self._fragments.append(bytes(frame.data))
+                        fragments.append(bytes(frame.data))
                         if frame.fin:
-                            messages.append(b"".join(self._fragments))
-                            self._fragments = []
+                            messages.append(b"".join(fragments))
+                            self._fragments = None
                 elif opcode is Opcode.TEXT:
                     messages.append("")
                 elif opcode is Opcode.PONG:
@@ -573,7 +586,10 @@ class Connection:
         """Frames for items read from the queue, advancing the cursor; `drained` after
         the first read that reached the end, and a ring for the next page otherwise."""
         out, merged = coalesce(list(items))
-        self.merged_sids.update(merged)
+        if merged:
+            if self.merged_sids is None:
+                self.merged_sids = {}
+            self.merged_sids.update(merged)
         if items:
             self.cursor = max(self.cursor, items[-1].sid)
         if more:
