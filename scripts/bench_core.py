@@ -83,6 +83,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -586,7 +587,9 @@ class RouteState:
     arrivals: list[tuple[float, float]] = field(default_factory=list)  # (t_send, latency)
 
 
-async def _route_receiver(ws: Wire, st: RouteState) -> None:
+async def _route_receiver(ws: Wire, st: RouteState, *, ack_each: bool = False) -> None:
+    """Ack the ``msg`` frames of each WebSocket message in one ``ack``, or (`ack_each`)
+    every ``msg`` on its own, in its own WebSocket message, as phones do."""
     try:
         for _ in range(MAX_LOOP):
             message = await ws.get_message()
@@ -597,9 +600,10 @@ async def _route_receiver(ws: Wire, st: RouteState) -> None:
                     sids.append(f["sid"])
                     t_send = struct.unpack_from("<d", f["body"])[0]
                     st.arrivals.append((t_send, now - t_send))
-            if sids:
-                st.delivered += len(sids)
-                await ws.send_message(encode({"t": "ack", "sids": sids}))
+            st.delivered += len(sids)
+            batches = [[sid] for sid in sids] if ack_each else [sids] if sids else []
+            for acked in batches:
+                await ws.send_message(encode({"t": "ack", "sids": acked}))
     except ConnectionClosed:
         st.closed += 1
 
@@ -891,32 +895,8 @@ async def scenario_handshakes(
 
 
 @dataclass
-class RateState:
-    stop: bool = False
-    delivered: int = 0
-    sent_ok: int = 0
+class RateState(RouteState):
     receipts: int = 0
-    errors: int = 0
-    closed: int = 0
-    send_times: list[float] = field(default_factory=list)
-    lateness: list[float] = field(default_factory=list)
-    arrivals: list[tuple[float, float]] = field(default_factory=list)  # (t_send, latency)
-
-
-async def _rate_receiver(ws: Wire, st: RateState) -> None:
-    """Ack every ``msg`` on its own, in its own WebSocket message."""
-    try:
-        for _ in range(MAX_LOOP):
-            message = await ws.get_message()
-            now = trio.current_time()
-            for f in frames_of(message):
-                if f["t"] == "msg":
-                    t_send = struct.unpack_from("<d", f["body"])[0]
-                    st.arrivals.append((t_send, now - t_send))
-                    st.delivered += 1
-                    await ws.send_message(encode({"t": "ack", "sids": [f["sid"]]}))
-    except ConnectionClosed:
-        st.closed += 1
 
 
 async def _rate_sender(
@@ -1056,7 +1036,7 @@ async def scenario_rate(server: ServerProcess, tokens: Tokens, args: argparse.Na
             count = int((args.warmup + args.duration + 3) / interval) + 1
             async with trio.open_nursery() as load:
                 for ws in rx:
-                    load.start_soon(_rate_receiver, ws, st)
+                    load.start_soon(partial(_route_receiver, ack_each=True), ws, st)
                 for i, ws in enumerate(tx):
                     first_at = start + i * interval / pairs  # spread evenly over the interval
                     load.start_soon(
