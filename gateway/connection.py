@@ -353,7 +353,11 @@ class Connection:
         are still returned, and the next call returns None."""
         proto = self._proto
         while proto.state is State.OPEN:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lost()  # a reset: the network dropped it, the phone went away
+                return None
             if not data:
                 proto.receive_eof()
                 return None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
+import socket
 import struct
 from contextlib import suppress
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import cbor2
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import make_settings, running_server
 
@@ -289,6 +292,25 @@ async def test_hello_sent_with_the_upgrade_request_is_answered(server, token, se
         frames = await client.frames_until("drained")
     assert frames[0]["t"] == "welcome"
     await client.aclose()
+
+
+async def test_a_peer_that_resets_tcp_is_let_go_quietly(server, token, caplog):
+    client = await open_session(server.port, token("bob", "phone"))
+    closed = server.edge.wait_for_close
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            codes: list[int] = []
+
+            async def watch() -> None:
+                codes.append(await closed("bob", "phone"))
+
+            nursery.start_soon(watch)
+            await trio.testing.wait_all_tasks_blocked()
+            sock = client.stream.socket  # a reset, as a network drop looks to the server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.aclose()
+    assert codes == [1000]  # not 1011: nothing went wrong inside the gateway
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_text_message_closes_with_1003(server, token):
