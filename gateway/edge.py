@@ -188,8 +188,9 @@ async def _read_request(
     stream: trio.abc.Stream, proto: ServerProtocol
 ) -> tuple[Request | None, bool]:
     """Read until the upgrade request is parsed: the request (None if the client sent
-    none; a parse error is answered by the protocol itself, with 400 or 431, and written
-    here), and whether nothing came after it."""
+    none: a request line or headers too long are answered 414 or 431 by the protocol
+    and written here, anything else that is not HTTP is just closed), and whether
+    nothing came after it."""
     received = b""
     while True:
         data = await stream.receive_some(RECEIVE_SIZE)
