@@ -583,29 +583,13 @@ class SqliteStore(MessageStore):
     async def fetch(
         self, user: str, device: str, after_sid: int, limit: int, now: int
     ) -> list[QueueItem]:
-        def query(conn: sqlite3.Connection) -> list[QueueItem]:
-            rows = conn.execute(
-                "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent,"
-                " q.body FROM devices d JOIN queue q ON q.did = d.did"
-                " WHERE d.user=? AND d.device=? AND q.sid>? AND q.expires>?"
-                " ORDER BY q.sid LIMIT ?",
-                (user, device, after_sid, now, limit),
-            ).fetchall()
-            return [_item(row) for row in rows]
-
-        result: list[QueueItem] = await self._read(query)
+        result: list[QueueItem] = await self._read(
+            lambda conn: _fetch_items(conn, user, device, after_sid, limit, now)
+        )
         return result
 
     async def count(self, user: str, device: str, now: int) -> int:
-        def query(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT count(*) FROM devices d JOIN queue q ON q.did = d.did"
-                " WHERE d.user=? AND d.device=? AND q.expires>?",
-                (user, device, now),
-            ).fetchone()
-            return int(row[0])
-
-        result: int = await self._read(query)
+        result: int = await self._read(lambda conn: _count_items(conn, user, device, now))
         return result
 
     async def devices(self, user: str) -> list[DeviceRecord]:
@@ -670,39 +654,41 @@ def _apply_open(
         tx.forget(user)
         # A new device has no queue: deleting a device deletes its items with it.
         return SessionOpening(refused=False)
-    rows = conn.execute(
-        "SELECT sid, kind, msg_id, sender, sender_device, ts, urgent, body FROM queue"
-        " WHERE did=? AND sid>0 AND expires>? ORDER BY sid LIMIT ?",
-        (did, now, limit),
-    ).fetchall()
-    items = tuple(_item(row) for row in rows)
-    if len(items) < limit:
-        return SessionOpening(refused=False, items=items, queued=len(items))
-    (queued,) = conn.execute(
-        "SELECT count(*) FROM queue WHERE did=? AND expires>?", (did, now)
-    ).fetchone()
-    return SessionOpening(refused=False, items=items, queued=int(queued))
+    return _read_opening(conn, user, device, now, limit)
 
 
 def _read_opening(
     conn: sqlite3.Connection, user: str, device: str, now: int, limit: int
 ) -> SessionOpening:
     """The first `limit` items of a known device's queue and how many it holds."""
-    rows = conn.execute(
-        "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent, q.body"
-        " FROM devices d JOIN queue q ON q.did = d.did"
-        " WHERE d.user=? AND d.device=? AND q.expires>? ORDER BY q.sid LIMIT ?",
-        (user, device, now, limit),
-    ).fetchall()
-    items = tuple(_item(row) for row in rows)
+    items = tuple(_fetch_items(conn, user, device, 0, limit, now))
     if len(items) < limit:
         return SessionOpening(refused=False, items=items, queued=len(items))
-    (queued,) = conn.execute(
+    return SessionOpening(refused=False, items=items, queued=_count_items(conn, user, device, now))
+
+
+def _fetch_items(
+    conn: sqlite3.Connection, user: str, device: str, after_sid: int, limit: int, now: int
+) -> list[QueueItem]:
+    """Up to `limit` unexpired items of a device with sid > `after_sid`, in sid order."""
+    rows = conn.execute(
+        "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent,"
+        " q.body FROM devices d JOIN queue q ON q.did = d.did"
+        " WHERE d.user=? AND d.device=? AND q.sid>? AND q.expires>?"
+        " ORDER BY q.sid LIMIT ?",
+        (user, device, after_sid, now, limit),
+    ).fetchall()
+    return [_item(row) for row in rows]
+
+
+def _count_items(conn: sqlite3.Connection, user: str, device: str, now: int) -> int:
+    """How many unexpired items a device has queued."""
+    row = conn.execute(
         "SELECT count(*) FROM devices d JOIN queue q ON q.did = d.did"
         " WHERE d.user=? AND d.device=? AND q.expires>?",
         (user, device, now),
     ).fetchone()
-    return SessionOpening(refused=False, items=items, queued=int(queued))
+    return int(row[0])
 
 
 def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
