@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from gateway.outbox import OnError, Render
+from gateway.ratelimit import SendLimiter
 from gateway.session import CloseCode
 from gateway.store.base import QueueItem, Ticket
 
@@ -68,4 +69,15 @@ class Peer(Protocol):
 
     def request_close(self, code: CloseCode, reason: str) -> None:
         """Close the connection with `code` (the first request wins)."""
+        ...
+
+
+class Sender(Peer, Protocol):
+    """A connection whose frames the router carries out: a peer with its send limiter
+    and the merged receipts its acks stand for."""
+
+    send_limit: SendLimiter
+
+    def expand_acks(self, sids: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored items an ack stands for: merged receipts bring their absorbed sids."""
         ...

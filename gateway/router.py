@@ -29,6 +29,7 @@ from gateway.frames import (
     Unsubscribe,
 )
 from gateway.logthrottle import LogThrottle
+from gateway.peer import Sender
 from gateway.ratelimit import SendVerdict
 from gateway.session import CloseCode
 from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
@@ -37,7 +38,6 @@ from presence.fanout import SubscriptionLimit
 from presence.service import PresenceService
 
 if TYPE_CHECKING:
-    from gateway.connection import Connection
     from gateway.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Seconds between log lines about store failures: an outage fails every operation.
 STORE_LOG_INTERVAL = 10.0
 
-Handler = Callable[["Connection", Any], Awaitable[None]]
+Handler = Callable[[Sender, Any], Awaitable[None]]
 
 
 class Router:
@@ -80,12 +80,12 @@ class Router:
             PushRegistration: self._push,
         }
 
-    async def handle(self, conn: Connection, frame: ClientFrame) -> None:
+    async def handle(self, conn: Sender, frame: ClientFrame) -> None:
         """Carry out one frame from an authenticated connection."""
         self.metrics.frames_in += 1
         await self._handlers[type(frame)](conn, frame)
 
-    async def _send(self, conn: Connection, f: Send) -> None:
+    async def _send(self, conn: Sender, f: Send) -> None:
         verdict = conn.send_limit.check(trio.current_time())
         if verdict is not SendVerdict.ALLOW:
             self.metrics.rate_limited += 1
@@ -130,11 +130,11 @@ class Router:
 
         conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
 
-    async def _ack(self, conn: Connection, f: Ack) -> None:
+    async def _ack(self, conn: Sender, f: Ack) -> None:
         sids = conn.expand_acks(f.sids)
         await self._fire(self.store.submit_ack(conn.user, conn.device, sids, self.clock()), "ack")
 
-    async def _read(self, conn: Connection, f: Read) -> None:
+    async def _read(self, conn: Sender, f: Read) -> None:
         now = self.clock()
         expires = now + self.max_ttl * 1000
         await self._fire(
@@ -150,10 +150,10 @@ class Router:
             # at-least-once contract; the client's retry of `read` is its own.
             self._store_warning(f"{what} not stored", exc)
 
-    async def _typing(self, conn: Connection, f: Typing) -> None:
+    async def _typing(self, conn: Sender, f: Typing) -> None:
         self.presence.typing(conn.user, conn.device, f.to, f.on)
 
-    async def _subscribe(self, conn: Connection, f: Subscribe) -> None:
+    async def _subscribe(self, conn: Sender, f: Subscribe) -> None:
         try:
             await self.presence.refresh(f.users)
         except StoreError as exc:  # answer from what is known; changes follow when back
@@ -165,17 +165,17 @@ class Router:
             return
         conn.push(snapshot)
 
-    async def _unsubscribe(self, conn: Connection, f: Unsubscribe) -> None:
+    async def _unsubscribe(self, conn: Sender, f: Unsubscribe) -> None:
         self.presence.unsubscribe(conn.id, f.users)
 
-    async def _state(self, conn: Connection, f: ClientState) -> None:
+    async def _state(self, conn: Sender, f: ClientState) -> None:
         conn.active = f.active
         self.presence.set_active(conn.id, f.active)
 
-    async def _privacy(self, conn: Connection, f: Privacy) -> None:
+    async def _privacy(self, conn: Sender, f: Privacy) -> None:
         self.presence.set_hidden(conn.user, f.hide_presence)
 
-    async def _push(self, conn: Connection, f: PushRegistration) -> None:
+    async def _push(self, conn: Sender, f: PushRegistration) -> None:
         token = None
         if f.provider is not None and f.token is not None:
             token = PushToken(f.provider, f.token, f.topic, f.sandbox, self.clock())
