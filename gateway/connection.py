@@ -447,10 +447,8 @@ class Connection:
 
     def _wake_writer(self) -> None:
         """Write what was just queued, now if the kernel takes it, else in a flush task."""
-        if self._writing or self._handling or self.close_code is not None:
-            return  # that writer, or the connection task once it has handled its input
-        if not self._write_now() or self.outbox.rung:
-            self._start_flush()
+        if not self._handling:  # else the connection task writes once it has handled it
+            self._write_due()
 
     def _start_flush(self) -> None:
         self._writing = True
@@ -460,7 +458,7 @@ class Connection:
         self._ctx.flushes.start_soon(self._flush, self._flush_scope)
 
     def _write_due(self) -> None:
-        """After handling input: write what is ready, leaving any waiting to a flush."""
+        """Write what is ready, leaving any waiting to a flush task."""
         if self._writing or self.close_code is not None:
             return  # the running flush sends what was added; a close flushes on its own
         if not self._write_now() or self.outbox.rung:
