@@ -11,7 +11,8 @@ from __future__ import annotations
 import abc
 import enum
 import logging
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -74,6 +75,38 @@ class QueueItem:
             "dev": self.sender_device,
             "ts": self.ts,
         }
+
+
+def decode_item(
+    sid: int,
+    kind: int,
+    msg_id: str,
+    sender: str,
+    sender_device: str,
+    ts: int,
+    urgent: bool,
+    payload: bytes | Sequence[str],
+) -> QueueItem:
+    """A stored item back into a `QueueItem`: `payload` is a message's body, or the ids
+    a receipt carries."""
+    item_kind = ItemKind(kind)
+    if item_kind is ItemKind.MESSAGE:
+        assert isinstance(payload, bytes)
+        return QueueItem(sid, item_kind, msg_id, sender, sender_device, ts, bool(urgent), payload)
+    assert not isinstance(payload, bytes)
+    return QueueItem(
+        sid, item_kind, msg_id, sender, sender_device, ts, False, b"", tuple(payload)
+    )
+
+
+def delivered_by_sender(acked: Iterable[tuple[int, str, str]]) -> dict[str, tuple[str, ...]]:
+    """The message ids among acked (kind, msg_id, sender) items, grouped by sender: what
+    each sender gets a delivered receipt for (receipts themselves get none)."""
+    by_sender: dict[str, list[str]] = defaultdict(list)
+    for kind, msg_id, sender in acked:
+        if kind == ItemKind.MESSAGE:
+            by_sender[sender].append(msg_id)
+    return {sender: tuple(ids) for sender, ids in by_sender.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +256,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class CommitStats:
-    """Histograms of commit latency and batch size that every backend keeps for
-    `/metrics`. They belong to no registry; the gateway's collector exports them."""
+    """Histograms of commit latency and batch size for `/metrics`. They belong to no
+    registry; the gateway's collector exports them."""
 
     def __init__(self) -> None:
         self.latency = Histogram(
@@ -260,6 +293,9 @@ class MessageStore(abc.ABC):
     #: nodes), and reads the store instead of jumping over it.
     consecutive_sids: bool = False
 
+    #: Commit latency and batch-size histograms, for `/metrics`.
+    commit_stats: CommitStats
+
     @abc.abstractmethod
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the store and commit submissions until closed."""
@@ -270,17 +306,9 @@ class MessageStore(abc.ABC):
 
     # -- health and metrics ----------------------------------------------------------------
 
-    @property
-    def commit_stats(self) -> CommitStats:
-        """Commit latency and batch-size histograms; backends `observe` each commit."""
-        stats = self.__dict__.get("_commit_stats")
-        if stats is None:
-            stats = self.__dict__["_commit_stats"] = CommitStats()
-        return stats
-
+    @abc.abstractmethod
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
-        return 0
 
     async def ping(self) -> None:
         """Check that the store answers a read (for readiness); callers bound the time.

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Generator, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import anyio
@@ -50,19 +50,19 @@ from gateway.store.base import (
     Doorbell,
     Envelope,
     ItemKind,
-    MessageStore,
     PushToken,
     QueueItem,
     SendOutcome,
     SessionOpening,
     Ticket,
+    decode_item,
+    delivered_by_sender,
 )
+from gateway.store.group_commit import GroupCommitStore, Outcome, Ring
 from gateway.store.redis_scripts import SCRIPTS, prefix
-from gateway.store.submissions import SubmissionQueue
 
 log = logging.getLogger(__name__)
 
-SUBMIT_QUEUE = 4096
 SCAN_COUNT = 1000
 MAX_SID = 2**63 - 1
 # Seconds to wait for a Redis answer before the operation counts as failed, and for a
@@ -72,8 +72,18 @@ CONNECT_TIMEOUT = 2.0
 STARTUP_RETRY_MAX = 5.0
 
 Call = tuple[str, Sequence[str], Sequence[str | int | bytes]]
-Ring = tuple[str, str, bool, QueueItem]
-OpResult = tuple[Any, list[Ring]]
+
+
+class RemoteDoorbell(NamedTuple):
+    """A device connected to another node, whose doorbell the queueing script rang on
+    that node's channel: nothing to ring here."""
+
+    user: str
+    device: str
+
+
+Placed = Ring | RemoteDoorbell
+OpResult = tuple[Any, list[Placed]]
 Steps = Generator[list[Call], list[Any], OpResult]
 # What a lost, refused or closed Redis connection raises through coredis.
 REDIS_ERRORS = (
@@ -124,7 +134,7 @@ def connect(url: str, *, cluster: bool = False) -> Client:
     )
 
 
-class RedisStore(MessageStore):
+class RedisStore(GroupCommitStore[_Op]):
     """Redis-backed `MessageStore`; see the module docstring for the commit model.
 
     Other services of the process (the cluster link, presence) use `client` and
@@ -156,13 +166,10 @@ class RedisStore(MessageStore):
         cluster: bool = False,
         on_recovered: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__(doorbell=doorbell, max_batch=max_batch, receipt_ttl_ms=receipt_ttl_ms)
         self.url = url
         self.cluster = cluster
         self.node_id = node_id
-        self._doorbell = doorbell
-        self._max_batch = max_batch
-        self._receipt_ttl_ms = receipt_ttl_ms
-        self._queue = SubmissionQueue[_Op](SUBMIT_QUEUE)
         self._shas = {
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
         }
@@ -170,24 +177,15 @@ class RedisStore(MessageStore):
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
         self.on_recovered = on_recovered
-        self.batch_sizes: list[int] = []
-        self.commits = 0
-        self.last_commit_seconds = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect (waiting for Redis if needed) and commit submissions until `close`."""
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[None]:
+        """The client, open once Redis answers (waiting for it if needed)."""
         async with self.client:
             await self._wait_for_redis()
-            task_status.started()
-            try:
-                while (batch := await self._queue.next_batch(self._max_batch)) is not None:
-                    with trio.CancelScope(shield=True):
-                        await self._commit(batch)
-            finally:
-                self.close()
-                self._queue.fail_unsubmitted()
+            yield
 
     async def _wait_for_redis(self) -> None:
         delay = 0.1
@@ -205,14 +203,6 @@ class RedisStore(MessageStore):
     async def _load_scripts(self) -> None:
         for name, text in SCRIPTS.items():
             self._shas[name] = (await self.client.script_load(text)).decode()
-
-    def queue_depth(self) -> int:
-        """Submissions waiting for a commit."""
-        return self._queue.depth()
-
-    def close(self) -> None:
-        """Stop accepting submissions; `run` commits those already queued, then returns."""
-        self._queue.close()
 
     def _available(self) -> None:
         if not self.available:
@@ -234,16 +224,17 @@ class RedisStore(MessageStore):
     ) -> Ticket[Any]:
         """Queue an operation. `one_step` promises that `steps` yields at most one step;
         an `ordered` operation runs after every step of those submitted before it."""
-        ticket: Ticket[Any] = Ticket()
-        await self._queue.put(_Op(steps, ticket, one_step, ordered))
-        return ticket
+        op = _Op(steps, Ticket(), one_step, ordered)
+        await self._enqueue(op)
+        return op.ticket
 
-    async def _commit(self, batch: list[_Op]) -> None:
-        started = time.perf_counter()
+    async def _apply(self, batch: Sequence[_Op]) -> list[Outcome]:
+        """Run the batch's operations in rounds of one pipeline each (see the module
+        docstring); a device connected to another node was rung there."""
+        outcomes: dict[int, Outcome] = {}
         waiting = deque(batch)  # not started yet, in submission order
         running: list[tuple[_Op, Steps, list[Call]]] = []
-        done: list[tuple[_Op, OpResult]] = []
-        self._start(waiting, running, done)
+        self._start(waiting, running, outcomes)
         try:
             while running:
                 calls = [call for _, _, step in running for call in step]
@@ -257,42 +248,41 @@ class RedisStore(MessageStore):
                     if failed is not None:
                         gen.close()
                         log.warning("store operation failed: %s", failed)
-                        op.ticket.fail(StoreError(str(failed)))
+                        outcomes[id(op)] = StoreError(str(failed))
                     else:
-                        self._advance(op, gen, answers, running, done)
-                self._start(waiting, running, done)
+                        self._advance(op, gen, answers, running, outcomes)
+                self._start(waiting, running, outcomes)
         except REDIS_ERRORS as exc:
             self._unavailable(exc)
             error = RedisUnavailable(f"redis unavailable: {exc}")
             for op, gen, _ in running:
                 gen.close()
-                op.ticket.fail(error)
+                outcomes[id(op)] = error
             for op in waiting:  # never sent
-                op.ticket.fail(error)
+                outcomes[id(op)] = error
         else:
             self._available()
-        self.commits += 1
-        self.batch_sizes.append(len(batch))
-        del self.batch_sizes[:-1000]
-        self.last_commit_seconds = time.perf_counter() - started
-        self.commit_stats.observe(len(batch), self.last_commit_seconds)
-        for op, (value, rings) in done:
-            op.ticket.resolve(value)
-            for user, device, urgent, item in rings:
-                if item.sid < 0:  # connected to another node, whose doorbell was rung
-                    self.counters["doorbells_published"] += 1
-                    continue
-                try:
-                    self._doorbell(user, device, urgent, item)
-                except Exception:  # a doorbell is a hint; the item is stored regardless
-                    log.exception("doorbell for %s/%s failed", user, device)
+        return [self._local(outcomes[id(op)]) for op in batch]
+
+    def _local(self, outcome: Outcome | tuple[Any, list[Placed]]) -> Outcome:
+        """`outcome` with the doorbells rung on other nodes counted and left out."""
+        if isinstance(outcome, BaseException):
+            return outcome
+        value, placed = outcome
+        rings: list[Ring] = []
+        for ring in placed:
+            if isinstance(ring, RemoteDoorbell):
+                self.counters["doorbells_published"] += 1
+            else:
+                rings.append(ring)
+        return value, rings
 
     @classmethod
     def _start(
         cls,
         waiting: deque[_Op],
         running: list[tuple[_Op, Steps, list[Call]]],
-        done: list[tuple[_Op, OpResult]],
+        outcomes: dict[int, Any],
     ) -> None:
         """Start waiting operations in order, up to an ordered one that an earlier
         operation may still have steps to run before (it then waits for a later round)."""
@@ -301,7 +291,7 @@ class RedisStore(MessageStore):
             if op.ordered and any(not r.one_step for r, _, _ in running):
                 return
             waiting.popleft()
-            cls._advance(op, op.steps(), None, running, done)
+            cls._advance(op, op.steps(), None, running, outcomes)
 
     @staticmethod
     def _advance(
@@ -309,17 +299,18 @@ class RedisStore(MessageStore):
         gen: Steps,
         answers: list[Any] | None,
         running: list[tuple[_Op, Steps, list[Call]]],
-        done: list[tuple[_Op, OpResult]],
+        outcomes: dict[int, Any],
     ) -> None:
-        """Feed an operation the answers to its last step; file it as running or done."""
+        """Feed an operation the answers to its last step; file it as running, or its
+        outcome once it is done."""
         try:
             step = gen.send(answers)  # type: ignore[arg-type]  # None primes the generator
             while not step:  # a step with no calls needs no round trip
                 step = gen.send([])
         except StopIteration as stop:
-            done.append((op, stop.value))
+            outcomes[id(op)] = stop.value
         except StoreError as exc:
-            op.ticket.fail(exc)
+            outcomes[id(op)] = exc
         else:
             running.append((op, gen, step))
 
@@ -597,17 +588,16 @@ def _update_steps(user: str, device: str, *changes: tuple[str, list[str | int]])
     return None, []
 
 
-def _placed(
-    placed: list[Any], make: Callable[[str, int], tuple[str, str, bool, QueueItem]]
-) -> list[Ring]:
+def _placed(placed: list[Any], make: Callable[[str, int], Ring]) -> list[Placed]:
     """Rings for the (device, sid, where) triples a queueing script returns; a device
-    connected to another node gets a ring with a negative sid, which is not rung here."""
-    rings: list[Ring] = []
+    connected to another node (where = 2) was rung there by the script."""
+    rings: list[Placed] = []
     for n in range(0, len(placed), 3):
-        user, device, urgent, item = make(placed[n].decode(), int(placed[n + 1]))
+        device, sid = placed[n].decode(), int(placed[n + 1])
         if placed[n + 2] == 2:
-            item = QueueItem(-1, item.kind, item.msg_id, "", "", 0, False, b"")
-        rings.append((user, device, urgent, item))
+            rings.append(RemoteDoorbell(make(device, sid)[0], device))
+        else:
+            rings.append(make(device, sid))
     return rings
 
 
@@ -654,7 +644,7 @@ def _receipt_steps(
     now: int,
     expires: int,
     node: str,
-) -> Generator[list[Call], list[Any], list[Ring]]:
+) -> Generator[list[Call], list[Any], list[Placed]]:
     if not ids:
         return []
     [placed] = yield [_receipt_call(kind, to, by, by_device, ids, now, expires, node)]
@@ -697,22 +687,19 @@ def _ack_steps(
     [members] = yield [("peek", [queue], list(sids))]
     if not members:
         return 0, []
-    acked_by_sender: dict[str, list[str]] = defaultdict(list)
-    for member in members:
-        item = decode_member(member)
-        if item.kind is ItemKind.MESSAGE:
-            acked_by_sender[item.sender].append(item.msg_id)
-    rings: list[Ring] = []
-    if acked_by_sender:
+    acked = (decode_member(member) for member in members)
+    by_sender = delivered_by_sender((item.kind, item.msg_id, item.sender) for item in acked)
+    rings: list[Placed] = []
+    if by_sender:
         # Receipts first: if deleting fails after this, the items are delivered again and
         # acked again, which is at-least-once; the other order could lose the receipts.
         step = [
-            _receipt_call(ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires, node)
-            for sender, ids in acked_by_sender.items()
+            _receipt_call(ItemKind.DELIVERED, sender, user, device, ids, now, expires, node)
+            for sender, ids in by_sender.items()
         ]
         answers = yield step
-        for (sender, ids), placed in zip(acked_by_sender.items(), answers, strict=True):
-            make = _receipt_ring(ItemKind.DELIVERED, sender, user, device, now, tuple(ids))
+        for (sender, ids), placed in zip(by_sender.items(), answers, strict=True):
+            make = _receipt_ring(ItemKind.DELIVERED, sender, user, device, now, ids)
             rings += _placed(placed, make)
     [deleted] = yield [("remove_members", [queue], members)]
     return int(deleted), rings
@@ -730,11 +717,7 @@ def _payload(kind: ItemKind, env: Envelope, body: bytes) -> bytes:
 def decode_member(member: bytes) -> QueueItem:
     """A queue member ``EXPIRES|SID|PAYLOAD`` back into the item it stores."""
     _, sid, payload = member.split(b"|", 2)
-    kind, msg_id, sender, sender_device, ts, urgent, body = cbor2.loads(payload)
-    kind = ItemKind(kind)
-    if kind is ItemKind.MESSAGE:
-        return QueueItem(int(sid), kind, msg_id, sender, sender_device, ts, urgent, body)
-    return QueueItem(int(sid), kind, msg_id, sender, sender_device, ts, False, b"", tuple(body))
+    return decode_item(int(sid), *cbor2.loads(payload))
 
 
 def _fields(flat: Any) -> dict[str, bytes]:

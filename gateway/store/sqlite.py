@@ -13,9 +13,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,14 +28,15 @@ from gateway.store.base import (
     Doorbell,
     Envelope,
     ItemKind,
-    MessageStore,
     PushToken,
     QueueItem,
     SendOutcome,
     SessionOpening,
     Ticket,
+    decode_item,
+    delivered_by_sender,
 )
-from gateway.store.submissions import SubmissionQueue
+from gateway.store.group_commit import GroupCommitStore, Outcome, Ring
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ SWEEP_SLICE = 5000
 READERS = 2
 # How long closing the store waits for reads in flight on worker threads.
 READER_CLOSE_TIMEOUT = 5.0
-SUBMIT_QUEUE = 4096
 # Last-seen times are informational: they ride with the next commit, and when nothing
 # else is committed, they go in one commit at most this many seconds after the first.
 TOUCH_DELAY = 1.0
@@ -109,7 +108,6 @@ TOUCH_DELAY = 1.0
 # of its backlog is fetched on a reader thread), so the loop is never held long.
 LOOP_PAGE = 32
 
-Ring = tuple[str, str, bool, QueueItem]
 OpResult = tuple[Any, list[Ring]]
 # Users whose device lists are cached on the writer; past this the cache starts afresh.
 DEVICE_CACHE_USERS = 100_000
@@ -155,7 +153,7 @@ class _OperationFailed(Exception):
     """An operation of a batch raised; the batch is redone with each one isolated."""
 
 
-class SqliteStore(MessageStore):
+class SqliteStore(GroupCommitStore[_Op]):
     """SQLite-backed `MessageStore`; see the module docstring for the commit model."""
 
     def __init__(
@@ -167,24 +165,18 @@ class SqliteStore(MessageStore):
         max_batch: int = 512,
         receipt_ttl_ms: int = 30 * 24 * 3600 * 1000,
     ) -> None:
+        super().__init__(doorbell=doorbell, max_batch=max_batch, receipt_ttl_ms=receipt_ttl_ms)
         self.path = path
-        self._doorbell = doorbell
         self._synchronous = synchronous.upper()
-        self._max_batch = max_batch
-        self._receipt_ttl_ms = receipt_ttl_ms
-        self._queue = SubmissionQueue[_Op](SUBMIT_QUEUE)
         self._tx: _Tx | None = None
         self._readers_send, self._readers = trio.open_memory_channel[sqlite3.Connection](READERS)
         self._reader_conns: list[sqlite3.Connection] = []
         self._write_limiter = trio.CapacityLimiter(1)
         self._known: set[tuple[str, str]] = set()  # devices known to be registered
         self._revoked: set[tuple[str, str]] = set()  # revoked by this process
-        self._unsettled = 0  # submissions not yet committed (or failed)
         self._loop_conn: sqlite3.Connection | None = None  # reads on the event loop's thread
         self._touches: dict[tuple[str, str], int] = {}  # last-seen times not yet committed
         self._touched = trio.Event()  # set when the first of `_touches` arrives
-        self.batch_sizes: list[int] = []  # recent batch sizes, for metrics
-        self.commits = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -210,8 +202,10 @@ class SqliteStore(MessageStore):
         self._reader_conns = [self._connect() for _ in range(READERS)]
         self._loop_conn = self._connect()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the database file and commit submissions until `close`."""
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[None]:
+        """The database file open while the store runs; on the way out, the last-seen
+        times still pending are committed and every connection is closed."""
         try:
             await trio.to_thread.run_sync(self._open)
         except sqlite3.Error as exc:
@@ -220,24 +214,16 @@ class SqliteStore(MessageStore):
             ) from None
         for conn in self._reader_conns:
             self._readers_send.send_nowait(conn)
-        task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._commit_touches)
-                while (batch := await self._queue.next_batch(self._max_batch)) is not None:
-                    with trio.CancelScope(shield=True):
-                        await self._commit(batch)
-                nursery.cancel_scope.cancel()
+            yield
         finally:
-            self.close()
-            self._queue.fail_unsubmitted()
             with trio.CancelScope(shield=True):
                 if self._touches:
                     await self._commit([])
                 idle = await self._take_back_readers()
                 await trio.to_thread.run_sync(self._close_connections, idle)
 
-    async def _commit_touches(self) -> None:
+    async def _background(self) -> None:
         """Commit last-seen times that no other commit took along, `TOUCH_DELAY` after
         the first of them."""
         while True:
@@ -249,14 +235,6 @@ class SqliteStore(MessageStore):
                     await self._submit(lambda tx: (None, []))  # the touches ride with it
                 except StoreClosed:
                     return
-
-    def queue_depth(self) -> int:
-        """Submissions waiting for a commit."""
-        return self._queue.depth()
-
-    def close(self) -> None:
-        """Stop accepting submissions; `run` commits those already queued, then returns."""
-        self._queue.close()
 
     async def _take_back_readers(self) -> list[sqlite3.Connection]:
         """Wait (briefly) until no read is running, and stop lending reader connections.
@@ -280,52 +258,28 @@ class SqliteStore(MessageStore):
     # -- group commit ---------------------------------------------------------------------
 
     async def _submit(self, apply: Apply) -> Ticket[Any]:
-        ticket: Ticket[Any] = Ticket()
-        self._unsettled += 1
-        try:
-            await self._queue.put(_Op(apply, ticket))
-        except BaseException:
-            self._unsettled -= 1
-            raise
-        return ticket
+        op = _Op(apply, Ticket())
+        await self._enqueue(op)
+        return op.ticket
 
-    async def _commit(self, batch: list[_Op]) -> None:
-        started = time.perf_counter()
+    async def _apply(self, batch: Sequence[_Op]) -> list[Outcome]:
+        """Commit `batch`, with the last-seen times waiting, on the writer thread. If the
+        commit fails, every operation fails and the last-seen times wait for the next."""
         touches, self._touches = self._touches, {}
         try:
-            outcomes = await trio.to_thread.run_sync(
+            return await trio.to_thread.run_sync(
                 self._apply_batch, batch, touches, limiter=self._write_limiter
             )
         except sqlite3.Error as exc:
             log.error("store commit of %d operations failed: %s", len(batch), exc)
-            self._unsettled -= len(batch)
-            for key, seen in touches.items():  # tried again with the next commit
+            for key, seen in touches.items():
                 self._touches.setdefault(key, seen)
             self._touched.set()
-            error = StoreError(f"commit failed: {exc}")
-            for op in batch:
-                op.ticket.fail(error)
-            return
-        self._unsettled -= len(batch)
-        self.commits += 1
-        self.batch_sizes.append(len(batch))
-        del self.batch_sizes[:-1000]
-        self.last_commit_seconds = time.perf_counter() - started
-        self.commit_stats.observe(len(batch), self.last_commit_seconds)
-        for op, (ok, value, rings) in zip(batch, outcomes, strict=True):
-            if ok:
-                op.ticket.resolve(value)
-                for user, device, urgent, item in rings:
-                    try:
-                        self._doorbell(user, device, urgent, item)
-                    except Exception:  # a doorbell is a hint; the item is stored regardless
-                        log.exception("doorbell for %s/%s failed", user, device)
-            else:
-                op.ticket.fail(value)
+            return [StoreError(f"commit failed: {exc}")] * len(batch)
 
     def _apply_batch(
         self, batch: Sequence[_Op], touches: dict[tuple[str, str], int]
-    ) -> list[tuple[bool, Any, list[Ring]]]:
+    ) -> list[Outcome]:
         """Apply a batch, and the last-seen times that ride with it, in one transaction.
         Every SQLite call hands the GIL back and forth with the event loop, so the common
         case runs with no per-operation savepoints; if an operation fails, the batch is
@@ -344,9 +298,9 @@ class SqliteStore(MessageStore):
         touches: dict[tuple[str, str], int],
         *,
         isolate: bool,
-    ) -> list[tuple[bool, Any, list[Ring]]]:
+    ) -> list[Outcome]:
         conn = tx.conn
-        outcomes: list[tuple[bool, Any, list[Ring]]] = []
+        outcomes: list[Outcome] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             if touches:
@@ -360,7 +314,7 @@ class SqliteStore(MessageStore):
                         value, rings = op.apply(tx)
                     except Exception as exc:
                         raise _OperationFailed from exc
-                    outcomes.append((True, value, rings))
+                    outcomes.append((value, rings))
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -370,10 +324,10 @@ class SqliteStore(MessageStore):
                     conn.execute("RELEASE op")
                     tx.forget()
                     log.warning("store operation failed: %s", exc)
-                    outcomes.append((False, StoreError(str(exc)), []))
+                    outcomes.append(StoreError(str(exc)))
                 else:
                     conn.execute("RELEASE op")
-                    outcomes.append((True, value, rings))
+                    outcomes.append((value, rings))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -759,15 +713,9 @@ def _apply_ack(
         f"DELETE FROM queue WHERE did=? AND sid IN ({marks}) RETURNING kind, msg_id, sender",
         (did, *sids),
     ).fetchall()
-    acked_by_sender: dict[str, list[str]] = defaultdict(list)
-    for kind, msg_id, sender in deleted:
-        if kind == ItemKind.MESSAGE:
-            acked_by_sender[sender].append(msg_id)
     rings: list[Ring] = []
-    for sender, ids in acked_by_sender.items():
-        rings += _insert_receipts(
-            tx, ItemKind.DELIVERED, sender, user, device, tuple(ids), now, expires
-        )
+    for sender, ids in delivered_by_sender(deleted).items():
+        rings += _insert_receipts(tx, ItemKind.DELIVERED, sender, user, device, ids, now, expires)
     return len(deleted), rings
 
 
@@ -844,13 +792,12 @@ def _unwritable(path: Path) -> str:
 
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
+    """A queue row back into its item (a receipt's ids are stored as a CBOR list)."""
     sid, kind, msg_id, sender, sender_device, ts, urgent, body = row
-    kind = ItemKind(kind)
-    if kind is ItemKind.MESSAGE:
-        return QueueItem(sid, kind, msg_id, sender, sender_device, ts, bool(urgent), body)
-    return QueueItem(
-        sid, kind, msg_id, sender, sender_device, ts, False, b"", tuple(cbor2.loads(body))
-    )
+    return decode_item(
+        sid, kind, msg_id, sender, sender_device, ts, urgent,
+        body if kind == ItemKind.MESSAGE else cbor2.loads(body),
+    )  # fmt: skip
 
 
 def _push(row: Sequence[Any]) -> PushToken | None:
