@@ -56,6 +56,7 @@ def open_backend(
     if store_settings.backend != "redis":
         raise ConfigError(f"[store] backend = {store_settings.backend!r} is not available")
     from gateway.store.redis import RedisStore
+    from gateway.store.redis_bus import RedisBus
 
     redis = RedisStore(
         store_settings.redis_url,
@@ -67,10 +68,12 @@ def open_backend(
         cluster=store_settings.redis_cluster,
         on_recovered=registry.ring_all,
     )
-    presence = ClusterPresence(redis, reconcile=settings.cluster.catchup_interval)
+    bus = RedisBus(redis)
+    presence = ClusterPresence(bus, reconcile=settings.cluster.catchup_interval)
     link = ClusterLink(
-        redis,
+        bus,
         registry,
+        counters=counters.redis,
         node_ttl=settings.cluster.node_ttl,
         catchup_interval=settings.cluster.catchup_interval,
         offline_grace=settings.presence.offline_grace,

@@ -1,12 +1,12 @@
-"""Presence across a cluster: keeps this node's `MirrorPresence` in step with Redis.
+"""Presence across a cluster: keeps this node's `MirrorPresence` in step with the shared
+store.
 
-Redis holds the truth: a user is online while any of their devices is claimed by a live
-node (claims have TTLs, see gateway/cluster.py) or while the grace period after their
-last disconnect runs (``P:grace``, a key with a TTL). Every node hears of connects,
-disconnects and hidden changes on the events channel and reads back the users it has in
-its mirror; a grace period ending is read back when it ends. A periodic re-read of every
-mirrored user catches what no event announces: a dead node's claims expiring, or an
-event lost while the channel reconnected.
+The shared store holds the truth: a user is online while any of their devices is claimed
+by a live node (claims have TTLs, see gateway/cluster.py) or while the grace period after
+their last disconnect runs. Every node hears of connects, disconnects and hidden changes
+as bus events and reads back the users it has in its mirror; a grace period ending is
+read back when it ends. A periodic re-read of every mirrored user catches what no event
+announces: a dead node's claims expiring, or an event lost while the bus reconnected.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import logging
 
 import trio
 
+from gateway.bus import ClusterBus, Event
 from gateway.errors import StoreError
-from gateway.store.redis import Call, RedisStore
-from gateway.store.redis_scripts import prefix, wire_device
 from presence.service import PresenceService
 from presence.state import MirrorPresence, PresenceItem
 
@@ -28,10 +27,10 @@ READ_CHUNK = 1000
 
 
 class ClusterPresence:
-    """Reads presence from Redis into a mirror, and writes hidden flags to it."""
+    """Reads presence from the shared store into a mirror, and writes hidden flags to it."""
 
-    def __init__(self, store: RedisStore, *, reconcile: float) -> None:
-        self.store = store
+    def __init__(self, bus: ClusterBus, *, reconcile: float) -> None:
+        self.bus = bus
         self.mirror = MirrorPresence(on_hidden=self.on_hidden)  # the service's state
         self.reconcile = reconcile
         self._dirty: set[str] = set()
@@ -39,10 +38,10 @@ class ClusterPresence:
         self._rechecks: list[tuple[float, str]] = []  # heap of grace-period ends
         self._wakeup = trio.Event()
 
-    def on_event(self, kind: str, user: str, device: str) -> None:
-        """A cluster event about `user`: read them again if anyone here may care."""
-        if self.mirror.knows(user):
-            self._dirty.add(user)
+    def on_event(self, event: Event) -> None:
+        """A cluster event about a user: read them again if anyone here may care."""
+        if self.mirror.knows(event.user):
+            self._dirty.add(event.user)
             self._wakeup.set()
 
     def on_hidden(self, user: str, hidden: bool) -> None:
@@ -98,34 +97,22 @@ class ClusterPresence:
 
     async def _write_hides(self) -> None:
         hides, self._hides = self._hides, []
-        calls: list[Call] = [
-            ("hide", [f"{prefix(user)}:hidden"], ["1" if hidden else "0", wire_device(user, "")])
-            for user, hidden in hides
-        ]
-        if calls:
+        if hides:
             try:
-                await self.store.run_scripts(calls)
+                await self.bus.set_hidden(hides)
             except StoreError:
                 self._hides = hides + self._hides
                 raise
 
     async def _read(self, users: list[str]) -> list[PresenceItem]:
-        calls: list[Call] = []
-        for user in users:
-            p = prefix(user)
-            keys = [f"{p}:devs", f"{p}:grace", f"{p}:seen", f"{p}:hidden"]
-            calls.append(("presence", keys, [p]))
-        answers = await self.store.run_scripts(calls) if calls else []
+        records = await self.bus.read_presence(users) if users else []
         changes: list[PresenceItem] = []
         now = trio.current_time()
-        for user, answer in zip(users, answers, strict=True):
-            if isinstance(answer, Exception):
-                log.warning("presence of %s not read: %s", user, answer)
+        for user, record in zip(users, records, strict=True):
+            if record is None:
                 continue
-            connected, grace_ms, seen, hidden = answer
-            if not connected and grace_ms > 0:
-                heapq.heappush(self._rechecks, (now + grace_ms / 1000, user))
-            online = connected > 0 or grace_ms > 0
-            last_seen = int(seen) if seen else None
-            changes += self.mirror.update(user, online, last_seen, hidden == 1)
+            if not record.connected and record.grace_ms > 0:
+                heapq.heappush(self._rechecks, (now + record.grace_ms / 1000, user))
+            online = record.connected > 0 or record.grace_ms > 0
+            changes += self.mirror.update(user, online, record.last_seen, record.hidden)
         return changes

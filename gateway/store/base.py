@@ -94,9 +94,7 @@ def decode_item(
         assert isinstance(payload, bytes)
         return QueueItem(sid, item_kind, msg_id, sender, sender_device, ts, bool(urgent), payload)
     assert not isinstance(payload, bytes)
-    return QueueItem(
-        sid, item_kind, msg_id, sender, sender_device, ts, False, b"", tuple(payload)
-    )
+    return QueueItem(sid, item_kind, msg_id, sender, sender_device, ts, False, b"", tuple(payload))
 
 
 def delivered_by_sender(acked: Iterable[tuple[int, str, str]]) -> dict[str, tuple[str, ...]]:

@@ -40,6 +40,7 @@ Outcome = tuple[Any, list[Ring]] | BaseException
 
 OpT = TypeVar("OpT", bound=Submission)
 
+
 class GroupCommitStore(MessageStore, Generic[OpT]):
     """A `MessageStore` whose mutations go through one writer in batches.
 
