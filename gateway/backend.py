@@ -1,6 +1,7 @@
 """The configured store, and on Redis what runs beside it: the cluster link and presence.
 
-On SQLite the gateway is one process: doorbells and presence stay in memory. On Redis
+On SQLite the gateway is one process: doorbells and presence stay in memory; so on the
+memory backend, which is not durable and serves tests and benchmarks. On Redis
 (``[store] backend = "redis"``) many processes share the store, so the same settings
 also bring a `ClusterLink` (the device -> node registry and the doorbells between nodes)
 and a `ClusterPresence` (presence read from Redis into a local mirror).
@@ -8,6 +9,7 @@ and a `ClusterPresence` (presence read from Redis into a local mirror).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from gateway.cluster import ClusterLink
@@ -17,6 +19,8 @@ from gateway.errors import ConfigError
 from gateway.registry import Registry
 from gateway.settings import Settings
 from gateway.store.base import MessageStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,17 @@ def open_backend(
     """
     store_settings = settings.store
     receipt_ttl_ms = settings.server.max_ttl * 1000
+    if store_settings.backend == "memory":
+        from gateway.store.memory import MemoryStore
+
+        log.warning("the memory store is not durable: everything queued is lost on exit")
+        return Backend(
+            MemoryStore(
+                doorbell=registry.ring,
+                max_batch=store_settings.max_batch,
+                receipt_ttl_ms=receipt_ttl_ms,
+            )
+        )
     if store_settings.backend == "sqlite":
         from gateway.store.sqlite import SqliteStore
 

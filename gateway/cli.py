@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--config", help="a TOML configuration file")
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
+    check.add_argument(
+        "--workers", type=int, default=1, help="also check it for `serve --workers N`"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -58,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(mint_token(settings.auth, args.user, args.device, args.ttl))
             return 0
         settings = load_settings(args.file)
+        check_workers(settings, args.workers, args.file)
         push = check_credentials(settings.push)  # loads every key file, connects nowhere
         push_summary = f"push: {', '.join(push)}" if push else "push: log provider only"
         print(f"{args.file}: OK ({_summary(settings)}, {push_summary})")
@@ -72,11 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _summary(settings: Settings) -> str:
     store = settings.store
-    where = store.path if store.backend == "sqlite" else masked_url(store.redis_url)
-    if store.backend == "redis" and store.redis_cluster:
-        where = f"{where} (Redis Cluster)"
+    if store.backend == "memory":
+        where = "store in memory (NOT durable: for tests and benchmarks)"
+    else:
+        path = store.path if store.backend == "sqlite" else masked_url(store.redis_url)
+        cluster = " (Redis Cluster)" if store.backend == "redis" and store.redis_cluster else ""
+        where = f"{store.backend} store at {path}{cluster}"
     return (
-        f"{store.backend} store at {where}, devices on {settings.server.host}:"
+        f"{where}, devices on {settings.server.host}:"
         f"{settings.server.port}, {settings.auth.jwt_algorithm} tokens"
     )
 

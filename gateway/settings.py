@@ -227,7 +227,7 @@ class Settings:
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("auth", "jwt_algorithm"): ("HS256", "ES256", "RS256"),
-    ("store", "backend"): ("sqlite", "redis"),
+    ("store", "backend"): ("sqlite", "redis", "memory"),
     ("store", "synchronous"): ("normal", "full"),
     ("log", "level"): LOG_LEVELS,
     ("log", "format"): ("text", "json"),

@@ -38,14 +38,18 @@ def check_workers(settings: Settings, workers: int, source: str) -> None:
     """Refuse worker counts the configuration cannot serve.
 
     Raises:
-        ConfigError: More than one worker on the SQLite backend, or fewer than one.
+        ConfigError: More than one worker on a backend other than Redis, or fewer than one.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {workers})")
     if workers > 1 and settings.store.backend != "redis":
+        what = {
+            "sqlite": "the SQLite backend is one process's file",
+            "memory": "the memory backend is one process's memory",
+        }.get(settings.store.backend, f"the {settings.store.backend} backend is not shared")
         raise ConfigError(
-            f'{source}: --workers {workers} needs [store] backend = "redis"; the SQLite '
-            "backend is one process's file (run one process, or move to Redis)"
+            f'{source}: --workers {workers} needs [store] backend = "redis"; {what} '
+            "(run one process, or move to Redis)"
         )
     if workers > 1 and settings.server.port == 0:
         raise ConfigError(f"{source}: --workers {workers} needs a fixed [server] port, not 0")

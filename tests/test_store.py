@@ -20,10 +20,11 @@ import trio
 
 from gateway.errors import StoreClosed, StoreError
 from gateway.store import Envelope, ItemKind, MessageStore, PushToken, QueueItem
+from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
 
-BACKENDS = ["sqlite", "redis", "redis-cluster"]
+BACKENDS = ["sqlite", "memory", "redis", "redis-cluster"]
 
 T0 = 1_700_000_000_000  # ms since the epoch; the store takes every time from its caller
 DAY_MS = 24 * 3600 * 1000
@@ -48,6 +49,8 @@ async def open_backend(
             receipt_ttl_ms=RECEIPT_TTL_MS,
             cluster=backend == "redis-cluster",
         )
+    elif backend == "memory":
+        store = MemoryStore(doorbell=doorbell, receipt_ttl_ms=RECEIPT_TTL_MS)
     else:  # pragma: no cover - a new backend must be wired in here
         raise AssertionError(f"unknown backend {backend}")
     async with trio.open_nursery() as nursery:
@@ -85,6 +88,13 @@ async def store(backend: str, db_path: Path, rings: list[Ring]) -> AsyncIterator
         backend, db_path, lambda u, d, urgent, item: rings.append((u, d, urgent))
     ) as s:
         yield s
+
+
+@pytest.fixture
+def durable(backend: str) -> None:
+    """Skips on the memory backend, which keeps nothing across a restart by design."""
+    if backend == "memory":
+        pytest.skip("the memory backend is not durable")
 
 
 @pytest.fixture
@@ -776,7 +786,7 @@ async def test_a_failing_operation_fails_alone(store):
 # -- lifecycle -----------------------------------------------------------------------------
 
 
-async def test_data_survives_closing_and_reopening_the_file(backend, db_path):
+async def test_data_survives_closing_and_reopening_the_file(backend, db_path, durable):
     async with open_backend(backend, db_path, lambda *ring: None) as store:
         await register(store, "bob", "phone")
         await store.set_push_token("bob", "phone", PushToken("fcm", "tok", None, False, T0))
@@ -792,7 +802,7 @@ async def test_data_survives_closing_and_reopening_the_file(backend, db_path):
         assert (await send(store, envelope("m2"))).duplicate
 
 
-async def test_sids_are_never_reused_even_across_restarts(backend, db_path):
+async def test_sids_are_never_reused_even_across_restarts(backend, db_path, durable):
     # Acking the newest item and restarting must not hand its sid to the next item: a
     # late ack of the old sid would otherwise delete a message never delivered.
     async with open_backend(backend, db_path, lambda *ring: None) as store:
@@ -809,7 +819,7 @@ async def test_sids_are_never_reused_even_across_restarts(backend, db_path):
     assert m3.sid > newest.sid
 
 
-async def test_close_commits_what_was_already_submitted(backend, db_path):
+async def test_close_commits_what_was_already_submitted(backend, db_path, durable):
     async with open_backend(backend, db_path, lambda *ring: None) as store:
         await register(store, "bob", "phone")
         tickets = [await store.submit_send(envelope(f"m{n}")) for n in range(10)]
