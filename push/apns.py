@@ -58,7 +58,6 @@ from h2.events import (
 from hpack import Encoder
 
 from gateway.errors import ConfigError
-from gateway.settings import ApnsSettings
 from push.island import AsyncioIsland
 from push.notification import (
     SENT,
@@ -69,6 +68,7 @@ from push.notification import (
     token_hash,
 )
 from push.policy import WakeKind
+from push.settings import ApnsSettings
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ from typing import Any
 import trio
 
 from gateway.errors import StoreError
-from gateway.settings import PushSettings
 from gateway.store import ItemKind, MessageStore, PushToken
 from push.log_provider import LogProvider
 from push.notification import Notification, Outcome, Provider, PushResult, token_hash
 from push.policy import Decision, WakeKind, WakePolicy, WakeRules, WakeUp
+from push.settings import PushSettings
 
 log = logging.getLogger(__name__)
 

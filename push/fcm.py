@@ -28,9 +28,9 @@ from firebase_admin._http_client import HttpxAsyncClient
 from firebase_admin._retry import HttpxRetry
 
 from gateway.errors import ConfigError
-from gateway.settings import FcmSettings
 from push.island import AsyncioIsland
 from push.notification import SENT, Notification, Outcome, PushResult, parse_retry_after
+from push.settings import FcmSettings
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 import trio
 
 from gateway.errors import ConfigError
-from gateway.settings import PushSettings
 from push.notification import Notification, Outcome, Provider, PushResult
+from push.settings import PushSettings
 
 log = logging.getLogger(__name__)
 

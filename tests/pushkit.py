@@ -8,9 +8,9 @@ from typing import Any
 
 import trio
 
-from gateway.settings import PushSettings
 from gateway.store import ItemKind, PushToken, QueueItem
 from push.notification import SENT, Notification, PushResult
+from push.settings import PushSettings
 
 
 @dataclass

@@ -19,8 +19,9 @@ from gateway.auth import mint_token
 from gateway.client import ClientClosed, connect
 from gateway.errors import StoreError
 from gateway.server import GatewayServer
-from gateway.settings import ApnsSettings, Settings
+from gateway.settings import Settings
 from push.fakes import FakeApns
+from push.settings import ApnsSettings
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
 from tests.test_push_e2e import APNS_TOKEN, TOPIC, fake_apns, go_idle  # noqa: F401 (a fixture)

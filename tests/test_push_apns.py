@@ -12,13 +12,13 @@ import pytest
 import trio
 
 from gateway.errors import ConfigError
-from gateway.settings import ApnsSettings
 from gateway.store import PushToken
 from push.apns import JWT_REFRESH, PRODUCTION_HOST, SANDBOX_HOST, ApnsProvider, endpoint_for
 from push.fakes import FakeApns, Reply
 from push.fakes.credentials import make_p8
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
+from push.settings import ApnsSettings
 
 TOKEN = "0a1b2c3d" * 8
 TTL = 3600

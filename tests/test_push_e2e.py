@@ -13,9 +13,9 @@ import trio
 
 from gateway.client import GatewayClient, SendRefused, connect
 from gateway.server import GatewayServer
-from gateway.settings import ApnsSettings, FcmSettings
 from push.dispatcher import PushDispatcher
 from push.fakes import FakeApns, FakeFcm, Reply
+from push.settings import ApnsSettings, FcmSettings
 from tests.conftest import make_settings, running_server
 
 APNS_TOKEN = "5eed" * 16

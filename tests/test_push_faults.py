@@ -19,9 +19,9 @@ import pytest
 import trio
 
 from gateway.client import GatewayClient, SendRefused, connect
-from gateway.settings import ApnsSettings
 from push.dispatcher import PushDispatcher
 from push.fakes import FakeApns, Reply
+from push.settings import ApnsSettings
 from tests.conftest import make_settings, running_server
 
 TOPIC = "com.example.app"

@@ -11,12 +11,12 @@ import pytest
 import trio
 
 from gateway.errors import ConfigError
-from gateway.settings import FcmSettings
 from gateway.store import PushToken
 from push.fakes import FakeFcm, Reply
 from push.fcm import FcmProvider
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
+from push.settings import FcmSettings
 
 TOKEN = "fcm-registration-token-1"
 

@@ -1,0 +1,54 @@
+"""Push's settings: the `[push]` table and its `[push.apns]` and `[push.fcm]` sub-tables.
+
+The gateway's configuration loader reads and validates these tables from TOML and the
+environment and builds these types; push only reads them. Defaults are the embedded
+profile: no credentials, so every wake-up goes to the `log` provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ApnsSettings:
+    """`[push.apns]`: Apple Push Notification service credentials and endpoint."""
+
+    key_file: Path | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    cert_file: Path | None = None
+    topic: str | None = None
+    sandbox: bool = False
+    endpoint: str | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class FcmSettings:
+    """`[push.fcm]`: Firebase Cloud Messaging credentials and endpoint."""
+
+    service_account_file: Path | None = None
+    project_id: str | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    """`[push]`: the wake-up policy, plus one sub-table per provider."""
+
+    urgent_cooldown: float = 10.0
+    background_cooldown: float = 20 * 60.0
+    linger: float = 60.0
+    collapse_id: str = "incoming-message"
+    alert_loc_key: str = "NEW_MESSAGE"
+    ttl: int = 24 * 3600
+    workers: int = 64
+    queue_size: int = 10000
+    max_attempts: int = 5
+    retry_base: float = 1.0
+    max_retry_delay: float = 60.0
+    request_timeout: float = 10.0
+    apns: ApnsSettings = field(default_factory=ApnsSettings)
+    fcm: FcmSettings = field(default_factory=FcmSettings)
