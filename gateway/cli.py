@@ -18,6 +18,7 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.logs import configure_logging
 from gateway.settings import DEV_JWT_SECRET, Settings, load_settings, masked_url
 from gateway.workers import check_workers, run_workers
+from push.errors import CredentialsError
 from push.providers import check_credentials
 
 if TYPE_CHECKING:
@@ -62,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         settings = load_settings(args.file)
         check_workers(settings, args.workers, args.file)
-        push = check_credentials(settings.push)  # loads every key file, connects nowhere
+        try:
+            push = check_credentials(settings.push)  # loads every key file, connects nowhere
+        except CredentialsError as exc:
+            raise ConfigError(str(exc)) from None
         push_summary = f"push: {', '.join(push)}" if push else "push: log provider only"
         print(f"{args.file}: OK ({_summary(settings)}, {push_summary})")
         return 0

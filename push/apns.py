@@ -57,7 +57,7 @@ from h2.events import (
 )
 from hpack import Encoder
 
-from gateway.errors import ConfigError
+from push.errors import CredentialsError
 from push.island import AsyncioIsland
 from push.notification import (
     SENT,
@@ -442,8 +442,8 @@ class ApnsProvider:
     `gateway check-config` can name a bad key file.
 
     Raises:
-        ConfigError: A key, certificate or CA file cannot be used (the message names the
-            key).
+        CredentialsError: A key, certificate or CA file cannot be used (the message
+            names the key).
     """
 
     name = "apns"
@@ -457,7 +457,7 @@ class ApnsProvider:
             assert settings.key_id and settings.team_id  # checked by load_settings
             self.auth = ProviderToken(key_pem, settings.key_id, settings.team_id, clock)
         elif settings.cert_file is None:
-            raise ConfigError("[push.apns]: set key_file, key_id and team_id, or cert_file")
+            raise CredentialsError("[push.apns]: set key_file, key_id and team_id, or cert_file")
         self.ssl_context = _ssl_context(settings)
         self.island = AsyncioIsland("apns")
         self._pools: dict[Endpoint, _Pool] = {}
@@ -511,18 +511,18 @@ def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"[push.apns] {key}: cannot read {path}: {exc.strerror}") from None
+        raise CredentialsError(f"[push.apns] {key}: cannot read {path}: {exc.strerror}") from None
 
 
 def _check_p8(key_pem: bytes, path: Path) -> None:
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(
+        raise CredentialsError(
             f"[push.apns] key_file: {path} is not a PEM private key (.p8): {exc}"
         ) from None
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"):
-        raise ConfigError(f"[push.apns] key_file: {path} is not an ES256 (P-256) key")
+        raise CredentialsError(f"[push.apns] key_file: {path} is not an ES256 (P-256) key")
 
 
 def _ssl_context(settings: ApnsSettings) -> ssl.SSLContext:
@@ -532,14 +532,14 @@ def _ssl_context(settings: ApnsSettings) -> ssl.SSLContext:
         try:
             context.load_verify_locations(cafile=str(settings.ca_file))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
+            raise CredentialsError(
                 f"[push.apns] ca_file: {settings.ca_file} is not a PEM CA certificate: {exc}"
             ) from None
     if settings.key_file is None and settings.cert_file is not None:
         try:
             context.load_cert_chain(str(settings.cert_file))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
+            raise CredentialsError(
                 f"[push.apns] cert_file: {settings.cert_file} must hold the certificate and "
                 f"its private key in PEM: {exc}"
             ) from None

@@ -27,7 +27,7 @@ from firebase_admin import credentials, exceptions, messaging
 from firebase_admin._http_client import HttpxAsyncClient
 from firebase_admin._retry import HttpxRetry
 
-from gateway.errors import ConfigError
+from push.errors import CredentialsError
 from push.island import AsyncioIsland
 from push.notification import SENT, Notification, Outcome, PushResult, parse_retry_after
 from push.settings import FcmSettings
@@ -69,26 +69,26 @@ class FcmProvider:
     `gateway check-config` can name a bad file.
 
     Raises:
-        ConfigError: The service-account file is unreadable or not a service account, or
-            no project id is known.
+        CredentialsError: The service-account file is unreadable or not a service
+            account, or no project id is known.
     """
 
     name = "fcm"
 
     def __init__(self, settings: FcmSettings, *, request_timeout: float = 10.0) -> None:
         if settings.service_account_file is None:
-            raise ConfigError("[push.fcm] service_account_file is not set")
+            raise CredentialsError("[push.fcm] service_account_file is not set")
         path = settings.service_account_file
         try:
             self.credential = credentials.Certificate(str(path))
         except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise ConfigError(
+            raise CredentialsError(
                 f"[push.fcm] service_account_file: {path} is not a usable service-account "
                 f"file: {exc}"
             ) from None
         project_id = settings.project_id or self.credential.project_id
         if not project_id:
-            raise ConfigError("[push.fcm] project_id is not set and the file names none")
+            raise CredentialsError("[push.fcm] project_id is not set and the file names none")
         self.project_id: str = project_id
         base = (settings.endpoint or DEFAULT_ENDPOINT).rstrip("/")
         self.url = f"{base}/v1/projects/{project_id}/messages:send"

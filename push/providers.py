@@ -6,7 +6,7 @@ import logging
 
 import trio
 
-from gateway.errors import ConfigError
+from push.errors import CredentialsError
 from push.notification import Notification, Outcome, Provider, PushResult
 from push.settings import PushSettings
 
@@ -20,7 +20,7 @@ class BrokenProvider:
     logs loudly and counts; messaging itself is unaffected.
     """
 
-    def __init__(self, name: str, error: ConfigError) -> None:
+    def __init__(self, name: str, error: CredentialsError) -> None:
         self.name = name
         self.error = error
 
@@ -54,13 +54,13 @@ def build_providers(settings: PushSettings, *, strict: bool = False) -> dict[str
             serves messages.
 
     Raises:
-        ConfigError: Only when `strict`; the message names the key.
+        CredentialsError: Only when `strict`; the message names the key.
     """
     providers: dict[str, Provider] = {}
     for name in configured(settings):
         try:
             providers[name] = _build(name, settings)
-        except ConfigError as exc:
+        except CredentialsError as exc:
             if strict:
                 raise
             log.error("push credentials unusable, %s wake-ups will fail: %s", name, exc)
@@ -72,7 +72,7 @@ def check_credentials(settings: PushSettings) -> list[str]:
     """Load every configured credential without connecting; return the provider names.
 
     Raises:
-        ConfigError: A key, certificate or service-account file is unusable.
+        CredentialsError: A key, certificate or service-account file is unusable.
     """
     build_providers(settings, strict=True)
     return configured(settings)

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.errors import ConfigError
 from gateway.store import PushToken
 from push.apns import JWT_REFRESH, PRODUCTION_HOST, SANDBOX_HOST, ApnsProvider, endpoint_for
+from push.errors import CredentialsError
 from push.fakes import FakeApns, Reply
 from push.fakes.credentials import make_p8
 from push.notification import Notification, Outcome
@@ -257,7 +257,7 @@ def test_unusable_credentials_name_the_key(
         make_p8(good)
         keys.setdefault("key_file", good)
         keys.update(key_id="K", team_id="T")
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(CredentialsError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ApnsProvider(ApnsSettings(**keys))
 
 
@@ -274,5 +274,5 @@ def test_an_rsa_key_is_not_an_apns_key(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
-    with pytest.raises(ConfigError, match="ES256"):
+    with pytest.raises(CredentialsError, match="ES256"):
         ApnsProvider(ApnsSettings(key_file=path, key_id="K", team_id="T", topic="x"))

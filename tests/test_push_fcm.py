@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.errors import ConfigError
 from gateway.store import PushToken
+from push.errors import CredentialsError
 from push.fakes import FakeFcm, Reply
 from push.fcm import FcmProvider
 from push.notification import Notification, Outcome
@@ -121,5 +121,5 @@ async def test_a_refused_oauth_assertion_is_a_credentials_failure(
 def test_an_unusable_service_account_file_names_the_key(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "sa.json"
     path.write_bytes(content)
-    with pytest.raises(ConfigError, match=r"\[push.fcm\] service_account_file"):
+    with pytest.raises(CredentialsError, match=r"\[push.fcm\] service_account_file"):
         FcmProvider(FcmSettings(service_account_file=path))
