@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from push.errors import StoreFailure
+
 
 class GatewayError(Exception):
     """Base class of every error the gateway raises on purpose."""
@@ -15,8 +17,12 @@ class AuthError(GatewayError):
     """A `hello` token is missing, malformed, badly signed or expired."""
 
 
-class StoreError(GatewayError):
-    """The store could not complete an operation; nothing was committed for it."""
+class StoreError(GatewayError, StoreFailure):
+    """The store could not complete an operation; nothing was committed for it.
+
+    It is also a `push.errors.StoreFailure`, the failure push's store protocol allows, so
+    the push dispatcher counts it and skips the wake-up rather than report a bug.
+    """
 
 
 class StoreClosed(StoreError):

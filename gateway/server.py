@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -163,7 +164,7 @@ async def serve_gateway(
     async with trio.open_nursery() as services:
         await services.start(store.run)
         if push is not None:
-            await services.start(push.run, store)
+            await services.start(partial(push.run, store))
         async with trio.open_nursery() as background:
             background.start_soon(_sweep_expired, store, settings.store.sweep_interval)
             await background.start(load.run)

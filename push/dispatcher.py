@@ -21,7 +21,8 @@ Error handling: a failed request is retried on 429, 5xx, timeouts and lost conne
 exponential backoff and jitter, never sooner than `Retry-After`, at most `max_attempts`
 times. An invalid token is cleared unless it was registered again after the push was sent.
 Credential failures are logged at error level (at most once a minute per provider) and
-counted. No outcome of a push, and no bug in one job, ends the service.
+counted. A store call that fails with `StoreFailure` skips that wake-up with a warning and is
+counted (the items stay queued). No outcome of a push, and no bug in one job, ends the service.
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from typing import Any
 
 import trio
 
-from gateway.errors import StoreError
-from gateway.store import ItemKind, MessageStore, PushToken
+from push.errors import StoreFailure
 from push.log_provider import LogProvider
 from push.notification import Notification, Outcome, Provider, PushResult, token_hash
 from push.policy import Decision, WakeKind, WakePolicy, WakeRules, WakeUp
 from push.settings import PushSettings
+from push.store import ItemKind, PushStore, PushToken
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class PushDispatcher:
         self._rng = rng or random.Random()
         self._send, self._receive = trio.open_memory_channel[_Job](settings.queue_size)
         self._queued: dict[tuple[str, str], _Job] = {}
-        self._store: MessageStore | None = None
+        self._store: PushStore | None = None
         self._timer_wake = trio.Event()
         self._sleeping_until = math.inf
         self._in_flight = 0
@@ -149,7 +150,7 @@ class PushDispatcher:
     # -- the service ------------------------------------------------------------------------
 
     async def run(
-        self, store: MessageStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, store: PushStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Start the providers, the timer and the workers; serve until `close` or cancel.
 
@@ -256,7 +257,7 @@ class PushDispatcher:
             self._in_flight += 1
             try:
                 await self._handle(job)
-            except StoreError as exc:
+            except StoreFailure as exc:
                 self.counters[("store", "error")] += 1
                 log.warning("push for %s/%s skipped: %s", job.user, job.device, exc)
             except Exception:
@@ -293,7 +294,7 @@ class PushDispatcher:
             return
         await self._conclude(store, provider.name, job, notification, result, sent_at)
 
-    async def _token(self, store: MessageStore, user: str, device: str) -> PushToken | None:
+    async def _token(self, store: PushStore, user: str, device: str) -> PushToken | None:
         """The device's token, from the cache when fresh (see `TOKEN_CACHE_SECONDS`)."""
         key = (user, device)
         now = trio.current_time()
@@ -312,7 +313,7 @@ class PushDispatcher:
         self._tokens.pop((user, device), None)
         self._token_epoch += 1
 
-    async def _resolve_linger(self, store: MessageStore, job: _Job) -> WakeKind | None:
+    async def _resolve_linger(self, store: PushStore, job: _Job) -> WakeKind | None:
         now = self._wall_ms()
         unacked = await store.count(job.user, job.device, now)
         urgent = False
@@ -361,7 +362,7 @@ class PushDispatcher:
 
     async def _conclude(
         self,
-        store: MessageStore,
+        store: PushStore,
         name: str,
         job: _Job,
         notification: Notification,

@@ -9,8 +9,8 @@ from typing import Protocol
 
 import trio
 
-from gateway.store import PushToken
 from push.policy import WakeKind
+from push.store import PushToken
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,10 @@ from typing import Any
 
 import trio
 
-from gateway.store import ItemKind, PushToken, QueueItem
+from gateway.store import QueueItem
 from push.notification import SENT, Notification, PushResult
 from push.settings import PushSettings
+from push.store import ItemKind, PushToken
 
 
 @dataclass

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.store import PushToken
 from push.apns import JWT_REFRESH, PRODUCTION_HOST, SANDBOX_HOST, ApnsProvider, endpoint_for
 from push.errors import CredentialsError
 from push.fakes import FakeApns, Reply
@@ -19,6 +18,7 @@ from push.fakes.credentials import make_p8
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
 from push.settings import ApnsSettings
+from push.store import PushToken
 
 TOKEN = "0a1b2c3d" * 8
 TTL = 3600

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.store import ItemKind
+from gateway.errors import StoreError
 from push.dispatcher import PushDispatcher
 from push.notification import Outcome, PushResult
 from push.policy import WakeKind
+from push.store import ItemKind
 from tests.pushkit import MemoryStore, ScriptedProvider, push_settings
 
 ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
@@ -278,6 +279,28 @@ async def test_a_device_without_a_token_gets_no_push(
         await dispatcher.wait_idle()
         assert apns.attempts == []
         assert dispatcher.counters[("none", "no_token")] == 1
+
+
+async def test_a_store_failure_skips_the_wake_up_and_is_counted_not_reported_as_a_bug(
+    store: MemoryStore,
+    apns: ScriptedProvider,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def unavailable(user: str, device: str) -> None:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(store, "push_token", unavailable)
+    async with running(store, apns) as dispatcher:
+        with caplog.at_level(logging.WARNING, logger="push.dispatcher"):
+            dispatcher.stored("bob", "phone", urgent=True)
+            await dispatcher.wait_idle()
+        assert apns.attempts == []
+        assert dispatcher.counters[("store", "error")] == 1
+        assert dispatcher.counters[("internal", "error")] == 0
+        assert "database is locked" in caplog.text
+        assert not any(record.exc_info for record in caplog.records)
 
 
 async def test_a_provider_without_credentials_falls_back_to_the_log_provider(

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.store import PushToken
 from push.errors import CredentialsError
 from push.fakes import FakeFcm, Reply
 from push.fcm import FcmProvider
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
 from push.settings import FcmSettings
+from push.store import PushToken
 
 TOKEN = "fcm-registration-token-1"
 

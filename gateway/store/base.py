@@ -9,7 +9,6 @@ new item, so callers never have to remember to.
 from __future__ import annotations
 
 import abc
-import enum
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,6 +19,8 @@ import trio
 from prometheus_client import Histogram
 
 from gateway.errors import StoreError
+from push.store import ItemKind as ItemKind
+from push.store import PushToken as PushToken
 
 T = TypeVar("T")
 
@@ -28,14 +29,6 @@ log = logging.getLogger(__name__)
 #: Called after a commit for each item stored: (user, device, urgent, item). The item lets
 #: a connected device receive it without reading it back from the store.
 Doorbell = Callable[[str, str, bool, "QueueItem"], None]
-
-
-class ItemKind(enum.IntEnum):
-    """What a queue item carries."""
-
-    MESSAGE = 0
-    DELIVERED = 1
-    READ = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,17 +124,6 @@ class SendOutcome:
     duplicate: bool = False
     unknown_recipient: bool = False
     skipped: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PushToken:
-    """A device's push registration."""
-
-    provider: str
-    token: str
-    topic: str | None
-    sandbox: bool
-    registered_at: int
 
 
 @dataclass(frozen=True, slots=True)
