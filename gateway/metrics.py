@@ -9,9 +9,9 @@ describes every metric.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,7 +24,6 @@ from gateway.overload import LoadMonitor
 from gateway.registry import Registry
 from gateway.store.base import MessageStore
 from gateway.tls import TlsCertificate
-from push.dispatcher import PushDispatcher
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,6 +58,19 @@ class EdgeView(Protocol):
         ...
 
 
+class PushView(Protocol):
+    """What the metrics read of the push dispatcher."""
+
+    @property
+    def responses(self) -> Mapping[tuple[str, str, str], int]:
+        """Final provider answers by (provider, outcome, the provider's reason)."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """Outcome counters by ``"provider:outcome"``, queue gauges and drop counts."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class MetricSources:
     """The parts of a gateway that `/metrics` reads when scraped."""
@@ -70,7 +82,7 @@ class MetricSources:
     accepts: AcceptStats
     tls: TlsCertificate | None
     store: MessageStore
-    push: PushDispatcher | None
+    push: PushView | None
     load: LoadMonitor
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from gateway.peer import Peer
 from gateway.store.base import QueueItem
-from push.waker import Waker
+from gateway.wake import Waker
 
 DeviceKey = tuple[str, str]
 

@@ -46,10 +46,10 @@ from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.store import MessageStore
 from gateway.tls import TlsCertificate
+from gateway.wake import Waker
 from gateway.workers import open_reuseport_listeners
 from push.dispatcher import PushDispatcher
 from push.providers import build_providers
-from push.waker import Waker
 
 log = logging.getLogger(__name__)
 

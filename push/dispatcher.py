@@ -8,8 +8,9 @@ PushDispatcher.run
    └─ `workers` workers: take a job, look up the token, send, retry, clean up
 ```
 
-It implements the `Waker` protocol, so the registry calls it synchronously from the store's
-doorbell; those calls only consult the policy and put a job on a bounded queue, never wait.
+The gateway calls `stored`, `connected` and `disconnected` synchronously from the store's
+doorbell (it is the gateway's `Waker`); those calls only consult the policy and put a job on
+a bounded queue, never wait.
 
 Resource handling: at most `queue_size` jobs wait and `workers` requests are in flight, so
 a push storm costs bounded memory and sockets. A job for a device that already has one
@@ -73,7 +74,7 @@ class _Job:
 
 
 class PushDispatcher:
-    """Wake-up policy, bounded queue, workers and providers; implements `Waker`.
+    """Wake-up policy, bounded queue, workers and providers; the gateway's waker.
 
     Args:
         settings: The `[push]` settings.
@@ -124,7 +125,7 @@ class PushDispatcher:
         self._tokens: dict[tuple[str, str], tuple[float, PushToken | None]] = {}
         self._token_epoch = 0
 
-    # -- the Waker protocol (called synchronously from the store's doorbell) ------------------
+    # -- the wake calls (made synchronously from the store's doorbell) ----------------------
 
     def stored(self, user: str, device: str, urgent: bool) -> None:
         """An item was committed for a device that is connected nowhere."""

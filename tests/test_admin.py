@@ -437,7 +437,7 @@ async def test_a_revoked_device_cannot_come_back_with_its_old_token(
 async def test_revocation_on_one_node_closes_the_device_on_another(
     tmp_path: Path, redis_url: str
 ) -> None:
-    from push.waker import LogWaker
+    from gateway.wake import LogWaker
     from tests.test_cluster import DEADLINE, cluster_settings
 
     settings = cluster_settings(tmp_path, redis_url, admin={"port": 0, "api_key": API_KEY})
@@ -461,7 +461,7 @@ async def test_revocation_on_one_node_closes_the_device_on_another(
 async def test_readiness_follows_the_redis_store_down_and_back(tmp_path: Path) -> None:
     import shutil
 
-    from push.waker import LogWaker
+    from gateway.wake import LogWaker
     from scripts.gatewayproc import RedisServer
 
     if shutil.which("redis-server") is None:

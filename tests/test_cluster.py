@@ -27,7 +27,7 @@ from gateway.settings import Settings
 from gateway.store import Envelope
 from gateway.store.redis import RedisStore
 from gateway.store.redis_scripts import prefix
-from push.waker import LogWaker
+from gateway.wake import LogWaker
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
 from tests.redisproc import RedisClusterProcess

@@ -1,8 +1,8 @@
-"""The interface between the message path and push wake-ups.
+"""How the gateway tells the push side about devices it may have to wake.
 
-The gateway tells a `Waker` three things: an item was stored for a device with no live
+The registry tells a `Waker` three things: an item was stored for a device with no live
 connection, a device connected, and a device disconnected. What to send, and when, is the
-waker's decision.
+waker's decision; the push dispatcher is the one a served gateway uses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class Waker(Protocol):
-    """Receives the events that can lead to a wake-up push."""
+    """Receives the events that can lead to a wake-up push; every call returns at once."""
 
     def stored(self, user: str, device: str, urgent: bool) -> None:
         """An item was committed for a device that is connected nowhere."""
@@ -27,17 +27,18 @@ class Waker(Protocol):
 
 
 class LogWaker:
-    """Logs the wake-ups that a push provider would send; the embedded default."""
+    """A waker that sends nothing: it counts and logs (at debug) the wake-ups wanted."""
 
     def __init__(self) -> None:
         self.offline_items = 0
 
     def stored(self, user: str, device: str, urgent: bool) -> None:
+        """Count the item and log that a wake-up was wanted."""
         self.offline_items += 1
         log.debug("wake-up wanted for %s/%s (urgent=%s)", user, device, urgent)
 
     def connected(self, user: str, device: str) -> None:
-        pass
+        """Nothing to cancel."""
 
     def disconnected(self, user: str, device: str) -> None:
-        pass
+        """Nothing to schedule."""
