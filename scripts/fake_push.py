@@ -33,8 +33,8 @@ from pathlib import Path
 
 import trio
 
-from push.fakes import FakeApns, FakeFcm, HttpRequest, HttpResponse
 from push.notification import token_hash
+from scripts.fakes import FakeApns, FakeFcm, HttpRequest, HttpResponse
 
 log = logging.getLogger("fake_push")
 

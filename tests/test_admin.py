@@ -20,8 +20,8 @@ from gateway.client import ClientClosed, connect
 from gateway.errors import StoreError
 from gateway.server import GatewayServer
 from gateway.settings import Settings
-from push.fakes import FakeApns
 from push.settings import ApnsSettings
+from scripts.fakes import FakeApns
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
 from tests.test_push_e2e import APNS_TOKEN, TOPIC, fake_apns, go_idle  # noqa: F401 (a fixture)
@@ -378,7 +378,7 @@ async def test_ids_with_slashes_and_unicode_are_path_segments(
 async def test_every_metric_in_the_dashboard_and_the_docs_is_exported(tmp_path: Path) -> None:
     import re
 
-    from push.fakes.credentials import CertificateAuthority
+    from scripts.fakes.credentials import CertificateAuthority
 
     root = Path(__file__).resolve().parent.parent
     named = set(re.findall(r"gateway_[a-z_]+", (root / "config" / "grafana-dashboard.json").read_text()))  # fmt: skip

@@ -143,8 +143,8 @@ async def test_drain_flushes_wake_ups_already_queued(tmp_path, fake_apns) -> Non
     from functools import partial
 
     from gateway.server import serve_gateway
-    from push.fakes import Reply
     from push.settings import ApnsSettings
+    from scripts.fakes import Reply
     from tests.test_push_e2e import APNS_TOKEN, TOPIC, go_idle
 
     settings = make_settings(

@@ -13,12 +13,12 @@ import trio
 
 from push.apns import JWT_REFRESH, PRODUCTION_HOST, SANDBOX_HOST, ApnsProvider, endpoint_for
 from push.errors import CredentialsError
-from push.fakes import FakeApns, Reply
-from push.fakes.credentials import make_p8
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
 from push.settings import ApnsSettings
 from push.store import PushToken
+from scripts.fakes import FakeApns, Reply
+from scripts.fakes.credentials import make_p8
 
 TOKEN = "0a1b2c3d" * 8
 TTL = 3600

@@ -10,9 +10,9 @@ import pytest
 from gateway.cli import main
 from gateway.client import connect
 from gateway.settings import Settings, load_settings
-from push.fakes.credentials import make_p8
 from push.providers import BrokenProvider, build_providers
 from push.settings import ApnsSettings
+from scripts.fakes.credentials import make_p8
 from tests.conftest import make_settings, running_server
 
 REPO = Path(__file__).resolve().parent.parent

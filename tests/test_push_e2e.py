@@ -14,8 +14,8 @@ import trio
 from gateway.client import GatewayClient, SendRefused, connect
 from gateway.server import GatewayServer
 from push.dispatcher import PushDispatcher
-from push.fakes import FakeApns, FakeFcm, Reply
 from push.settings import ApnsSettings, FcmSettings
+from scripts.fakes import FakeApns, FakeFcm, Reply
 from tests.conftest import make_settings, running_server
 
 APNS_TOKEN = "5eed" * 16

@@ -20,8 +20,8 @@ import trio
 
 from gateway.client import GatewayClient, SendRefused, connect
 from push.dispatcher import PushDispatcher
-from push.fakes import FakeApns, Reply
 from push.settings import ApnsSettings
+from scripts.fakes import FakeApns, Reply
 from tests.conftest import make_settings, running_server
 
 TOPIC = "com.example.app"

@@ -11,12 +11,12 @@ import pytest
 import trio
 
 from push.errors import CredentialsError
-from push.fakes import FakeFcm, Reply
 from push.fcm import FcmProvider
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
 from push.settings import FcmSettings
 from push.store import PushToken
+from scripts.fakes import FakeFcm, Reply
 
 TOKEN = "fcm-registration-token-1"
 

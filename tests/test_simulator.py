@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import trio
 
-from push.fakes.credentials import make_p8, make_service_account
 from scripts.benchkit import free_port
+from scripts.fakes.credentials import make_p8, make_service_account
 from scripts.simulator.knobs import Distribution
 from scripts.simulator.ledger import Ledger, Percentiles, PushRecord, failures
 

@@ -13,7 +13,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.settings import Settings
-from push.fakes.credentials import CertificateAuthority
+from scripts.fakes.credentials import CertificateAuthority
 from tests.conftest import make_settings, running_server
 from tests.rawws import hello, raw_ws, recv_until, send
 from tests.test_crash import free_port, start_gateway

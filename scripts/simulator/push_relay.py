@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from push.fakes import FakeApns, FakeFcm, HttpRequest, HttpResponse
+from scripts.fakes import FakeApns, FakeFcm, HttpRequest, HttpResponse
 from scripts.simulator.knobs import Scenario
 from scripts.simulator.ledger import Ledger, PushRecord
 from scripts.simulator.phone import Phone

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from push.fakes import FakeApns, FakeFcm
-from push.fakes.credentials import CertificateAuthority
+from scripts.fakes import FakeApns, FakeFcm
+from scripts.fakes.credentials import CertificateAuthority
 from scripts.simulator.gateway_proc import rules_env, scenario_config
 from scripts.simulator.knobs import PushRules, Scenario
 from scripts.simulator.ledger import Ledger

@@ -7,10 +7,10 @@ file it writes, verifies the signed assertion, and serves the HTTP v1 `messages:
 endpoint. Both are used by the tests, the benchmark and ``python -m scripts.fake_push``.
 """
 
-from push.fakes.apns import ApnsRecord, FakeApns
-from push.fakes.fcm import FakeFcm, FcmRecord
-from push.fakes.http import HttpRequest, HttpResponse, serve_http
-from push.fakes.script import Reply, Script
+from scripts.fakes.apns import ApnsRecord, FakeApns
+from scripts.fakes.fcm import FakeFcm, FcmRecord
+from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.script import Reply, Script
 
 __all__ = [
     "ApnsRecord",

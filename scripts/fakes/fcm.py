@@ -26,9 +26,9 @@ from urllib.parse import parse_qs
 import jwt
 import trio
 
-from push.fakes.credentials import make_service_account
-from push.fakes.http import HttpRequest, HttpResponse, serve_http
-from push.fakes.script import Reply, Script
+from scripts.fakes.credentials import make_service_account
+from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.script import Reply, Script
 
 # google-auth signs service-account assertions for Google's token endpoint whatever the
 # file's token_uri says; the real endpoint checks exactly this audience.

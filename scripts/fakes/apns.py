@@ -28,9 +28,9 @@ from typing import Any
 import jwt
 import trio
 
-from push.fakes.credentials import CertificateAuthority, make_p8
-from push.fakes.http import HttpRequest, HttpResponse, serve_http
-from push.fakes.script import Reply, Script
+from scripts.fakes.credentials import CertificateAuthority, make_p8
+from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.script import Reply, Script
 
 MAX_PAYLOAD = 4096
 TOKEN_MAX_AGE = 3600
