@@ -7,10 +7,7 @@ waker's decision; the push dispatcher is the one a served gateway uses.
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
-
-log = logging.getLogger(__name__)
 
 
 class Waker(Protocol):
@@ -24,21 +21,3 @@ class Waker(Protocol):
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended."""
-
-
-class LogWaker:
-    """A waker that sends nothing: it counts and logs (at debug) the wake-ups wanted."""
-
-    def __init__(self) -> None:
-        self.offline_items = 0
-
-    def stored(self, user: str, device: str, urgent: bool) -> None:
-        """Count the item and log that a wake-up was wanted."""
-        self.offline_items += 1
-        log.debug("wake-up wanted for %s/%s (urgent=%s)", user, device, urgent)
-
-    def connected(self, user: str, device: str) -> None:
-        """Nothing to cancel."""
-
-    def disconnected(self, user: str, device: str) -> None:
-        """Nothing to schedule."""

@@ -437,8 +437,8 @@ async def test_a_revoked_device_cannot_come_back_with_its_old_token(
 async def test_revocation_on_one_node_closes_the_device_on_another(
     tmp_path: Path, redis_url: str
 ) -> None:
-    from gateway.wake import LogWaker
     from tests.test_cluster import DEADLINE, cluster_settings
+    from tests.wakers import LogWaker
 
     settings = cluster_settings(tmp_path, redis_url, admin={"port": 0, "api_key": API_KEY})
     async with (
@@ -461,8 +461,8 @@ async def test_revocation_on_one_node_closes_the_device_on_another(
 async def test_readiness_follows_the_redis_store_down_and_back(tmp_path: Path) -> None:
     import shutil
 
-    from gateway.wake import LogWaker
     from scripts.gatewayproc import RedisServer
+    from tests.wakers import LogWaker
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/test.sh installs it)")

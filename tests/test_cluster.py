@@ -27,10 +27,10 @@ from gateway.settings import Settings
 from gateway.store import Envelope
 from gateway.store.redis import RedisStore
 from gateway.store.redis_scripts import prefix
-from gateway.wake import LogWaker
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
 from tests.redisproc import RedisClusterProcess
+from tests.wakers import LogWaker
 
 DEADLINE = 10  # seconds; everything here normally takes milliseconds
 

@@ -1,0 +1,20 @@
+"""A waker for gateways under test that must not push: it only counts what it is told."""
+
+from __future__ import annotations
+
+
+class LogWaker:
+    """A waker that sends nothing: it counts the wake-ups wanted."""
+
+    def __init__(self) -> None:
+        self.offline_items = 0
+
+    def stored(self, user: str, device: str, urgent: bool) -> None:
+        """Count the item."""
+        self.offline_items += 1
+
+    def connected(self, user: str, device: str) -> None:
+        """Nothing to cancel."""
+
+    def disconnected(self, user: str, device: str) -> None:
+        """Nothing to schedule."""
