@@ -8,11 +8,12 @@ parts hand over (queue items, presence items, typing indicators).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.store.base import ItemKind, QueueItem
+from presence.state import PresenceItem
 
 MAX_USER_BYTES = 128
 MAX_DEVICE_BYTES = 64
@@ -316,6 +317,17 @@ def error(code: str, reason: str | None = None, ref: str | None = None) -> dict[
 def typing(sender: str, on: bool) -> dict[str, Any]:
     """A typing indicator relayed to the target's connected devices."""
     return {"t": "typing", "from": sender, "on": on}
+
+
+def presence(items: Iterable[PresenceItem]) -> dict[str, Any]:
+    """A `presence` frame: a subscription's snapshot, or the changes of a batch window."""
+    return {
+        "t": "presence",
+        "items": [
+            {"user": item.user, "online": item.online, "last_seen": item.last_seen}
+            for item in items
+        ],
+    }
 
 
 def delivery(item: QueueItem, *, ids: Sequence[str] | None = None) -> dict[str, Any]:

@@ -163,7 +163,7 @@ class Router:
         except SubscriptionLimit as exc:
             conn.push(frames.error("limit_exceeded", str(exc), ref="sub"))
             return
-        conn.push(snapshot)
+        conn.push(frames.presence(snapshot))
 
     async def _unsubscribe(self, conn: Sender, f: Unsubscribe) -> None:
         self.presence.unsubscribe(conn.id, f.users)

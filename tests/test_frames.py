@@ -24,6 +24,7 @@ from gateway.frames import (
     Unsubscribe,
 )
 from gateway.store import ItemKind, QueueItem
+from presence.state import PresenceItem
 
 MAX_TTL = 3600
 
@@ -439,6 +440,18 @@ def test_welcome_and_sent_frames_have_the_contract_fields():
     assert frames.sent("m1", 9) == {"t": "sent", "id": "m1", "ts": 9}
     assert frames.typing("alice", True) == {"t": "typing", "from": "alice", "on": True}
     assert frames.DRAINED == {"t": "drained"}
+
+
+def test_presence_frames_carry_each_item_with_a_nullable_last_seen():
+    items = [PresenceItem("alice", True, None), PresenceItem("bob", False, 1_700_000_000_000)]
+    assert frames.presence(items) == {
+        "t": "presence",
+        "items": [
+            {"user": "alice", "online": True, "last_seen": None},
+            {"user": "bob", "online": False, "last_seen": 1_700_000_000_000},
+        ],
+    }
+    assert frames.presence([]) == {"t": "presence", "items": []}
 
 
 def test_queue_items_are_delivered_as_contract_frames():
