@@ -137,7 +137,7 @@ async def serve_gateway(
     counters = Counters()
     push: PushDispatcher | None = None
     if waker is None:
-        waker = push = PushDispatcher(settings.push, build_providers(settings.push))
+        waker = push = PushDispatcher(settings.push, build_providers(settings.push), wall_ms=now_ms)
     registry = Registry(waker)
     node_id = secrets.token_hex(6)
     backend = open_backend(settings, registry, counters, node_id=node_id)
