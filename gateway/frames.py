@@ -299,9 +299,13 @@ def welcome(user: str, device: str, ts: int, heartbeat: int, queued: int) -> dic
 DRAINED: dict[str, Any] = {"t": "drained"}
 
 
-def sent(msg_id: str, ts: int) -> dict[str, Any]:
-    """The durable-commit acknowledgement of a `send`."""
-    return {"t": "sent", "id": msg_id, "ts": ts}
+def sent(msg_id: str, ts: int, skipped: Sequence[str] = ()) -> dict[str, Any]:
+    """The durable-commit acknowledgement of a `send`; `skipped` (the `bodies` entries
+    that were not stored) is present only when it is non-empty."""
+    frame: dict[str, Any] = {"t": "sent", "id": msg_id, "ts": ts}
+    if skipped:
+        frame["skipped"] = list(skipped)
+    return frame
 
 
 def error(code: str, reason: str | None = None, ref: str | None = None) -> dict[str, Any]:

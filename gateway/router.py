@@ -123,10 +123,7 @@ class Router:
                 # commit's answer was lost): have the recipient's devices here read again.
                 for recipient in self.registry.of_user(f.to):
                     recipient.ring()
-            reply = frames.sent(f.id, outcome.ts)
-            if outcome.skipped:
-                reply["skipped"] = list(outcome.skipped)
-            return reply
+            return frames.sent(f.id, outcome.ts, outcome.skipped)
 
         conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
 
