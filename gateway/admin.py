@@ -47,15 +47,17 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from prometheus_client import CollectorRegistry
 
+from gateway import frames
 from gateway.clock import now_ms
-from gateway.counters import Counters
 from gateway.errors import StoreError
+from gateway.frames import MAX_DEVICE_BYTES, MAX_ID_BYTES, MAX_USER_BYTES
 from gateway.logthrottle import LogThrottle
 from gateway.metrics import CONTENT_TYPE, EdgeView, render
 from gateway.registry import Registry
+from gateway.send_path import SendPath
 from gateway.session import CloseCode
 from gateway.settings import Settings
-from gateway.store import Envelope, MessageStore
+from gateway.store import MessageStore
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,6 @@ Send = Callable[[Message], Awaitable[None]]
 BIND_RETRY = 5.0
 BIND_LOG_INTERVAL = 60.0
 READY_PROBE_TIMEOUT = 1.0
-MAX_USER = 128
-MAX_DEVICE = 64
-MAX_MSG_ID = 64
 
 
 class HttpError(Exception):
@@ -140,9 +139,9 @@ class AdminApi:
 
     Args:
         settings: The configuration.
-        store: Where messages are published and devices kept.
+        store: Where devices are kept (and readiness pings).
+        sends: The send path that published messages take, as devices' sends do.
         registry: This process's live connections (revocation closes one).
-        counters: Where the outcome of each published message is counted.
         edge: Readiness reads whether the edge is draining.
         metrics: The registry `/metrics` renders.
         revocations: Closes revoked devices on other nodes (None on a single node).
@@ -153,16 +152,16 @@ class AdminApi:
         settings: Settings,
         *,
         store: MessageStore,
+        sends: SendPath,
         registry: Registry,
-        counters: Counters,
         edge: EdgeView,
         metrics: CollectorRegistry,
         revocations: Revocations | None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.sends = sends
         self.connections = registry
-        self.counters = counters
         self.edge = edge
         self.registry = metrics
         self.revocations = revocations
@@ -305,32 +304,20 @@ class AdminApi:
         if not 1 <= ttl <= settings.server.max_ttl:
             raise HttpError(400, "bad_field", f"ttl must be 1..{settings.server.max_ttl} seconds")
         msg_id = _field(data, "id", str, default=uuid.uuid4().hex)
-        if not 1 <= len(msg_id.encode()) <= MAX_MSG_ID:
-            raise HttpError(400, "bad_field", f"id must be 1..{MAX_MSG_ID} bytes")
-        now = now_ms()
-        envelope = Envelope(
-            sender=settings.admin.system_user,
-            sender_device=settings.admin.system_device,
-            msg_id=msg_id,
-            to=to,
-            body=body,
-            bodies=None,
-            urgent=urgent,
-            ts=now,
-            expires=now + ttl * 1000,
-        )
+        if not 1 <= len(msg_id.encode()) <= MAX_ID_BYTES:
+            raise HttpError(400, "bad_field", f"id must be 1..{MAX_ID_BYTES} bytes")
+        send = frames.Send(id=msg_id, to=to, body=body, bodies=None, urgent=urgent, ttl=ttl)
+        admin = settings.admin
         try:
-            outcome = await (await self.store.submit_send(envelope)).result()
+            ticket = await self.sends.submit(admin.system_user, admin.system_device, send)
+            outcome = await ticket.result()
         except StoreError as exc:
-            self.counters.sends["failed"] += 1
             log.warning("admin API: message for %s not stored: %s", to, exc)
             raise HttpError(
                 503, "store_unavailable", "not stored; retry with the same id"
             ) from None
         if outcome.unknown_recipient:
-            self.counters.sends["unknown_recipient"] += 1
             raise HttpError(404, "unknown_recipient", "the recipient has no known device")
-        self.counters.sends["duplicate" if outcome.duplicate else "stored"] += 1
         answer: dict[str, Any] = {"id": msg_id, "ts": outcome.ts}
         if outcome.duplicate:
             answer["duplicate"] = True
@@ -418,14 +405,14 @@ _JSON_NAMES = {str: "string", bool: "boolean", int: "integer"}
 
 
 def _user(user: str) -> str:
-    if not 1 <= len(user.encode()) <= MAX_USER:
-        raise HttpError(400, "bad_field", f"a user id is 1..{MAX_USER} bytes")
+    if not 1 <= len(user.encode()) <= MAX_USER_BYTES:
+        raise HttpError(400, "bad_field", f"a user id is 1..{MAX_USER_BYTES} bytes")
     return user
 
 
 def _device(device: str) -> str:
-    if not 1 <= len(device.encode()) <= MAX_DEVICE:
-        raise HttpError(400, "bad_field", f"a device id is 1..{MAX_DEVICE} bytes")
+    if not 1 <= len(device.encode()) <= MAX_DEVICE_BYTES:
+        raise HttpError(400, "bad_field", f"a device id is 1..{MAX_DEVICE_BYTES} bytes")
     return device
 
 

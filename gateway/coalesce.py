@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.frames import delivery
 from gateway.store.base import ItemKind, QueueItem
 
 MAX_MERGED_IDS = 1000  # keeps one receipt frame within what any client parses comfortably
@@ -35,18 +36,16 @@ def coalesce(items: list[QueueItem]) -> tuple[list[dict[str, Any]], dict[int, tu
             groups.append(group)
         group.append(item)
     emit_at = {group[-1].sid: group for group in groups}
-    frames: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     merged: dict[int, tuple[int, ...]] = {}
     for item in items:
         if item.kind is ItemKind.MESSAGE:
-            frames.append(item.to_frame())
+            out.append(delivery(item))
             continue
         group = emit_at.get(item.sid)
         if group is None:
             continue  # absorbed into a later frame of its group
-        frame = item.to_frame()
-        frame["ids"] = [i for member in group for i in member.ids]
-        frames.append(frame)
+        out.append(delivery(item, ids=[i for member in group for i in member.ids]))
         if len(group) > 1:
             merged[item.sid] = tuple(member.sid for member in group[:-1])
-    return frames, merged
+    return out, merged

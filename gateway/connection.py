@@ -218,7 +218,7 @@ class Connection:
         ):
             if item.sid > self.cursor:
                 self.cursor = item.sid
-                outbox.push(item.to_frame())
+                outbox.push(frames.delivery(item))
                 self._wake_writer()
             return
         self.ring()

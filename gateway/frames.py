@@ -1,15 +1,19 @@
 """Protocol v1 frames: validated client commands in, plain maps out.
 
 Client frames are parsed into small frozen dataclasses; anything malformed raises
-`FrameError` with the precise error code the contract names. Server frames are built as
-plain dicts, ready for `gateway.codec.encode_frames`.
+`FrameError` with the precise error code the contract names. Every server frame is built
+here, as a plain dict ready for `gateway.codec.encode_frames`, from the values the other
+parts hand over (queue items, presence items, typing indicators).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from gateway.store.base import ItemKind, QueueItem
+from presence.state import PresenceItem
 
 MAX_USER_BYTES = 128
 MAX_DEVICE_BYTES = 64
@@ -295,9 +299,13 @@ def welcome(user: str, device: str, ts: int, heartbeat: int, queued: int) -> dic
 DRAINED: dict[str, Any] = {"t": "drained"}
 
 
-def sent(msg_id: str, ts: int) -> dict[str, Any]:
-    """The durable-commit acknowledgement of a `send`."""
-    return {"t": "sent", "id": msg_id, "ts": ts}
+def sent(msg_id: str, ts: int, skipped: Sequence[str] = ()) -> dict[str, Any]:
+    """The durable-commit acknowledgement of a `send`; `skipped` (the `bodies` entries
+    that were not stored) is present only when it is non-empty."""
+    frame: dict[str, Any] = {"t": "sent", "id": msg_id, "ts": ts}
+    if skipped:
+        frame["skipped"] = list(skipped)
+    return frame
 
 
 def error(code: str, reason: str | None = None, ref: str | None = None) -> dict[str, Any]:
@@ -313,3 +321,45 @@ def error(code: str, reason: str | None = None, ref: str | None = None) -> dict[
 def typing(sender: str, on: bool) -> dict[str, Any]:
     """A typing indicator relayed to the target's connected devices."""
     return {"t": "typing", "from": sender, "on": on}
+
+
+def presence(items: Iterable[PresenceItem]) -> dict[str, Any]:
+    """A `presence` frame: a subscription's snapshot, or the changes of a batch window."""
+    return {
+        "t": "presence",
+        "items": [
+            {"user": item.user, "online": item.online, "last_seen": item.last_seen}
+            for item in items
+        ],
+    }
+
+
+def delivery(item: QueueItem, *, ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """The `msg` or `receipt` frame that delivers a queue item.
+
+    Args:
+        item: The item, as read from the store or handed over by its commit.
+        ids: For a receipt that stands for several merged items, all of their message
+            ids (default: the item's own).
+    """
+    if item.kind is ItemKind.MESSAGE:
+        return {
+            "t": "msg",
+            "sid": item.sid,
+            "id": item.msg_id,
+            "from": item.sender,
+            "dev": item.sender_device,
+            "ts": item.ts,
+            "body": item.body,
+            "urgent": item.urgent,
+        }
+    kind = "delivered" if item.kind is ItemKind.DELIVERED else "read"
+    return {
+        "t": "receipt",
+        "sid": item.sid,
+        "kind": kind,
+        "ids": list(item.ids if ids is None else ids),
+        "by": item.sender,
+        "dev": item.sender_device,
+        "ts": item.ts,
+    }

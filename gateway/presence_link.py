@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from gateway import frames
 from gateway.clock import now_ms
@@ -37,9 +36,9 @@ def build_presence(
     refuses them once it is half full, while messages and receipts always get a place.
     """
 
-    def deliver(conn_id: int, frame: dict[str, Any]) -> bool:
+    def deliver(conn_id: int, items: list[PresenceItem]) -> bool:
         conn = registry.by_id(conn_id)
-        return conn is None or conn.offer(frame)
+        return conn is None or conn.offer(frames.presence(items))
 
     def relay_typing(sender: str, sender_device: str, target: str, on: bool) -> None:
         frame = frames.typing(sender, on)

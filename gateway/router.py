@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -31,14 +31,12 @@ from gateway.frames import (
 from gateway.logthrottle import LogThrottle
 from gateway.peer import Sender
 from gateway.ratelimit import SendVerdict
+from gateway.send_path import SendPath
 from gateway.session import CloseCode
-from gateway.store import Envelope, MessageStore, PushToken, SendOutcome
+from gateway.store import MessageStore, PushToken, SendOutcome
 from gateway.store.base import Ticket
 from presence.fanout import SubscriptionLimit
 from presence.service import PresenceService
-
-if TYPE_CHECKING:
-    from gateway.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +47,12 @@ Handler = Callable[[Sender, Any], Awaitable[None]]
 
 
 class Router:
-    """Routes validated frames to the store, the registry and the other connections."""
+    """Routes validated frames to the send path, the store and presence."""
 
     def __init__(
         self,
         store: MessageStore,
-        registry: Registry,
+        sends: SendPath,
         presence: PresenceService,
         metrics: Counters,
         *,
@@ -62,7 +60,7 @@ class Router:
         max_ttl: int,
     ) -> None:
         self.store = store
-        self.registry = registry
+        self.sends = sends
         self.presence = presence
         self.metrics = metrics
         self.clock = clock
@@ -95,38 +93,16 @@ class Router:
             else:
                 conn.push(frames.error("rate_limited", "too many sends", ref=f.id))
             return
-        now = self.clock()
-        envelope = Envelope(
-            sender=conn.user,
-            sender_device=conn.device,
-            msg_id=f.id,
-            to=f.to,
-            body=f.body,
-            bodies=f.bodies,
-            urgent=f.urgent,
-            ts=now,
-            expires=now + f.ttl * 1000,
-        )
         try:
-            ticket = await self.store.submit_send(envelope)
+            ticket = await self.sends.submit(conn.user, conn.device, f)
         except StoreError as exc:
             conn.push(self._store_failed(f.id, exc))
             return
 
         def render(outcome: SendOutcome) -> dict[str, Any]:
             if outcome.unknown_recipient:
-                self.metrics.sends["unknown_recipient"] += 1
                 return frames.error("unknown_recipient", "no known device", ref=f.id)
-            self.metrics.sends["duplicate" if outcome.duplicate else "stored"] += 1
-            if outcome.duplicate:
-                # The first attempt may have been stored without its doorbell ringing (its
-                # commit's answer was lost): have the recipient's devices here read again.
-                for recipient in self.registry.of_user(f.to):
-                    recipient.ring()
-            reply = frames.sent(f.id, outcome.ts)
-            if outcome.skipped:
-                reply["skipped"] = list(outcome.skipped)
-            return reply
+            return frames.sent(f.id, outcome.ts, outcome.skipped)
 
         conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
 
@@ -163,7 +139,7 @@ class Router:
         except SubscriptionLimit as exc:
             conn.push(frames.error("limit_exceeded", str(exc), ref="sub"))
             return
-        conn.push(snapshot)
+        conn.push(frames.presence(snapshot))
 
     async def _unsubscribe(self, conn: Sender, f: Unsubscribe) -> None:
         self.presence.unsubscribe(conn.id, f.users)

@@ -42,6 +42,7 @@ from gateway.overload import LoadMonitor
 from gateway.presence_link import build_presence
 from gateway.registry import Registry
 from gateway.router import Router
+from gateway.send_path import SendPath
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.store import MessageStore
@@ -138,7 +139,7 @@ async def serve_gateway(
     counters = Counters()
     push: PushDispatcher | None = None
     if waker is None:
-        waker = push = PushDispatcher(settings.push, build_providers(settings.push))
+        waker = push = PushDispatcher(settings.push, build_providers(settings.push), wall_ms=now_ms)
     registry = Registry(waker)
     node_id = secrets.token_hex(6)
     backend = open_backend(settings, registry, counters, node_id=node_id)
@@ -152,9 +153,8 @@ async def serve_gateway(
         state=cluster_presence.mirror if cluster_presence is not None else None,
         refresh=cluster_presence.refresh if cluster_presence is not None else None,
     )
-    router = Router(
-        store, registry, presence, counters, clock=now_ms, max_ttl=server_settings.max_ttl
-    )
+    sends = SendPath(store, registry, counters, clock=now_ms)
+    router = Router(store, sends, presence, counters, clock=now_ms, max_ttl=server_settings.max_ttl)
     sessions = Sessions(TokenVerifier(settings.auth), store, registry, presence, cluster)
     heartbeat = Heartbeat(server_settings.heartbeat)
     admission = Admission(settings.limits, now=trio.current_time())
@@ -214,8 +214,8 @@ async def serve_gateway(
                 admin = AdminApi(
                     settings,
                     store=store,
+                    sends=sends,
                     registry=registry,
-                    counters=counters,
                     edge=edge,
                     metrics=gateway_registry(metrics),
                     revocations=cluster,

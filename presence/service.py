@@ -1,9 +1,10 @@
 """The Trio side of presence: one task that runs the clocks of the plain-code parts.
 
 `PresenceService` is told about connects, disconnects, subscriptions, client state and
-typing by the gateway's connections, and calls back `deliver` with frames for
-subscribers and `relay_typing` for typing indicators. One task sleeps until the next
-deadline among grace periods, batch windows and typing expiries.
+typing by the gateway's connections, and calls back `deliver` with the presence items due
+to a subscriber and `relay_typing` with typing indicators; how they look on the wire is
+the caller's business. One task sleeps until the next deadline among grace periods, batch
+windows and typing expiries.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -26,13 +26,9 @@ log = logging.getLogger(__name__)
 # each subscriber gets fewer, more merged frames.
 COARSEN_FACTOR = 8
 
-Deliver = Callable[[int, dict[str, Any]], bool]
+#: Hands a subscriber the changes due to it; False if it has no room for them now.
+Deliver = Callable[[int, list[PresenceItem]], bool]
 RelayTyping = Callable[[str, str, str, bool], None]  # sender, sender device, target, on
-
-
-def presence_frame(items: list[PresenceItem]) -> dict[str, Any]:
-    """A `presence` frame for these items."""
-    return {"t": "presence", "items": [item.to_wire() for item in items]}
 
 
 class PresenceService:
@@ -96,15 +92,15 @@ class PresenceService:
         """Changes that arrived from elsewhere (another node), for subscribers here."""
         self._publish(items)
 
-    def subscribe(self, sub: int, users: tuple[str, ...]) -> dict[str, Any]:
-        """Watch users; returns the snapshot frame to answer with.
+    def subscribe(self, sub: int, users: tuple[str, ...]) -> list[PresenceItem]:
+        """Watch users; returns the snapshot of them to answer with, in the order asked.
 
         Raises:
             presence.fanout.SubscriptionLimit: Past the per-connection limit.
         """
         self.fanout.subscribe(sub, users, trio.current_time())
         self.frames_sent += 1
-        return presence_frame([self.state.snapshot(user) for user in users])
+        return [self.state.snapshot(user) for user in users]
 
     def unsubscribe(self, sub: int, users: tuple[str, ...]) -> None:
         """Stop watching users."""
@@ -156,7 +152,7 @@ class PresenceService:
         self.fanout.batch = self._base_batch * (COARSEN_FACTOR if overloaded else 1)
         self.fanout.publish(self.state.expire(now), now)
         for sub, items in self.fanout.due(now):
-            if self._deliver(sub, presence_frame(items)):
+            if self._deliver(sub, items):
                 self.frames_sent += 1
             else:
                 self.shed["presence_deferred"] += 1

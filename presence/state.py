@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +22,6 @@ class PresenceItem:
     user: str
     online: bool
     last_seen: int | None
-
-    def to_wire(self) -> dict[str, Any]:
-        """The item as it appears in a `presence` frame."""
-        return {"user": self.user, "online": self.online, "last_seen": self.last_seen}
 
 
 class PresenceState(Protocol):

@@ -16,10 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionRejected
 
 from gateway.auth import mint_token
-from gateway.client import ClientClosed, connect
+from gateway.client import ClientClosed, SendRefused, connect
 from gateway.errors import StoreError
 from gateway.server import GatewayServer
 from gateway.settings import Settings
+from gateway.store import Envelope, SendOutcome, Ticket
 from push.settings import ApnsSettings
 from scripts.fakes import FakeApns
 from tests.conftest import make_settings, running_server
@@ -174,6 +175,39 @@ async def test_metrics_parse_and_the_counters_move(
     assert ("gateway_shed_total", (("kind", "typing"),)) not in before  # nothing shed yet
 
 
+@pytest.mark.parametrize("refused_at", ["submission", "commit"])
+async def test_a_send_the_store_refuses_counts_as_failed_from_a_device_and_from_the_api(
+    server: GatewayServer,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    refused_at: str,
+) -> None:
+    async def refuse(envelope: Envelope) -> Ticket[SendOutcome]:
+        if refused_at == "submission":
+            raise StoreError("redis is unavailable")
+        ticket: Ticket[SendOutcome] = Ticket()
+        ticket.fail(StoreError("redis is unavailable"))
+        return ticket
+
+    monkeypatch.setattr(server.store, "submit_send", refuse)
+    async with connect(server.url, token(server, "alice", "phone")) as alice:
+        with pytest.raises(SendRefused) as refused:
+            await alice.send("bob", b"x", id="m1")
+    published = await http.post("/v1/messages", json={"to": "bob", "body": b64(b"x")}, headers=AUTH)
+
+    assert refused.value.frame == {
+        "t": "error",
+        "code": "internal",
+        "ref": "m1",
+        "reason": "store unavailable; not stored",
+    }
+    assert (published.status_code, published.json()) == (
+        503,
+        {"error": "store_unavailable", "detail": "not stored; retry with the same id"},
+    )
+    assert server.counters.sends == {"failed": 2}
+
+
 # -- authentication and bad requests --------------------------------------------------------
 
 
@@ -227,6 +261,27 @@ async def test_bad_publish_requests_get_json_errors(
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"] == code
     assert response.json()["detail"]
+
+
+async def test_publish_takes_the_id_and_user_limits_of_the_device_protocol(
+    http: httpx.AsyncClient,
+) -> None:
+    async def publish(**fields: str) -> httpx.Response:
+        payload = {"to": "nobody", "body": b64(b"x"), **fields}
+        return await http.post("/v1/messages", json=payload, headers=AUTH)
+
+    # At the limit the request is valid (and the recipient unknown); past it, refused.
+    assert (await publish(id="i" * 64)).status_code == 404
+    assert (await publish(to="u" * 128)).status_code == 404
+    long_id, long_user = await publish(id="i" * 65), await publish(to="u" * 129)
+    assert (long_id.status_code, long_id.json()) == (
+        400,
+        {"error": "bad_field", "detail": "id must be 1..64 bytes"},
+    )
+    assert (long_user.status_code, long_user.json()) == (
+        400,
+        {"error": "bad_field", "detail": "a user id is 1..128 bytes"},
+    )
 
 
 async def test_unknown_paths_wrong_methods_and_huge_bodies(http: httpx.AsyncClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cbor2
 import pytest
 
 from gateway import frames
@@ -22,6 +23,8 @@ from gateway.frames import (
     Typing,
     Unsubscribe,
 )
+from gateway.store import ItemKind, QueueItem
+from presence.state import PresenceItem
 
 MAX_TTL = 3600
 
@@ -437,3 +440,45 @@ def test_welcome_and_sent_frames_have_the_contract_fields():
     assert frames.sent("m1", 9) == {"t": "sent", "id": "m1", "ts": 9}
     assert frames.typing("alice", True) == {"t": "typing", "from": "alice", "on": True}
     assert frames.DRAINED == {"t": "drained"}
+
+
+def test_presence_frames_carry_each_item_with_a_nullable_last_seen():
+    items = [PresenceItem("alice", True, None), PresenceItem("bob", False, 1_700_000_000_000)]
+    assert frames.presence(items) == {
+        "t": "presence",
+        "items": [
+            {"user": "alice", "online": True, "last_seen": None},
+            {"user": "bob", "online": False, "last_seen": 1_700_000_000_000},
+        ],
+    }
+    assert frames.presence([]) == {"t": "presence", "items": []}
+
+
+def test_queue_items_are_delivered_as_contract_frames():
+    t0 = 1_700_000_000_000
+    msg = QueueItem(7, ItemKind.MESSAGE, "m1", "alice", "phone", t0, True, b"x")
+    read = QueueItem(8, ItemKind.READ, "", "bob", "tablet", t0, False, b"", ("m1", "m2"))
+    delivered = QueueItem(9, ItemKind.DELIVERED, "", "bob", "tablet", t0, False, b"", ("m1",))
+
+    assert frames.delivery(msg) == {
+        "t": "msg",
+        "sid": 7,
+        "id": "m1",
+        "from": "alice",
+        "dev": "phone",
+        "ts": t0,
+        "body": b"x",
+        "urgent": True,
+    }
+    assert frames.delivery(read) == {
+        "t": "receipt",
+        "sid": 8,
+        "kind": "read",
+        "ids": ["m1", "m2"],
+        "by": "bob",
+        "dev": "tablet",
+        "ts": t0,
+    }
+    assert frames.delivery(delivered)["kind"] == "delivered"
+    assert frames.delivery(read, ids=("m0", "m1", "m2"))["ids"] == ["m0", "m1", "m2"]
+    cbor2.dumps(frames.delivery(read))  # every value is encodable as it stands

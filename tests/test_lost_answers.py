@@ -6,18 +6,38 @@ and gets `sent` for the first copy (a duplicate). Found by the Redis-pause histo
 scripts/crash.py: such an item was skipped by the live connection, which had moved past
 its sid, and arrived only on the next connection, out of order. Simulated here by
 silencing the store's doorbell for one send.
+
+A resend rings the recipient's devices again whichever way it comes: a device's `send`
+or the backend API's `POST /v1/messages`.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import trio
 
 from gateway.client import connect
 from gateway.server import GatewayServer
+from gateway.settings import Settings
 from tests.conftest import make_settings, running_server
+
+API_KEY = "test-admin-key"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def settings_on_each_store(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Embedded defaults with the backend API on, on each store backend in turn."""
+    store: dict[str, Any] = {}
+    if request.param == "redis":
+        store = {"backend": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    return make_settings(tmp_path, admin={"port": 0, "api_key": API_KEY}, store=store)
 
 
 @contextmanager
@@ -52,11 +72,10 @@ async def test_an_unannounced_item_is_delivered_before_the_next_one_in_order(
 
 
 async def test_a_resend_answered_as_duplicate_delivers_the_unannounced_first_copy(
-    tmp_path, redis_url, token
+    settings_on_each_store, token
 ):
-    settings = make_settings(tmp_path, store={"backend": "redis", "redis_url": redis_url})
     async with (
-        running_server(settings) as server,
+        running_server(settings_on_each_store) as server,
         connect(server.url, token("bob", "phone")) as bob,
         connect(server.url, token("alice", "phone")) as alice,
     ):
@@ -68,3 +87,26 @@ async def test_a_resend_answered_as_duplicate_delivers_the_unannounced_first_cop
             delivery = await bob.next_delivery()
     assert again.ts == first.ts  # answered from the first copy: nothing stored twice
     assert delivery.frame["id"] == "m1"
+    assert server.counters.sends["duplicate"] == 1
+
+
+async def test_a_published_resend_answered_as_duplicate_delivers_the_unannounced_first_copy(
+    settings_on_each_store, token
+):
+    payload = {"to": "bob", "body": base64.b64encode(b"1").decode(), "id": "n1"}
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    async with (
+        running_server(settings_on_each_store) as server,
+        httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http,
+        connect(server.url, token("bob", "phone")) as bob,
+    ):
+        await bob.wait_drained()
+        with doorbell_lost(server):
+            first = await http.post("/v1/messages", json=payload, headers=auth)
+        again = await http.post("/v1/messages", json=payload, headers=auth)  # the retry
+        with trio.fail_after(5):
+            delivery = await bob.next_delivery()
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json() == {"id": "n1", "ts": first.json()["ts"], "duplicate": True}
+    assert (delivery.frame["id"], delivery.frame["from"]) == ("n1", "system")
+    assert server.counters.sends["duplicate"] == 1

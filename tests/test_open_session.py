@@ -20,7 +20,7 @@ import trio.testing
 
 from gateway.errors import StoreError
 from gateway.store import MessageStore
-from gateway.store.base import SessionOpening
+from gateway.store.base import ItemKind, SessionOpening
 from gateway.store.redis import RedisStore
 from tests.redisproc import RedisProcess
 from tests.test_store import (
@@ -178,7 +178,7 @@ async def test_receipts_are_read_with_their_ids(store):
     opening = await open_session(store, "alice", "phone", now=T0 + 2)
 
     [receipt] = opening.items
-    assert receipt.to_frame()["kind"] == "delivered" and receipt.ids == ("m1",)
+    assert receipt.kind is ItemKind.DELIVERED and receipt.ids == ("m1",)
     assert opening.queued == 1
 
 

@@ -1,4 +1,8 @@
-"""Presence: grace periods, coalescing, holds and typing, driven by Trio's autojump clock."""
+"""Presence: grace periods, coalescing, holds and typing, driven by Trio's autojump clock.
+
+What the service hands over is recorded as it appears on the wire, encoded by
+`gateway.frames.presence` as the gateway does.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from gateway import frames
 from presence.fanout import Fanout, SubscriptionLimit
 from presence.service import PresenceService
 from presence.state import MemoryPresence, PresenceItem
@@ -37,9 +42,9 @@ class Harness:
             overloaded=lambda: self.overloaded,
         )
 
-    def _deliver(self, sub: int, frame: dict[str, Any]) -> bool:
+    def _deliver(self, sub: int, items: list[PresenceItem]) -> bool:
         if self.accept:
-            self.frames.append((trio.current_time(), sub, frame["items"]))
+            self.frames.append((trio.current_time(), sub, frames.presence(items)["items"]))
         return self.accept
 
     def _relay(self, sender: str, device: str, target: str, on: bool) -> None:
@@ -266,7 +271,7 @@ async def test_hidden_users_look_offline_with_no_last_seen(harness, autojump_clo
     svc.add_subscriber(1, active=True)
     snapshot = svc.subscribe(1, ("alice",))
     hidden = {"user": "alice", "online": False, "last_seen": None}
-    assert snapshot == {"t": "presence", "items": [hidden]}
+    assert frames.presence(snapshot) == {"t": "presence", "items": [hidden]}
     svc.device_disconnected("alice", "phone")
     svc.device_connected("alice", "phone")
     await trio.sleep(GRACE * 2)

@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import trio
 from prometheus_client import Histogram
@@ -44,30 +44,6 @@ class QueueItem:
     urgent: bool
     body: bytes
     ids: tuple[str, ...] = ()
-
-    def to_frame(self) -> dict[str, Any]:
-        """The frame that delivers this item."""
-        if self.kind is ItemKind.MESSAGE:
-            return {
-                "t": "msg",
-                "sid": self.sid,
-                "id": self.msg_id,
-                "from": self.sender,
-                "dev": self.sender_device,
-                "ts": self.ts,
-                "body": self.body,
-                "urgent": self.urgent,
-            }
-        kind = "delivered" if self.kind is ItemKind.DELIVERED else "read"
-        return {
-            "t": "receipt",
-            "sid": self.sid,
-            "kind": kind,
-            "ids": list(self.ids),
-            "by": self.sender,
-            "dev": self.sender_device,
-            "ts": self.ts,
-        }
 
 
 def decode_item(
