@@ -114,7 +114,7 @@ def wait_for_quiet(limit: float, patience: float) -> float:
 def running(workdir: Path, args: argparse.Namespace, batch_ms: int) -> Iterator[GatewayProcess]:
     gateway = GatewayProcess(
         workdir,
-        server=f"shutdown_timeout = 3.0\noverload_lag = {args.overload_lag}",
+        server=f"drain_seconds = 0.5\nshutdown_timeout = 3.0\noverload_lag = {args.overload_lag}",
         store=f'path = "{workdir / "gateway.db"}"\nsynchronous = "{args.synchronous}"',
         config=f'[auth]\njwt_secret = "{JWT_SECRET}"\n'
         f"[presence]\nbatch_ms = {batch_ms}\noffline_grace = {args.grace}",
