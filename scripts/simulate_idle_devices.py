@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (every knob has a default that finishes in under 30 s)."""
     d = Scenario()
     parser = argparse.ArgumentParser(
-        prog="simulate_idle_devices.py",
+        prog="python -m scripts.simulate_idle_devices",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
