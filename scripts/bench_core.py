@@ -3,9 +3,9 @@ and CPU per unit of work at a fixed rate.
 
 Run it from the repository root:
 
-    python scripts/bench_core.py            # full: 3 runs of every scenario
-    python scripts/bench_core.py --quick    # one small, fast run
-    python scripts/bench_core.py --quick --only rate --baseline-commit 9195dc8
+    python -m scripts.bench_core            # full: 3 runs of every scenario
+    python -m scripts.bench_core --quick    # one small, fast run
+    python -m scripts.bench_core --quick --only rate --baseline-commit 9195dc8
 
 The gateway under test runs in its own OS process (``python -m gateway.cli serve`` with a
 temporary TOML file and SQLite file on a free loopback port). The load generator is this
@@ -74,7 +74,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -100,24 +99,16 @@ from trio_websocket import (
 
 from gateway.auth import mint_token
 from gateway.settings import Settings
-
-if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts.benchkit import (
-    HOST,
-    MAX_LOOP,
-    RECEIVE_BUFFER,
-    SUBPROTOCOL,
-    LeanClient,
-    free_port,
-    raise_fd_limit,
-)
+from scripts.kit import procfs
+from scripts.kit.child_process import SOURCE_ROOT, ChildProcess, ProcessFailed
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.lean_client import MAX_LOOP, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.loopback import HOST, free_port
 
 BODY_BYTES = 200
 CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
 CONNECT_TIMEOUT = 30.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Scenario 6: a median send -> arrival latency above this means messages queue in the
 # server, which then batches more and spends less CPU per message: not "below saturation".
 RATE_QUEUEING_P50_MS = 20.0
@@ -197,57 +188,6 @@ class Sample:
 # ---- processes and /proc ---------------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """utime + stime of a process (all threads) or of one of its threads."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process, all threads, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/{pid}/status")
-
-
-def proc_fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def proc_fd_limit(pid: int) -> int:
-    with open(f"/proc/{pid}/limits") as f:
-        for line in f:
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    return -1
-
-
-def other_cpu_use(seconds: float = 1.0) -> float:
-    """Busy CPU time of the whole machine over a short sample, in cores."""
-
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
-
-    busy0, total0 = snapshot()
-    time.sleep(seconds)
-    busy1, total1 = snapshot()
-    cores = os.cpu_count() or 1
-    return (busy1 - busy0) / max(1, total1 - total0) * cores
-
-
 class Meter:
     """CPU of the server process (and its main thread) and of this process, over a window."""
 
@@ -258,33 +198,32 @@ class Meter:
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._g0 = time.process_time()
-        self._s0 = proc_cpu_seconds(self.pid)
-        self._m0 = proc_cpu_seconds(self.pid, self.pid)
+        self._s0 = procfs.cpu_seconds(self.pid)
+        self._m0 = procfs.cpu_seconds(self.pid, self.pid)
 
     def stop(self) -> Usage:
         wall = time.perf_counter() - self._t0
         return Usage(
             wall=wall,
-            server=(proc_cpu_seconds(self.pid) - self._s0) / wall,
-            server_main=(proc_cpu_seconds(self.pid, self.pid) - self._m0) / wall,
+            server=(procfs.cpu_seconds(self.pid) - self._s0) / wall,
+            server_main=(procfs.cpu_seconds(self.pid, self.pid) - self._m0) / wall,
             generator=(time.process_time() - self._g0) / wall,
         )
 
 
 class ServerStartError(RuntimeError):
-    """A server under test exited or did not listen at start."""
+    """A server under test could not be started."""
 
 
 def server_env(kind: str, args: argparse.Namespace) -> dict[str, str]:
-    """The environment of a server: ours without GATEWAY__ overrides; for ``baseline``,
-    the baseline worktree first on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
-    if kind == "baseline":
-        tree = getattr(args, "baseline_tree", None)
-        if tree is None:
-            raise RuntimeError("kind 'baseline' needs --baseline-commit")
-        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+    """Variables a server of `kind` gets on top of ours: for ``baseline``, the baseline
+    worktree first on PYTHONPATH."""
+    if kind != "baseline":
+        return {}
+    tree = getattr(args, "baseline_tree", None)
+    if tree is None:
+        raise RuntimeError("kind 'baseline' needs --baseline-commit")
+    return {"PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.getenv("PYTHONPATH")])])}
 
 
 def gateway_origin(kind: str, args: argparse.Namespace, cwd: Path) -> str:
@@ -295,7 +234,7 @@ def gateway_origin(kind: str, args: argparse.Namespace, cwd: Path) -> str:
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=server_env(kind, args),
+        env={**os.environ, **server_env(kind, args)},
         timeout=60,
         check=False,
     )
@@ -313,100 +252,60 @@ class ServerProcess:
         self.dir = workdir / tag
         self.dir.mkdir(parents=True, exist_ok=True)
         self.args = args
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.dir / "server.log"
+        self.process = self.launch()
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
+        return f"ws://{HOST}:{self.process.port}/ws"
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self.process.pid
 
     def meter(self) -> Meter:
         """What measures the CPU of the server under test."""
         return Meter(self.pid)
 
-    def command(self) -> list[str]:
-        if self.kind in ("gateway", "baseline"):
-            config = self.dir / "gateway.toml"
-            config.write_text(
-                "[server]\n"
-                f'host = "{HOST}"\n'
-                f"port = {self.port}\n"
-                "[store]\n"
-                f'path = "{self.dir / "gateway.db"}"\n'
-                f'synchronous = "{self.args.synchronous}"\n'
-                "[admin]\n"
-                "port = 0\n"  # any free port: never collides with another gateway's 8766
-                "[log]\n"
-                f'level = "{self.args.log_level}"\n',
-                encoding="utf-8",
+    def launch(self) -> ChildProcess:
+        """The server's process, not started yet."""
+        if self.kind == "floor":
+            port = free_port()
+            return ChildProcess(
+                "floor",
+                [sys.executable, "-m", "scripts.bench_core", "floor-server", "--port", str(port)],
+                self.dir / "server.log",
+                port=port,
+                cwd=SOURCE_ROOT,
             )
-            launcher = ["-m", "gateway.cli"]  # the baseline: its worktree, by PYTHONPATH
-            if self.args.gateway_launcher and self.kind == "gateway":
-                launcher = [str(Path(self.args.gateway_launcher).resolve())]
-            return [sys.executable, *launcher, "serve", "--config", str(config)]
-        return [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "floor-server",
-            "--port",
-            str(self.port),
-        ]
+        launcher = ["-m", "gateway.cli"]  # the baseline: its worktree, by PYTHONPATH
+        if self.args.gateway_launcher and self.kind == "gateway":
+            launcher = [str(Path(self.args.gateway_launcher).resolve())]
+        return GatewayProcess(
+            self.dir,
+            store=f'path = "{self.dir / "gateway.db"}"\nsynchronous = "{self.args.synchronous}"',
+            log_level=self.args.log_level,
+            env=server_env(self.kind, self.args),
+            launcher=launcher,
+            cwd=self.dir,  # not the repository: the baseline's `gateway` must come first
+        )
 
     def start(self) -> None:
-        env = server_env(self.kind, self.args)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.dir,
-                env=env,
-            )
         _LIVE.add(self)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerStartError(f"{self.kind} exited at start:\n{self.log_tail()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise ServerStartError(f"{self.kind} did not listen on {self.port} within 20 s")
+        try:
+            self.process.start()
+        except ProcessFailed as exc:
+            raise ServerStartError(str(exc)) from None
 
     def stop(self) -> None:
         _LIVE.discard(self)
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        self.process.stop(grace=5)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.process.log_tail(lines)
 
     def warnings(self) -> list[str]:
         """Log lines at WARNING or above, for the run report."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return []
-        return [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln]
+        return self.process.warnings() if isinstance(self.process, GatewayProcess) else []
 
 
 _LIVE: set[ServerProcess] = set()
@@ -740,14 +639,14 @@ async def scenario_idle(server: ServerProcess, tokens: Tokens, args: argparse.Na
             await open_many(nursery, server.url, warm, args.connect_concurrency)
             nursery.cancel_scope.cancel()
         await trio.sleep(1.0)
-        rss0 = proc_status_kb(server.pid, "VmRSS")
+        rss0 = procfs.rss_kib(server.pid)
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             conns = await open_many(nursery, server.url, idle, args.connect_concurrency)
             opened = time.perf_counter() - t0
             await trio.sleep(2.0)  # let transient buffers go
-            rss1 = proc_status_kb(server.pid, "VmRSS")
-            fds = proc_fd_count(server.pid)
+            rss1 = procfs.rss_kib(server.pid)
+            fds = procfs.fd_count(server.pid)
             nursery.cancel_scope.cancel()
     if len(conns) != len(idle):
         raise RuntimeError(f"only {len(conns)} of {len(idle)} idle connections opened")
@@ -1046,11 +945,11 @@ async def scenario_rate(server: ServerProcess, tokens: Tokens, args: argparse.Na
                 await trio.sleep_until(start + args.warmup)
                 t0 = trio.current_time()
                 meter.start()
-                user0, sys0 = proc_cpu_split(server.pid)
+                user0, sys0 = procfs.cpu_split(server.pid)
                 d0, s0 = st.delivered, st.sent_ok
                 await trio.sleep(args.duration)
                 usage = meter.stop()
-                user1, sys1 = proc_cpu_split(server.pid)
+                user1, sys1 = procfs.cpu_split(server.pid)
                 t1 = trio.current_time()
                 d1, s1 = st.delivered, st.sent_ok
                 st.stop = True
@@ -1257,7 +1156,7 @@ def run_one(
 ) -> Sample:  # fmt: skip
     with running(kind, workdir, args, f"{name}-{kind}-{run}") as server:
         if run == 0 and name == "idle":
-            limit = proc_fd_limit(server.pid)
+            limit = procfs.fd_limit(server.pid)
             print(f"    ({kind} pid {server.pid}, RLIMIT_NOFILE {limit})", flush=True)
         profiler = _start_profiler(args, server, f"{name}-{kind}-{run}")
         try:
@@ -1433,7 +1332,7 @@ def main_bench(args: argparse.Namespace) -> int:
         kinds.append("floor")
     tokens = Tokens()
     print(_machine_line(), flush=True)
-    busy = other_cpu_use()
+    busy = procfs.busy_cores()
     print(f"CPU in use by other processes before start: {busy:.0%} of one core", flush=True)
     if busy > 0.2:
         print("  !! the machine is busy with other work: expect noisier, lower results", flush=True)

@@ -1,7 +1,7 @@
 """The same store-and-forward workload against this gateway and two systems we did not write.
 
-    python scripts/bench_peers.py                 # 3 runs of each system, medians and ratios
-    python scripts/bench_peers.py --runs 1 --systems gateway,relay
+    python -m scripts.bench_peers                 # 3 runs of each system, medians and ratios
+    python -m scripts.bench_peers --runs 1 --systems gateway,relay
 
 Systems, each started by this script on a free loopback port with fresh storage, in its
 own process, for every run:
@@ -33,26 +33,23 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts.benchkit import free_port, raise_fd_limit
+from scripts.kit.child_process import SOURCE_ROOT, ChildProcess
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.loopback import free_port
+from scripts.kit.procfs import busy_cores
 from scripts.peers.loadgen import Workload, percentiles
 
 SYSTEMS = ("gateway", "mosquitto", "relay")
-READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 600.0
 GENERATOR_LIMIT = 0.9  # cores: a generator process this busy may be what limits
 MACHINE_LIMIT = 0.9  # share of all cores busy (generator, server and anything else)
@@ -66,11 +63,9 @@ MOSQUITTO_HINT = (
 class Server:
     """A started system: its process and what the generator needs to reach it."""
 
-    process: subprocess.Popen[bytes]
-    port: int
+    process: ChildProcess
     driver: str  # "v1" | "mqtt"
     secret: str
-    log: Path
 
 
 def find_mosquitto(given: str | None = None) -> str | None:
@@ -84,29 +79,35 @@ def find_mosquitto(given: str | None = None) -> str | None:
 
 
 def start(system: str, directory: Path, mosquitto: str | None = None) -> Server:
-    """Start one system with fresh storage in `directory`, and wait for its port."""
+    """Start one system with fresh storage in `directory`, and wait for its port.
+
+    Raises:
+        ProcessFailed: It did not start; the message ends with its log.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     secret = secrets.token_hex(16)
-    log = directory / f"{system}.log"
+    process: ChildProcess
     if system == "gateway":
-        config = directory / "gateway.toml"
-        config.write_text(
-            f'[server]\nhost = "127.0.0.1"\nport = {port}\ndrain_seconds = 0.5\n'
-            '[admin]\nport = 0\n'
-            f'[auth]\njwt_secret = "{secret}"\n'
-            f'[store]\npath = "{directory / "gateway.db"}"\n'
-            '[log]\nlevel = "warning"\n'
+        process = GatewayProcess(
+            directory,
+            server="drain_seconds = 0.5",
+            config=f'[auth]\njwt_secret = "{secret}"',
+            log_level="warning",
+            cwd=SOURCE_ROOT,
         )
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
         driver = "v1"
     elif system == "relay":
+        port = free_port()
         command = [sys.executable, "-m", "scripts.peers.ws_relay", "--port", str(port),
                    "--db", str(directory / "relay.db"), "--secret", secret]  # fmt: skip
+        process = ChildProcess(
+            "relay", command, directory / "relay.log", port=port, cwd=SOURCE_ROOT
+        )
         driver = "v1"
     else:
         binary = find_mosquitto(mosquitto)
         assert binary is not None
+        port = free_port()
         config = directory / "mosquitto.conf"
         config.write_text(
             f"listener {port} 127.0.0.1\n"
@@ -119,30 +120,13 @@ def start(system: str, directory: Path, mosquitto: str | None = None) -> Server:
             "log_dest stderr\nlog_type error\nlog_type warning\n"
             + ("user root\n" if os.geteuid() == 0 else "")
         )
-        command = [binary, "-c", str(config)]
+        process = ChildProcess(
+            "mosquitto", [binary, "-c", str(config)], directory / "mosquitto.log", port=port,
+            cwd=SOURCE_ROOT,
+        )  # fmt: skip
         driver = "mqtt"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
-        )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return Server(process, port, driver, secret, log)
-        time.sleep(0.05)
-    stop(process)
-    raise RuntimeError(f"{system} did not start:\n{log.read_text(errors='replace')[-2000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    process.start()
+    return Server(process, driver, secret)
 
 
 def share(total: int, procs: int, index: int) -> int:
@@ -158,7 +142,7 @@ def generate(server: Server, workload: Workload, procs: int) -> dict[str, Any]:
         for index in range(procs):
             command = [
                 sys.executable, "-m", "scripts.peers.loadgen", "--system", server.driver,
-                "--port", str(server.port), "--server-pid", str(server.process.pid),
+                "--port", str(server.process.port), "--server-pid", str(server.process.pid),
                 "--secret", server.secret, "--index", str(index), "--procs", str(procs),
                 "--barrier", barrier,
                 "--pairs", str(share(workload.pairs, procs, index)),
@@ -172,7 +156,7 @@ def generate(server: Server, workload: Workload, procs: int) -> dict[str, Any]:
                     command,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    cwd=Path(__file__).parent.parent,
+                    cwd=SOURCE_ROOT,
                 )
             )
         parts = []
@@ -227,22 +211,7 @@ def running(system: str, directory: Path, mosquitto: str | None) -> Iterator[Ser
     try:
         yield server
     finally:
-        stop(server.process)
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other work used over `seconds`, from /proc/stat."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = values[3] + values[4]
-        return sum(values), idle
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+        server.process.stop(grace=10)
 
 
 def median(values: Sequence[float]) -> float:

@@ -2,8 +2,8 @@
 
 Run it from the repository root:
 
-    python scripts/bench_presence.py              # 3 runs of each mode, ~2.5-3.5 minutes
-    python scripts/bench_presence.py --quick      # 1 small run of each mode, ~30 s
+    python -m scripts.bench_presence              # 3 runs of each mode, ~2.5-3.5 minutes
+    python -m scripts.bench_presence --quick      # 1 small run of each mode, ~30 s
 
 Workload (defaults): 2,000 devices, one per user (``u0000`` .. ``u1999``, device ``d``),
 each subscribed to 50 users. 400 of them are *churners*: they disconnect and reconnect on
@@ -50,8 +50,6 @@ import math
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,20 +67,11 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from gateway.auth import mint_token
 from gateway.settings import AuthSettings
 from presence.service import COARSEN_FACTOR
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.lean_client import SUBPROTOCOL, LeanClient
+from scripts.kit.limits import FD_CAP, raise_fd_limit
+from scripts.kit.procfs import cpu_seconds, fd_limit, machine_busy_seconds
 
-if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from scripts.benchkit import (
-    FD_CAP,
-    HOST,
-    SUBPROTOCOL,
-    LeanClient,
-    free_port,
-    raise_fd_limit,
-)
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 JWT_SECRET = "bench-presence-secret-not-for-production"
 DEVICE = "d"
 TARGET_RATIO = 5.0
@@ -103,120 +92,9 @@ Frame = dict[str, Any]
 # ---- processes and /proc -------------------------------------------------------------------
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, not idle or iowait)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / CLK_TCK
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Gateway:
-    """The gateway under test in its own process, on a fresh config and SQLite file."""
-
-    def __init__(self, workdir: Path, args: argparse.Namespace, batch_ms: int) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.config = self.dir / "gateway.toml"
-        self.log_path = self.dir / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.config.write_text(
-            "[server]\n"
-            f'host = "{HOST}"\n'
-            f"port = {self.port}\n"
-            "shutdown_timeout = 3.0\n"
-            f"overload_lag = {args.overload_lag}\n"
-            "[auth]\n"
-            f'jwt_secret = "{JWT_SECRET}"\n'
-            "[store]\n"
-            f'path = "{self.dir / "gateway.db"}"\n'
-            f'synchronous = "{args.synchronous}"\n'
-            "[presence]\n"
-            f"batch_ms = {batch_ms}\n"
-            f"offline_grace = {args.grace}\n"
-            "[log]\n"
-            'level = "warning"\n',
-            encoding="utf-8",
-        )
-
-    @property
-    def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)]
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=raise_fd_limit,  # the child's own limit, set before exec
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited at start:\n{self.log_tail()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"gateway did not listen on {self.port} within 20 s")
-
-    def stop(self) -> None:
-        """SIGTERM (graceful drain), then SIGKILL if it has not exited within 6 s."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=6)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-    def fd_limit(self) -> int:
-        with open(f"/proc/{self.pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    return int(line.split()[3])
-        return -1
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def problems(self) -> list[str]:
-        """Log lines at WARNING or above, apart from the development-secret notice."""
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return []
-        return [
-            ln
-            for ln in text.splitlines()
-            if (" WARNING " in ln or " ERROR " in ln) and "draining" not in ln
-        ]
+def problems(gateway: GatewayProcess) -> list[str]:
+    """Log lines at WARNING or above, apart from the notice of the drain at the end."""
+    return [ln for ln in gateway.warnings() if "draining" not in ln]
 
 
 def wait_for_quiet(limit: float, patience: float) -> float:
@@ -233,13 +111,20 @@ def wait_for_quiet(limit: float, patience: float) -> float:
 
 
 @contextlib.contextmanager
-def running(workdir: Path, args: argparse.Namespace, batch_ms: int) -> Iterator[Gateway]:
-    gateway = Gateway(workdir, args, batch_ms)
+def running(workdir: Path, args: argparse.Namespace, batch_ms: int) -> Iterator[GatewayProcess]:
+    gateway = GatewayProcess(
+        workdir,
+        server=f"drain_seconds = 0.5\nshutdown_timeout = 3.0\noverload_lag = {args.overload_lag}",
+        store=f'path = "{workdir / "gateway.db"}"\nsynchronous = "{args.synchronous}"',
+        config=f'[auth]\njwt_secret = "{JWT_SECRET}"\n'
+        f"[presence]\nbatch_ms = {batch_ms}\noffline_grace = {args.grace}",
+        log_level="warning",
+    )
     try:
         gateway.start()
         yield gateway
     finally:
-        gateway.stop()
+        gateway.stop(grace=6)
 
 
 # ---- clients ----------------------------------------------------------------------------------
@@ -491,7 +376,7 @@ async def probe_gateway(url: str, token: str, samples: list[float], stop: trio.E
             samples.append(await client.ping())
             await trio.sleep(0.05)
     finally:
-        await trio.aclose_forcefully(client._stream)
+        await trio.aclose_forcefully(client.stream)
 
 
 async def probe_lag(samples: list[float], stop: trio.Event) -> None:
@@ -551,7 +436,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def generate(
-    gateway: Gateway, work: Workload, tokens: list[str], probe_token: str,
+    gateway: GatewayProcess, work: Workload, tokens: list[str], probe_token: str,
     args: argparse.Namespace, mode: str, batch_ms: int,
 ) -> Sample:  # fmt: skip
     """Connect everyone, measure an idle window, start the churn, measure, stop."""
@@ -585,9 +470,9 @@ async def generate(
         nursery.start_soon(probe_gateway, gateway.url, probe_token, rtt, stop)
         await trio.sleep(0.5)  # let the connect storm's last writes settle
         # Idle: everyone connected and subscribed, nothing changes.
-        g0, c0 = proc_cpu_seconds(gateway.pid), trio.current_time()
+        g0, c0 = cpu_seconds(gateway.pid), trio.current_time()
         await trio.sleep(args.idle)
-        idle_cpu = (proc_cpu_seconds(gateway.pid) - g0) / (trio.current_time() - c0)
+        idle_cpu = (cpu_seconds(gateway.pid) - g0) / (trio.current_time() - c0)
         churn_start = trio.current_time() + 0.05
         plan.start(churn_start, work.churners)
         # Steady state: every churner has been away once and the first offline changes
@@ -597,10 +482,10 @@ async def generate(
         tally.window = (w0, w1)
         await trio.sleep_until(w0)
         lag_from, rtt_from = len(lag), len(rtt)
-        m0, g0 = machine_busy_seconds(), proc_cpu_seconds(gateway.pid)
+        m0, g0 = machine_busy_seconds(), cpu_seconds(gateway.pid)
         p0, c0 = time.process_time(), trio.current_time()
         await trio.sleep_until(w1)
-        m1, g1 = machine_busy_seconds(), proc_cpu_seconds(gateway.pid)
+        m1, g1 = machine_busy_seconds(), cpu_seconds(gateway.pid)
         p1, c1 = time.process_time(), trio.current_time()
         lag_window, rtt_window = lag[lag_from:], rtt[rtt_from:]
         # Deliveries of the window's last events may still be in flight: wait them out,
@@ -665,14 +550,14 @@ def run_one(
     with running(workdir / f"run{run}-{mode}", args, batch_ms) as gateway:
         print(
             f"  run {run + 1} {mode:9} (batch_ms={batch_ms}, gateway pid {gateway.pid}, "
-            f"RLIMIT_NOFILE {gateway.fd_limit()}) ...",
+            f"RLIMIT_NOFILE {fd_limit(gateway.pid)}) ...",
             end="",
             flush=True,
         )
         sample = trio.run(generate, gateway, work, tokens, probe_token, args, mode, batch_ms)
-        problems = gateway.problems()
-    sample.gateway_problems = len(problems)
-    for line in problems[:8]:
+        found = problems(gateway)
+    sample.gateway_problems = len(found)
+    for line in found[:8]:
         print(f"\n    gateway: {line}", end="")
     print(
         f" {sample.change_frames_per_s:8.0f} frames/s, cpu {sample.gateway_cpu:.2f}, "

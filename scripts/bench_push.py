@@ -46,6 +46,7 @@ from push.dispatcher import PushDispatcher
 from push.fcm import FcmProvider
 from push.notification import Notification, Provider
 from push.policy import WakeKind
+from scripts.kit.child_process import SOURCE_ROOT
 
 TOPIC = "com.example.app"
 
@@ -83,7 +84,7 @@ class Bench:
                 "--quiet",
             ],
             stdout=subprocess.PIPE,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=SOURCE_ROOT,
         )
         assert self.proc.stdout is not None
         ready = json.loads(self.proc.stdout.readline())

@@ -3,8 +3,8 @@ processes sharing the port (``gateway serve --workers 2``, SO_REUSEPORT).
 
 Run it from the repository root:
 
-    python scripts/bench_scale.py            # 3 runs of each configuration
-    python scripts/bench_scale.py --quick    # one small, fast run
+    python -m scripts.bench_scale            # 3 runs of each configuration
+    python -m scripts.bench_scale --quick    # one small, fast run
 
 Configurations, each on a fresh gateway (and a fresh redis-server with AOF and
 ``appendfsync always``, as docs/scaling.md recommends):
@@ -39,9 +39,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,9 +50,6 @@ from typing import Any
 
 import trio
 
-if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from scripts.bench_core import (
     Meter,
     Sample,
@@ -62,64 +57,17 @@ from scripts.bench_core import (
     Tokens,
     Usage,
     _machine_line,
-    other_cpu_use,
-    proc_cpu_seconds,
     scenario_route,
 )
 from scripts.bench_core import parse_args as core_args
-from scripts.benchkit import HOST, free_port, raise_fd_limit
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.procfs import busy_cores, cpu_seconds
+from scripts.kit.redis_server import RedisServer
 
 CONFIGS = ("sqlite-1", "redis-1", "redis-2")
 HEARTBEAT_DEVICES = 20_000
 TARGET_RATIO = 1.6
-
-
-# ---- redis-server ----------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A redis-server on a free loopback port, AOF on, appendfsync as asked."""
-
-    def __init__(self, directory: Path, appendfsync: str) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.appendfsync = appendfsync
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
-        self.proc = subprocess.Popen(
-            [
-                binary, "--port", str(self.port), "--bind", HOST, "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
-                "--loglevel", "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 0.5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
 
 
 # ---- the gateway under test ------------------------------------------------------------------
@@ -145,16 +93,16 @@ class GroupMeter(Meter):
 
     def start(self) -> None:
         super().start()
-        self._w0 = [proc_cpu_seconds(pid) for pid in self.pids]
-        self._r0 = proc_cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
+        self._w0 = [cpu_seconds(pid) for pid in self.pids]
+        self._r0 = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
 
     def stop(self) -> Usage:
         base = super().stop()
         wall = base.wall
         workers = tuple(
-            (proc_cpu_seconds(pid) - t0) / wall for pid, t0 in zip(self.pids, self._w0, strict=True)
+            (cpu_seconds(pid) - t0) / wall for pid, t0 in zip(self.pids, self._w0, strict=True)
         )
-        redis = (proc_cpu_seconds(self.redis_pid) - self._r0) / wall if self.redis_pid else 0.0
+        redis = (cpu_seconds(self.redis_pid) - self._r0) / wall if self.redis_pid else 0.0
         return ScaleUsage(
             wall=wall,
             server=sum(workers),
@@ -172,48 +120,25 @@ class ScaleServer(ServerProcess):
         self, workdir: Path, args: argparse.Namespace, tag: str, redis: RedisServer | None,
         workers: int,
     ) -> None:  # fmt: skip
-        super().__init__("gateway", workdir, args, tag)
         self.redis = redis
         self.workers = workers
+        super().__init__("gateway", workdir, args, tag)
 
-    def command(self) -> list[str]:
-        config = self.dir / "gateway.toml"
+    def launch(self) -> GatewayProcess:
         store = (
-            f'backend = "redis"\nredis_url = "{self.redis.url}"\n'
+            f'backend = "redis"\nredis_url = "{self.redis.url}"'
             if self.redis
-            else f'path = "{self.dir / "gateway.db"}"\n'
+            else f'path = "{self.dir / "gateway.db"}"'
         )
-        config.write_text(
-            f'[server]\nhost = "{HOST}"\nport = {self.port}\n[store]\n{store}'
-            f'[admin]\nport = 0\n[log]\nlevel = "{self.args.log_level}"\n',
-            encoding="utf-8",
-        )
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
-        return command + (["--workers", str(self.workers)] if self.workers > 1 else [])
-
-    def start(self) -> None:
-        super().start()
-        deadline = time.monotonic() + 20
-        while self.log_path.read_bytes().count(b"gateway listening on") < self.workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not every worker listened:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def worker_pids(self) -> list[int]:
-        if self.workers == 1:
-            return [self.pid]
-        children = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == self.pid:
-                        children.append(int(entry))
-        if len(children) != self.workers:
-            raise RuntimeError(f"expected {self.workers} workers, found {children}")
-        return sorted(children)
+        return GatewayProcess(
+            self.dir, store=store, log_level=self.args.log_level, workers=self.workers,
+            cwd=self.dir,
+        )  # fmt: skip
 
     def meter(self) -> Meter:
-        return GroupMeter(self.worker_pids(), self.redis.pid if self.redis else None)
+        assert isinstance(self.process, GatewayProcess)
+        pids = self.process.worker_pids()
+        return GroupMeter(pids, self.redis.pid if self.redis else None)
 
 
 @contextlib.contextmanager
@@ -221,7 +146,11 @@ def running(
     config: str, workdir: Path, args: argparse.Namespace, tag: str
 ) -> Iterator[ScaleServer]:
     backend, workers = config.split("-")
-    redis = RedisServer(workdir / tag / "redis", args.appendfsync) if backend == "redis" else None
+    redis = (
+        RedisServer(workdir / tag / "redis", appendfsync=args.appendfsync)
+        if backend == "redis"
+        else None
+    )
     server = ScaleServer(workdir, args, tag, redis, int(workers))
     try:
         if redis:
@@ -287,14 +216,14 @@ async def heartbeat_cost(redis: RedisServer, devices: int) -> dict[str, float]:
                     pipe.evalsha(sha["register"], [f"{p}:devs", f"{p}:d:phone"], ["phone", 1])
                     pipe.evalsha(sha["claim"], [f"{p}:node:phone"], [*claim, "x", "node1"])
         after = (await client.info("memory"))["used_memory"]
-        cpu0 = proc_cpu_seconds(redis.pid)
+        cpu0 = cpu_seconds(redis.pid)
         t0 = time.perf_counter()
         for start in range(0, devices, 1000):
             async with client.pipeline(transaction=False) as pipe:
                 for n in range(start, min(devices, start + 1000)):
                     pipe.evalsha(sha["refresh"], [f"{prefix(f'user-{n}')}:node:phone"], claim)
         wall = time.perf_counter() - t0
-        cpu = proc_cpu_seconds(redis.pid) - cpu0
+        cpu = cpu_seconds(redis.pid) - cpu0
     return {
         "redis_cpu_us_per_refresh": cpu / devices * 1e6,
         "refreshes_per_s": devices / wall,
@@ -314,7 +243,7 @@ def main_bench(args: argparse.Namespace) -> int:
         args.warmup = args.warmup_set or 1.0
     tokens = Tokens()
     print(_machine_line(), flush=True)
-    busy = other_cpu_use()
+    busy = busy_cores()
     print(f"CPU in use by other processes before start: {busy:.0%} of one core", flush=True)
     print(
         f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
@@ -340,7 +269,7 @@ def main_bench(args: argparse.Namespace) -> int:
                 paced[config].append(sample)
                 print(f"  run {run + 1} {config:8}: {describe(sample)}", flush=True)
         print("\n== 3. Redis alone: claim renewals and memory per connected device", flush=True)
-        redis = RedisServer(workdir / "heartbeat", args.appendfsync)
+        redis = RedisServer(workdir / "heartbeat", appendfsync=args.appendfsync)
         redis.start()
         try:
             micro = trio.run(heartbeat_cost, redis, HEARTBEAT_DEVICES)

@@ -23,16 +23,17 @@ from pathlib import Path
 
 import trio
 
-from scripts.gatewayproc import STORES, GatewayProcess, RedisServer, open_store
 from scripts.histories import Fault, HistoryReport, run_histories
+from scripts.kit.gateway_process import STORES, GatewayProcess, open_store
+from scripts.kit.redis_server import RedisServer
 
 
 def gateway_kill(gateway: GatewayProcess) -> Fault:
     """SIGKILL the gateway at once, then start it again on the same store."""
 
     async def fault() -> None:
-        await gateway.kill()
-        await gateway.start()
+        gateway.kill()
+        await gateway.astart()
 
     return fault
 
@@ -41,9 +42,9 @@ def redis_kill(redis: RedisServer, down: float) -> Fault:
     """SIGKILL Redis, leave it down for `down` seconds, start it again."""
 
     async def fault() -> None:
-        await redis.kill()
+        redis.kill()
         await trio.sleep(down)
-        await redis.start()
+        await redis.astart()
 
     return fault
 
@@ -65,7 +66,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[HistoryReport, G
     """Start what the fault needs, run the histories, stop everything."""
     async with open_store(args.store, workdir) as store:
         gateway = GatewayProcess(workdir / "gateway", store=store.toml)
-        await gateway.start()
+        await gateway.astart()
         try:
             if args.fault == "gateway-kill":
                 fault = gateway_kill(gateway)
@@ -85,7 +86,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[HistoryReport, G
                 tail=args.tail,
             )
         finally:
-            await gateway.kill()
+            gateway.kill()
     return report, gateway
 
 

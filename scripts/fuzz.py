@@ -29,9 +29,10 @@ from trio_websocket import ConnectionClosed, HandshakeError
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.settings import Settings
-from scripts.benchkit import LeanClient
 from scripts.fuzzcases import draw
-from scripts.gatewayproc import HOST, STORES, GatewayProcess, open_store
+from scripts.kit.gateway_process import STORES, GatewayProcess, open_store
+from scripts.kit.lean_client import LeanClient
+from scripts.kit.loopback import HOST
 
 # Close codes a hostile message may legitimately earn (never 1011).
 EXPECTED_CLOSES = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 4001})
@@ -194,7 +195,7 @@ async def _raw_http(port: int, junk: bytes, report: FuzzReport) -> None:
 
 async def _raw_websocket(port: int, junk: bytes, report: FuzzReport) -> None:
     try:
-        stream = (await LeanClient.open(f"ws://{HOST}:{port}/ws"))._stream
+        stream = (await LeanClient.open(f"ws://{HOST}:{port}/ws")).stream
         await stream.send_all(junk)
     except (trio.BrokenResourceError, HandshakeError, ConnectionClosed, OSError):
         return
@@ -279,11 +280,11 @@ async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as tmp:
         async with open_store(args.store, Path(tmp)) as store:
             gateway = GatewayProcess(Path(tmp) / "gateway", server=GATEWAY_SERVER, store=store.toml)
-            await gateway.start()
+            await gateway.astart()
             try:
                 report = await run_fuzz(gateway, cases=args.cases, seed=args.seed)
             finally:
-                await gateway.terminate()
+                await gateway.astop(grace=30)
     print(f"{args.store}: {report.summary()}")
     failures = report.failures(args.rss_limit_mib * 1024)
     for problem in failures:

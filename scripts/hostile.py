@@ -20,13 +20,9 @@ Only 127.0.0.1 is contacted. Prints medians, p99 and ratios, and the hostile out
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import contextlib
-import os
-import socket
 import statistics
-import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -34,13 +30,15 @@ from pathlib import Path
 
 import cbor2
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.settings import Settings
-from scripts.benchkit import HOST, LeanClient, raise_fd_limit
-from scripts.gatewayproc import STORES, GatewayProcess, open_store
+from scripts.kit.gateway_process import STORES, GatewayProcess, open_store
+from scripts.kit.lean_client import PING, PONG, LeanClient
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.loopback import HOST
 
 AUTH = Settings().auth
 BIG_BODY = 60_000
@@ -126,41 +124,6 @@ async def well_behaved(
 # -- hostile clients -----------------------------------------------------------------------
 
 
-async def upgrade(port: int, rcvbuf: int | None = None) -> trio.SocketStream:
-    """A raw WebSocket upgrade on a socket of our own (optionally with a small window)."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    await sock.connect((HOST, port))
-    stream = trio.SocketStream(sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all(
-        f"GET /ws HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        .encode()
-    )  # fmt: skip
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = await stream.receive_some(1)  # byte by byte: nothing past the head is read
-        if not chunk:
-            raise ConnectionError("closed during the upgrade")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-    return stream
-
-
-def _frame(payload: bytes, opcode: int = 0x2) -> bytes:
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
-    return header + b"\0\0\0\0" + payload
-
-
 async def _close_code(client: LeanClient, limit: float) -> int | str:
     """Read until the gateway closes; its close code, or why none came."""
     try:
@@ -203,18 +166,17 @@ async def slowloris(port: int, count: int, trickle: float, report: HostileReport
             nursery.start_soon(one)
 
 
-async def idle_upgrades(port: int, count: int, limit: float, report: HostileReport) -> None:
+async def idle_upgrades(url: str, count: int, limit: float, report: HostileReport) -> None:
     """WebSocket connections that never say `hello` (also a connection flood)."""
 
     async def one() -> None:
         try:
-            stream = await upgrade(port)
-        except (ConnectionError, OSError) as exc:
+            client = await LeanClient.open(url, subprotocol=None)
+        except (HandshakeError, ConnectionClosed, OSError) as exc:
             report.closes["no hello"][f"refused: {exc}"[:60]] += 1
             return
-        client = LeanClient(stream, b"")
         report.closes["no hello"][await _close_code(client, limit)] += 1
-        await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(client.stream)
 
     async with trio.open_nursery() as nursery:
         for _ in range(count):
@@ -233,9 +195,9 @@ async def never_reader(
     how many items are still queued for it. Started once its `hello` is on its way: the
     floods share this process, and reading the upgrade's answer behind a thousand others
     could take longer than `hello_timeout`."""
-    stream = await upgrade(gateway.port, rcvbuf=4096)
+    client = await LeanClient.open(gateway.url, rcvbuf=4096, subprotocol=None)
     hello = {"t": "hello", "v": 1, "token": mint_token(AUTH, "stuck", "phone")}
-    await stream.send_all(_frame(cbor2.dumps(hello)))
+    await client.send_message(cbor2.dumps(hello))
     task_status.started()
     async with connect(gateway.url, mint_token(AUTH, "feeder", "phone")) as feeder:
         for n in range(messages):
@@ -253,9 +215,9 @@ async def never_reader(
     report.closes["never reads"][f"gateway: {reason}"] += 1
     # The close frame sits behind everything the peer never read; it usually finds the
     # socket closed first (1006 at the peer).
-    code = await _close_code(LeanClient(stream, b""), limit)
+    code = await _close_code(client, limit)
     report.closes["never reads"][f"peer saw: {code}"] += 1
-    await trio.aclose_forcefully(stream)
+    await trio.aclose_forcefully(client.stream)
     async with connect(gateway.url, mint_token(AUTH, "stuck", "phone"), auto_ack=False) as stuck:
         assert stuck.welcome is not None
         report.never_reader_kept = stuck.welcome["queued"]
@@ -272,14 +234,14 @@ async def ping_flood(url: str, seconds: float, report: HostileReport) -> None:
 
             async def pongs() -> None:
                 while True:
-                    _, opcode, _ = await client._frame()
-                    if opcode == 0xA:
+                    _, opcode, _ = await client.next_frame()
+                    if opcode == PONG:
                         report.pings_answered += 1
 
             nursery.start_soon(pongs)
             while trio.current_time() < deadline:
                 for _ in range(100):
-                    await client.send_message(b"p" * 125, 0x9)
+                    await client.send_message(b"p" * 125, PING)
                 await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
         report.closes["ping flood"]["open after the flood"] += 1
@@ -299,7 +261,7 @@ async def oversized(url: str, count: int, report: HostileReport) -> None:
         with contextlib.suppress(ConnectionClosed):
             await client.send_message(cbor2.dumps(big))
         report.closes["oversized"][await _close_code(client, 10)] += 1
-        await trio.aclose_forcefully(client._stream)
+        await trio.aclose_forcefully(client.stream)
 
 
 async def sample(gateway: GatewayProcess, report: HostileReport, every: float) -> None:
@@ -333,7 +295,7 @@ async def run_hostile(gateway: GatewayProcess, sizes: HostileSizes) -> HostileRe
         async with trio.open_nursery() as hostile:
             await hostile.start(never_reader, gateway, sizes.stuck_messages, 30.0, report)
             hostile.start_soon(slowloris, gateway.port, sizes.slowloris, sizes.trickle, report)
-            hostile.start_soon(idle_upgrades, gateway.port, sizes.flood, 60.0, report)
+            hostile.start_soon(idle_upgrades, gateway.url, sizes.flood, 60.0, report)
             hostile.start_soon(ping_flood, gateway.url, sizes.seconds, report)
             hostile.start_soon(oversized, gateway.url, sizes.oversized, report)
             await well_behaved(
@@ -363,13 +325,13 @@ async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-hostile-") as tmp:
         async with open_store(args.store, Path(tmp)) as store:
             gateway = GatewayProcess(Path(tmp) / "gateway", server=GATEWAY_SERVER, store=store.toml)
-            await gateway.start()
+            await gateway.astart()
             try:
                 quiet = await run_quiet(gateway, sizes)
                 hostile = await run_hostile(gateway, sizes)
                 alive = gateway.running
             finally:
-                await gateway.kill()
+                gateway.kill()
     print(f"gateway on {args.store}: {GATEWAY_SERVER.replace(chr(10), ', ')}")
     print(quiet.latency_line("quiet run   "))
     print(hostile.latency_line("hostile run "))

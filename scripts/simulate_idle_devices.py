@@ -1,7 +1,7 @@
 """Simulate a fleet of iOS and Android phones that sleep, get woken by pushes, and drain.
 
-    python scripts/simulate_idle_devices.py                      # the default scenario, < 30 s
-    python scripts/simulate_idle_devices.py --devices 200 --rate 50 --push-loss 0.5 --plot sim.png
+    python -m scripts.simulate_idle_devices                      # the default scenario, < 30 s
+    python -m scripts.simulate_idle_devices --devices 200 --rate 50 --push-loss 0.5 --plot sim.png
 
 It starts the gateway in its own process (or uses a running one with --url), serves a fake
 APNs (HTTP/2 over TLS, provider JWT verified) and a fake FCM (OAuth + HTTP v1) in this
@@ -33,14 +33,14 @@ from typing import Any
 
 import trio
 
-if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from gateway.auth import mint_token
 from gateway.errors import ConfigError, GatewayError
 from gateway.settings import AuthSettings, Settings, load_settings
-from scripts.benchkit import free_port, raise_fd_limit
-from scripts.simulator.gateway_proc import run_gateway, scenario_config
+from scripts.kit.child_process import ProcessFailed
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.loopback import free_port
+from scripts.simulator.gateway_config import scenario_config
 from scripts.simulator.knobs import Distribution, PushRules, Scenario
 from scripts.simulator.ledger import Ledger, failures
 from scripts.simulator.push_relay import PushRelay
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (every knob has a default that finishes in under 30 s)."""
     d = Scenario()
     parser = argparse.ArgumentParser(
-        prog="simulate_idle_devices.py",
+        prog="python -m scripts.simulate_idle_devices",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -294,8 +294,9 @@ async def run_scenario(
                 rules=scenario.rules,
                 push_toml=relay.gateway_push_toml(),
             )
-            await nursery.start(run_gateway, config, port, workdir / "gateway.log")
-            url = f"ws://127.0.0.1:{port}/ws"
+            gateway = GatewayProcess(workdir, config_file=config, port=port)
+            await nursery.start(gateway.run)
+            url = gateway.url
         elif args.url is None:  # --config: a staging file, started by the simulator
             relay = staging_relay(settings, args.config, ledger, scenario, push_dir)
             auth = settings.auth
@@ -304,8 +305,9 @@ async def run_scenario(
             env = staging_env(relay, settings, args.config, port, workdir, scenario.rules)
             if settings.store.backend != "sqlite":
                 database = None
-            await nursery.start(run_gateway, Path(args.config), port, workdir / "gateway.log", env)
-            url = f"ws://127.0.0.1:{port}/ws"
+            gateway = GatewayProcess(workdir, config_file=Path(args.config), port=port, env=env)
+            await nursery.start(gateway.run)
+            url = gateway.url
         else:  # --url with --config: a running gateway that pushes to our fakes
             relay, ports = running_relay(settings, args.config, ledger, scenario)
             auth = settings.auth
@@ -397,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems: list[str] = []
         try:
             trio.run(run_scenario, args, run, workdir, settings)
-        except* GatewayError as group:  # the gateway would not start, or died
+        except* (GatewayError, ProcessFailed) as group:  # a bad set-up, or the gateway failed
             problems = [str(exc) for exc in group.exceptions]
         if problems:
             for problem in problems:
@@ -432,7 +434,7 @@ def _write_config(args: argparse.Namespace, scenario: Scenario) -> int:
     print(
         f"wrote fake push credentials and {config}\n"
         f"1. start the gateway:  gateway serve --config {config}\n"
-        f"2. then simulate:      python scripts/simulate_idle_devices.py "
+        f"2. then simulate:      python -m scripts.simulate_idle_devices "
         f"--url ws://127.0.0.1:{args.gateway_port}/ws --config {config}"
     )
     return 0

@@ -24,15 +24,9 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import ClientClosed, SendRefused, connect
 from gateway.settings import Settings
-from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import (
-    STORES,
-    GatewayProcess,
-    Usage,
-    open_store,
-    tcp_connections_on,
-    tcp_connections_to,
-)
+from scripts.kit.gateway_process import STORES, GatewayProcess, Usage, open_store
+from scripts.kit.limits import raise_fd_limit
+from scripts.kit.procfs import tcp_connections_on, tcp_connections_to
 
 AUTH = Settings().auth
 SLACK_KIB = 4 * 1024  # allocator noise a plateau may show on top of the tolerance
@@ -198,7 +192,7 @@ async def _main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
         async with open_store(args.store, Path(tmp)) as store:
             gateway = GatewayProcess(Path(tmp) / "gateway", store=store.toml)
-            await gateway.start()
+            await gateway.astart()
             try:
                 report = await run_soak(
                     gateway,
@@ -209,7 +203,7 @@ async def _main(args: argparse.Namespace) -> int:
                     store_port=None if store.redis is None else store.redis.port,
                 )
             finally:
-                await gateway.kill()
+                gateway.kill()
     delivered = len(report.sent & report.delivered)
     print(f"{args.store}, {args.minutes:g} min, {args.devices} devices, "
           f"{report.sessions} sessions, {len(report.sent)} messages sent, "

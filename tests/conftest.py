@@ -15,7 +15,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.server import GatewayServer, serve_gateway
 from gateway.settings import Settings
-from scripts.gatewayproc import STORES
+from scripts.kit.gateway_process import STORES
 from tests.redisproc import RedisClusterProcess, RedisProcess, redis_binary
 
 
@@ -57,8 +57,9 @@ def token(settings: Settings) -> Callable[..., str]:
 
 @pytest.fixture(params=STORES)
 def process_store(request: pytest.FixtureRequest) -> str:
-    """Each store backend a `gateway serve` process runs on, for scripts.gatewayproc.open_store
-    (the Redis variant is skipped where redis-server is not installed)."""
+    """Each store backend a `gateway serve` process runs on, for
+    scripts.kit.gateway_process.open_store (the Redis variant is skipped where redis-server
+    is not installed)."""
     if request.param == "redis":
         redis_binary()
     return str(request.param)
@@ -78,7 +79,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 @pytest.fixture
 def redis_url(redis_server: RedisProcess) -> str:
     """The shared redis-server, emptied for this test."""
-    if redis_server.proc is None or redis_server.proc.poll() is not None:
+    if not redis_server.running:
         redis_server.start()  # a previous test stopped it
     redis_server.command("FLUSHALL")
     return redis_server.url

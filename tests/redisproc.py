@@ -1,17 +1,9 @@
-"""A real redis-server on a random loopback port, for tests: start, stop, kill, restart;
-and a real three-primary Redis Cluster made of such servers.
-
-Persistence is on as docs/scaling.md recommends (AOF with ``appendfsync always``), so a
-restart keeps every write Redis acknowledged. Every server gets SIGKILL from the kernel
-when the test process dies (``PR_SET_PDEATHSIG``), so none outlives a killed test run.
-"""
+"""redis-server for tests: the scripts' kit server, skipping the test where Redis is not
+installed; and a real three-primary Redis Cluster made of such servers."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -19,15 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from scripts.kit.loopback import free_port
+from scripts.kit.redis_server import RedisServer
+
 START_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 CLUSTER_BUS_OFFSET = 10000
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the process that started us dies."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: `stop` still applies
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def redis_binary() -> str:
@@ -36,14 +24,6 @@ def redis_binary() -> str:
     if path is None:
         pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
     return path
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def free_cluster_port() -> int:
@@ -60,87 +40,20 @@ def free_cluster_port() -> int:
         return port
 
 
-class RedisProcess:
-    """One redis-server process with its data directory; `url` stays valid across restarts."""
+class RedisProcess(RedisServer):
+    """One redis-server with its data directory (see `scripts.kit.redis_server`); the test
+    is skipped where redis-server is not installed."""
 
     def __init__(self, directory: Path, *, cluster: bool = False) -> None:
-        self.directory = directory
-        self.cluster = cluster
-        self.port = free_cluster_port() if cluster else free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start the server and wait until it answers PING."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                redis_binary(),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--save", "",
-                "--protected-mode", "no",
-                "--loglevel", "warning",
-                *(
-                    ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-                    if self.cluster
-                    else []
-                ),
-            ],
-            stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                if self.command("PING") == b"+PONG":
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
-
-    def command(self, *args: str) -> bytes:
-        """Send one command and return the first line of the answer (blocking, short)."""
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg.encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(b"".join(parts))
-            answer = b""
-            while not answer.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-        return answer.split(b"\r\n", 1)[0]
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM) and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the server: only what AOF already holds survives."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Kill and start again on the same port and data directory."""
-        self.kill()
-        self.start()
+        redis_binary()
+        if cluster:
+            super().__init__(
+                directory,
+                port=free_cluster_port(),
+                args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+            )
+        else:
+            super().__init__(directory)
 
 
 class RedisClusterProcess:
@@ -182,7 +95,7 @@ class RedisClusterProcess:
             raise
 
     @staticmethod
-    def _ready(server: RedisProcess) -> bool:
+    def _ready(server: RedisServer) -> bool:
         # CLUSTER INFO is a bulk string: read it whole to find the state line.
         with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
             sock.sendall(b"*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n")

@@ -514,16 +514,11 @@ async def test_revocation_on_one_node_closes_the_device_on_another(
 
 
 async def test_readiness_follows_the_redis_store_down_and_back(tmp_path: Path) -> None:
-    import shutil
-
-    from scripts.gatewayproc import RedisServer
+    from tests.redisproc import RedisProcess
     from tests.wakers import LogWaker
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
-    redis = RedisServer(tmp_path / "redis")
-    redis.directory.mkdir()
-    await redis.start()
+    redis = RedisProcess(tmp_path / "redis")
+    await redis.astart()
     settings = admin_settings(tmp_path, store={"backend": "redis", "redis_url": redis.url})
     try:
         async with (
@@ -531,16 +526,16 @@ async def test_readiness_follows_the_redis_store_down_and_back(tmp_path: Path) -
             httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http,
         ):
             assert (await http.get("/readyz")).status_code == 200
-            await redis.kill()
+            redis.kill()
             with trio.fail_after(20):
                 while (ready := await http.get("/readyz")).status_code == 200:
                     await trio.sleep(0.05)
             assert ready.json() == {"ready": False, "reason": "store_unreachable"}
             assert (await http.get("/healthz")).status_code == 200  # alive: do not restart
 
-            await redis.start()
+            await redis.astart()
             with trio.fail_after(30):
                 while (await http.get("/readyz")).status_code != 200:
                     await trio.sleep(0.1)
     finally:
-        await redis.kill()
+        redis.kill()

@@ -11,10 +11,10 @@ import contextlib
 from collections import Counter
 
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from gateway.client import connect
-from scripts.hostile import upgrade
+from scripts.kit.lean_client import LeanClient
 from tests.conftest import make_settings, running_server
 from tests.rawws import hello, raw_ws, recv, send
 
@@ -26,9 +26,10 @@ async def _flood(port: int, count: int) -> tuple[Counter[str], list[trio.SocketS
 
     async def one() -> None:
         try:
-            admitted.append(await upgrade(port))
+            client = await LeanClient.open(f"ws://127.0.0.1:{port}/ws", subprotocol=None)
+            admitted.append(client.stream)
             answers["101"] += 1
-        except ConnectionError as refused:
+        except (HandshakeError, ConnectionClosed, ConnectionError) as refused:
             answers[str(refused).split(" ")[1] if " " in str(refused) else str(refused)] += 1
 
     async with trio.open_nursery() as nursery:

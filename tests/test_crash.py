@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +18,10 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import Backoff, ClientClosed, SendRefused, connect
 from gateway.settings import Settings
+from scripts.kit.loopback import free_port
 from tests.rawws import close_code, hello, raw_ws
 
 READY_LINE = b"gateway listening on"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(tmp_path: Path, port: int) -> Path:

@@ -19,8 +19,9 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import Backoff, ClientClosed, GatewayClient, SendRefused, connect
 from gateway.settings import Settings
+from scripts.kit.loopback import free_port
 from tests.conftest import running_server
-from tests.redisproc import RedisProcess, free_port
+from tests.redisproc import RedisProcess
 from tests.test_cluster import cluster_settings, wait_presence
 
 READY_LINE = b"gateway listening on"

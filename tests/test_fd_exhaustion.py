@@ -12,20 +12,15 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import connect
 from gateway.settings import Settings
-from tests.test_crash import READY_LINE, free_port
+from scripts.kit.loopback import free_port
+from scripts.kit.procfs import cpu_seconds
+from tests.test_crash import READY_LINE
 
 NOFILE = 128
 
 
 def _low_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, from /proc (clock ticks of 1/100 s)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
 
 
 async def test_fd_exhaustion_is_logged_accept_backs_off_and_recovers(tmp_path):

@@ -36,7 +36,7 @@ from gateway.frames import (
 from gateway.session import Close, Command, Reply, Session
 from scripts.fuzz import EXPECTED_CLOSES, GATEWAY_SERVER, run_fuzz
 from scripts.fuzzcases import GENERATORS
-from scripts.gatewayproc import GatewayProcess, open_store
+from scripts.kit.gateway_process import GatewayProcess, open_store
 
 FUZZ = settings(
     max_examples=400,
@@ -236,11 +236,11 @@ async def test_a_gateway_process_survives_socket_fuzzing_and_others_are_unaffect
 ):
     async with open_store(process_store, tmp_path) as store:
         gateway = GatewayProcess(tmp_path / "gateway", server=GATEWAY_SERVER, store=store.toml)
-        await gateway.start()
+        await gateway.astart()
         try:
             report = await run_fuzz(gateway, cases=1200, seed=11)
         finally:
-            await gateway.terminate()
+            await gateway.astop(grace=30)
     assert report.failures(rss_limit_kib=64 * 1024) == [], report.summary()
     assert report.cases == 1200
     assert report.observer_messages > 0

@@ -9,9 +9,9 @@ redis-server). Latency under attack is measured by scripts/hostile.py.
 
 from __future__ import annotations
 
-from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import GatewayProcess, open_store
 from scripts.hostile import GATEWAY_SERVER, HostileSizes, run_hostile
+from scripts.kit.gateway_process import GatewayProcess, open_store
+from scripts.kit.limits import raise_fd_limit
 
 
 async def test_hostile_clients_get_their_close_and_others_lose_nothing(tmp_path, process_store):
@@ -23,12 +23,12 @@ async def test_hostile_clients_get_their_close_and_others_lose_nothing(tmp_path,
     async with open_store(process_store, tmp_path) as store:
         # 2 s handshake/hello/write timeouts
         gateway = GatewayProcess(tmp_path / "gateway", server=GATEWAY_SERVER, store=store.toml)
-        await gateway.start()
+        await gateway.astart()
         try:
             report = await run_hostile(gateway, sizes)
             assert gateway.running
         finally:
-            await gateway.kill()
+            gateway.kill()
 
     assert report.well_behaved_errors == []
     assert len(report.latencies) > 50

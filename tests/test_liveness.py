@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import cbor2
 import trio
 
 from gateway.client import connect
 from gateway.store.sqlite import SqliteStore
+from scripts.kit.lean_client import LeanClient
 from tests.conftest import make_settings, running_server
-from tests.rawws import StubbornPeer, close_code, hello, raw_ws
+from tests.rawws import close_code, hello, raw_ws
 
 
 async def test_a_peer_that_never_answers_pings_is_closed(tmp_path, token):
     settings = make_settings(tmp_path, server={"port": 0, "heartbeat": 0.2})
     async with running_server(settings) as server:
-        peer = await StubbornPeer.connect(server.port)
-        await peer.send({"t": "hello", "v": 1, "token": token("bob", "phone")})
+        # A peer that reads only when told to and never answers a ping.
+        peer = await LeanClient.open(server.url, subprotocol=None)
+        await peer.send_message(cbor2.dumps({"t": "hello", "v": 1, "token": token("bob", "phone")}))
         code = await server.edge.wait_for_close("bob", "phone")
         assert code == 1001
         assert await peer.read_until_closed() == 1001
@@ -35,8 +38,8 @@ async def test_a_peer_that_answers_pings_stays(tmp_path, token):
 async def test_a_reader_that_never_reads_is_closed_with_1013_and_keeps_its_items(tmp_path, token):
     settings = make_settings(tmp_path, server={"port": 0, "write_timeout": 0.5})
     async with running_server(settings) as server:
-        peer = await StubbornPeer.connect(server.port, rcvbuf=4096)
-        await peer.send({"t": "hello", "v": 1, "token": token("bob", "phone")})
+        peer = await LeanClient.open(server.url, rcvbuf=4096, subprotocol=None)
+        await peer.send_message(cbor2.dumps({"t": "hello", "v": 1, "token": token("bob", "phone")}))
         body = b"x" * 60_000
         async with connect(server.url, token("alice", "phone")) as alice:
             closed = server.edge.wait_for_close("bob", "phone")
@@ -49,7 +52,7 @@ async def test_a_reader_that_never_reads_is_closed_with_1013_and_keeps_its_items
                 nursery.start_soon(watch)
                 ids = [(await alice.send("bob", body)).id for _ in range(150)]
             assert result == [1013]
-        await peer.aclose()
+        await peer.stream.aclose()
         async with connect(server.url, token("bob", "phone")) as bob:
             got = [(await bob.next_delivery()).frame["id"] for _ in ids]
         assert got == ids

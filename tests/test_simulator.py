@@ -7,20 +7,20 @@ import json
 import math
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from scripts.benchkit import free_port
 from scripts.fakes.credentials import make_p8, make_service_account
+from scripts.kit.gateway_process import GatewayProcess
+from scripts.kit.loopback import free_port
 from scripts.simulator.knobs import Distribution
 from scripts.simulator.ledger import Ledger, Percentiles, PushRecord, failures
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "simulate_idle_devices.py"
+SCRIPT = ["-m", "scripts.simulate_idle_devices"]
 SHORT = ["--devices", "12", "--rate", "8", "--duration", "3", "--no-live", "--seed", "7"]
 
 
@@ -30,7 +30,7 @@ async def simulate(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any], st
     out = tmp_path / "summary.json"
     with trio.fail_after(120):
         done = await trio.run_process(
-            [sys.executable, str(SCRIPT), *SHORT, "--json", str(out), *extra],
+            [sys.executable, *SCRIPT, *SHORT, "--json", str(out), *extra],
             cwd=ROOT,
             capture_stdout=True,
             capture_stderr=True,
@@ -135,33 +135,23 @@ async def test_a_running_gateway_is_simulated_through_a_written_configuration(
 ) -> None:
     ports = [str(free_port()) for _ in range(3)]
     written = await trio.run_process(
-        [sys.executable, str(SCRIPT), "--write-config", str(tmp_path / "gw"),
+        [sys.executable, *SCRIPT, "--write-config", str(tmp_path / "gw"),
          "--gateway-port", ports[0], "--apns-port", ports[1], "--fcm-port", ports[2]],
-        capture_stdout=True, check=True,
+        capture_stdout=True, check=True, cwd=ROOT,
     )  # fmt: skip
     config = tmp_path / "gw" / "gateway.toml"
     assert str(config).encode() in written.stdout
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+    gateway = GatewayProcess(tmp_path / "gw", config_file=config, port=int(ports[0]))
     async with trio.open_nursery() as nursery:
-        gateway = await nursery.start(partial(trio.run_process, command, check=False))
-        try:
-            with trio.fail_after(20):
-                while True:  # another process: poll its port, with a bound
-                    try:
-                        await (await trio.open_tcp_stream("127.0.0.1", int(ports[0]))).aclose()
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
-            url = f"ws://127.0.0.1:{ports[0]}/ws"
-            for run in ("first", "second"):  # the same gateway, simulated twice
-                status, summary, text = await simulate(
-                    tmp_path / run, "--url", url, "--config", str(config)
-                )
-                assert status == 0, text
-                assert summary["messages"]["delivered"] == summary["messages"]["sent"] > 0
-                assert summary["pushes"]["total"] > 0
-        finally:
-            gateway.terminate()
+        await nursery.start(gateway.run)
+        for run in ("first", "second"):  # the same gateway, simulated twice
+            status, summary, text = await simulate(
+                tmp_path / run, "--url", gateway.url, "--config", str(config)
+            )
+            assert status == 0, text
+            assert summary["messages"]["delivered"] == summary["messages"]["sent"] > 0
+            assert summary["pushes"]["total"] > 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_certificate_auth_cannot_be_simulated_and_says_so(tmp_path: Path) -> None:
@@ -169,8 +159,8 @@ async def test_certificate_auth_cannot_be_simulated_and_says_so(tmp_path: Path) 
     config = staging_files(tmp_path, 'cert_file = "apns-cert.pem"\ntopic = "com.example.x"')
     with trio.fail_after(60):
         done = await trio.run_process(
-            [sys.executable, str(SCRIPT), "--config", str(config), "--no-live"],
-            capture_stdout=True, capture_stderr=True, check=False,
+            [sys.executable, *SCRIPT, "--config", str(config), "--no-live"],
+            capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT,
         )  # fmt: skip
     assert done.returncode == 2
     assert b"[push.apns] cert_file: certificate auth cannot be simulated" in done.stderr

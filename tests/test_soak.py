@@ -7,8 +7,8 @@ store backend; on Redis the gateway's pooled connections to it are counted apart
 
 from __future__ import annotations
 
-from scripts.benchkit import raise_fd_limit
-from scripts.gatewayproc import GatewayProcess, open_store
+from scripts.kit.gateway_process import GatewayProcess, open_store
+from scripts.kit.limits import raise_fd_limit
 from scripts.soak import run_soak
 
 
@@ -16,7 +16,7 @@ async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
     raise_fd_limit()
     async with open_store(process_store, tmp_path) as store:
         gateway = GatewayProcess(tmp_path / "gateway", store=store.toml)
-        await gateway.start()
+        await gateway.astart()
         try:
             report = await run_soak(
                 gateway,
@@ -27,7 +27,7 @@ async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
                 store_port=None if store.redis is None else store.redis.port,
             )
         finally:
-            await gateway.kill()
+            gateway.kill()
 
     assert report.failures(tolerance=0.25) == [], report.table()
     assert report.sessions > 60 and len(report.sent) > 100

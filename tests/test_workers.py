@@ -15,7 +15,7 @@ from gateway.auth import mint_token
 from gateway.cli import main
 from gateway.client import connect
 from gateway.settings import Settings
-from tests.redisproc import free_port
+from scripts.kit.loopback import free_port
 
 READY_LINE = b"gateway listening on"
 

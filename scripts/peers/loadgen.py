@@ -6,7 +6,7 @@ It prints one JSON object: the three phases' figures, and the CPU that this proc
 the server process used in each phase (so the report can show that the generator was
 not the limit). Two drivers, one workload:
 
-- ``v1``: protocol v1 over the benchmarks' lean WebSocket client (`scripts.benchkit`),
+- ``v1``: protocol v1 over the lean WebSocket client (`scripts.kit.lean_client`),
   for the gateway and for the `websockets` relay, which speaks the same subset;
 - ``mqtt``: paho-mqtt clients with persistent sessions (``clean_session=False``) and
   QoS 1, driven from one selector loop (no thread per client).
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import selectors
 import socket
 import struct
@@ -48,10 +47,8 @@ import cbor2
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
-
-from scripts.benchkit import LeanClient
+from scripts.kit import procfs
+from scripts.kit.lean_client import LeanClient
 
 STAMP = struct.Struct("!d")
 WARMUP = 1.0
@@ -83,19 +80,17 @@ class Cpu:
 
     def _server(self) -> float:
         try:
-            fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return procfs.cpu_seconds(self.server_pid)
         except OSError:
             return math.nan
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _machine() -> float:
-        """CPU seconds the whole machine has been busy (all cores, from /proc/stat)."""
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
     def begin(self) -> None:
-        self._start = (time.perf_counter(), time.process_time(), self._server(), self._machine())
+        self._start = (
+            time.perf_counter(),
+            time.process_time(),
+            self._server(),
+            procfs.machine_busy_seconds(),
+        )
 
     def end(self, phase: str) -> None:
         wall = time.perf_counter() - self._start[0]
@@ -103,7 +98,7 @@ class Cpu:
             "seconds": round(wall, 3),
             "generator_cores": round((time.process_time() - self._start[1]) / wall, 3),
             "server_cores": round((self._server() - self._start[2]) / wall, 3),
-            "machine_cores": round((self._machine() - self._start[3]) / wall, 3),
+            "machine_cores": round((procfs.machine_busy_seconds() - self._start[3]) / wall, 3),
         }
 
 

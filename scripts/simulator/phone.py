@@ -27,7 +27,7 @@ import cbor2
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from scripts.benchkit import LeanClient
+from scripts.kit.lean_client import LeanClient
 from scripts.simulator.knobs import Scenario
 from scripts.simulator.ledger import Ledger, now
 

@@ -1,7 +1,7 @@
 """The fake APNs and FCM, served by the simulator, handing each wake-up to its phone.
 
-The gateway pushes to `push.fakes.FakeApns` (HTTP/2 over TLS, provider JWT verified) and
-`push.fakes.FakeFcm` (OAuth, then HTTP v1) exactly as it would to Apple and Google. Each
+The gateway pushes to `scripts.fakes.FakeApns` (HTTP/2 over TLS, provider JWT verified) and
+`scripts.fakes.FakeFcm` (OAuth, then HTTP v1) exactly as it would to Apple and Google. Each
 request the fakes accept is recorded in the ledger and, unless the scenario's loss rate
 drops it (the provider said 200 and the phone never heard of it, as APNs does with
 throttled background pushes), handed to the phone that registered the token.

@@ -31,7 +31,7 @@ from gateway.errors import ConfigError
 from gateway.settings import Settings
 from scripts.fakes import FakeApns, FakeFcm
 from scripts.fakes.credentials import CertificateAuthority
-from scripts.simulator.gateway_proc import rules_env, scenario_config
+from scripts.simulator.gateway_config import rules_env, scenario_config
 from scripts.simulator.knobs import PushRules, Scenario
 from scripts.simulator.ledger import Ledger
 from scripts.simulator.push_relay import PROJECT, PushRelay

@@ -1,6 +1,12 @@
-"""What the benchmark scripts share: a lean WebSocket client and process limits.
+"""A lean WebSocket client on a bare socket, for generating load and for misbehaving.
 
-The benchmarks only ever connect to 127.0.0.1.
+It frames binary messages, pings, pongs and closes itself, nothing else, and costs a
+fraction of trio-websocket per received message, so that a load generator does not limit
+what it measures. Its errors are trio-websocket's (`ConnectionClosed`, `HandshakeError`),
+so that callers can use either client. Client frames carry the all-zero masking key
+(legal; masking becomes a no-op), fine on loopback.
+
+It only ever connects to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import resource
 import socket
 import struct
 import urllib.parse
@@ -17,59 +22,67 @@ import urllib.parse
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, HandshakeError
 
-HOST = "127.0.0.1"
+from scripts.kit.loopback import HOST
+
 SUBPROTOCOL = "gateway.v1"
-FD_CAP = 20_000  # open files per process, the workplace's limit
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RECEIVE_BUFFER = 64 * 1024
 # A loop that waits for frames never runs more than this many times.
 MAX_LOOP = 10_000_000
-
-
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE to min(hard, 20,000); child processes inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = FD_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_CAP)
-    if soft != want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (released again for the gateway to bind)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 class LeanClient:
-    """A minimal RFC 6455 client: binary messages, pongs, close; nothing else.
+    """A minimal RFC 6455 client: binary messages, pings, pongs, close; nothing else.
 
-    It keeps the load generator cheap (a fraction of trio-websocket's cost per received
-    message) so that the generator does not limit what is measured. Client frames carry the
-    all-zero masking key (legal; masking becomes a no-op), fine on loopback.
+    Open one with `open`. `get_message` answers pings and returns whole data messages;
+    `next_frame` returns every frame as it comes and answers nothing, for a peer that
+    must not look alive.
     """
 
     def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
-        self._stream = stream
+        self.stream = stream
         self._buf = bytearray(buffered)
         self._lock = trio.Lock()  # tasks of one device may send concurrently
         self._fragments: list[bytes] = []
 
     @classmethod
-    async def open(cls, url: str) -> LeanClient:
+    async def open(
+        cls, url: str, *, rcvbuf: int | None = None, subprotocol: str | None = SUBPROTOCOL
+    ) -> LeanClient:
+        """Connect and complete the opening handshake.
+
+        Args:
+            url: ``ws://127.0.0.1:PORT/PATH``.
+            rcvbuf: The socket's receive buffer in bytes, set before connecting (a small
+                one makes a slow reader's window fill up soon).
+            subprotocol: Offered in ``Sec-WebSocket-Protocol``; None offers none.
+
+        Raises:
+            ValueError: `url` is not on 127.0.0.1 with a port.
+            OSError: The connection failed.
+            HandshakeError: The server did not switch protocols.
+            ConnectionClosed: The server hung up during the handshake.
+        """
         parts = urllib.parse.urlsplit(url)
         if parts.hostname != HOST or parts.port is None:
-            raise ValueError(f"the benchmark connects only to {HOST}, not {url}")
-        stream = await trio.open_tcp_stream(HOST, parts.port)
+            raise ValueError(f"the lean client connects only to {HOST}, not {url}")
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            await sock.connect((HOST, parts.port))
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
         try:
             key = base64.b64encode(os.urandom(16)).decode()
+            offer = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
             request = (
                 f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {HOST}:{parts.port}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
             )
             await stream.send_all(request.encode())
             buf = b""
@@ -89,7 +102,12 @@ class LeanClient:
             raise
         return cls(stream, rest)
 
-    async def send_message(self, payload: bytes, opcode: int = 0x2) -> None:
+    async def send_message(self, payload: bytes, opcode: int = BINARY) -> None:
+        """Send one frame: a whole message, or a control frame with `opcode`.
+
+        Raises:
+            ConnectionClosed: The connection is broken.
+        """
         n = len(payload)
         if n < 126:
             header = bytes((0x80 | opcode, 0x80 | n))
@@ -99,11 +117,19 @@ class LeanClient:
             header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
         async with self._lock:
             try:
-                await self._stream.send_all(header + b"\0\0\0\0" + payload)
+                await self.stream.send_all(header + b"\0\0\0\0" + payload)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise ConnectionClosed(CloseReason(1006, "broken")) from None
 
-    async def _frame(self) -> tuple[bool, int, bytes]:
+    async def next_frame(self) -> tuple[bool, int, bytes]:
+        """The next frame from the server, whatever it is, answering nothing.
+
+        Returns:
+            (fin, opcode, payload).
+
+        Raises:
+            ConnectionClosed: The TCP stream ended (code 1006).
+        """
         buf = self._buf
         for _ in range(MAX_LOOP):
             if len(buf) >= 2:
@@ -120,7 +146,7 @@ class LeanClient:
                         del buf[:end]
                         return bool(first & 0x80), first & 0x0F, payload
             try:
-                data = await self._stream.receive_some(RECEIVE_BUFFER)
+                data = await self.stream.receive_some(RECEIVE_BUFFER)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
@@ -129,17 +155,23 @@ class LeanClient:
         raise RuntimeError("frame loop bound")
 
     async def get_message(self) -> bytes:
+        """The next whole data message; pings are answered on the way.
+
+        Raises:
+            ConnectionClosed: The server closed (with its code; the close is answered and
+                the socket closed), or the TCP stream ended (1006).
+        """
         for _ in range(MAX_LOOP):
-            fin, opcode, payload = await self._frame()
-            if opcode == 0x9:
-                await self.send_message(payload, 0xA)
-            elif opcode == 0x8:
+            fin, opcode, payload = await self.next_frame()
+            if opcode == PING:
+                await self.send_message(payload, PONG)
+            elif opcode == CLOSE:
                 code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
                 with contextlib.suppress(ConnectionClosed):
-                    await self.send_message(payload[:2], 0x8)
-                await trio.aclose_forcefully(self._stream)
+                    await self.send_message(payload[:2], CLOSE)
+                await trio.aclose_forcefully(self.stream)
                 raise ConnectionClosed(CloseReason(code, payload[2:].decode(errors="replace")))
-            elif opcode in (0x0, 0x1, 0x2):
+            elif opcode in (CONTINUATION, TEXT, BINARY):
                 self._fragments.append(payload)
                 if fin:
                     message = b"".join(self._fragments)
@@ -151,31 +183,43 @@ class LeanClient:
         """Round trip of a WebSocket ping: the gateway answers it from its event loop, so
         this measures how responsive that loop is. Other frames are skipped."""
         sent = trio.current_time()
-        await self.send_message(b"probe", 0x9)
+        await self.send_message(b"probe", PING)
         for _ in range(MAX_LOOP):
-            _, opcode, _ = await self._frame()
-            if opcode == 0xA:
+            _, opcode, _ = await self.next_frame()
+            if opcode == PONG:
                 return trio.current_time() - sent
-            if opcode == 0x8:
+            if opcode == CLOSE:
                 raise ConnectionClosed(CloseReason(1006, "closed"))
         raise RuntimeError("ping loop bound")
+
+    async def read_until_closed(self) -> int | None:
+        """Read every frame until the TCP stream ends, answering nothing (not even a ping);
+        the close code the server sent, if one arrived."""
+        code = None
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(MAX_LOOP):
+                _, opcode, payload = await self.next_frame()
+                if opcode == CLOSE:
+                    code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
+        return code
 
     async def abort(self) -> None:
         """Drop the connection as a lost network does: a TCP reset, no close frame; bytes
         not yet read by either side are discarded."""
-        sock = self._stream.socket
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await trio.aclose_forcefully(self._stream)
+            self.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        await trio.aclose_forcefully(self.stream)
 
     async def aclose(self) -> None:
         """Close handshake (bounded to 2 s), then the socket, also when cancelled."""
         try:
             with trio.move_on_after(2):
-                await self.send_message(struct.pack("!H", 1000), 0x8)
+                await self.send_message(struct.pack("!H", 1000), CLOSE)
                 for _ in range(MAX_LOOP):
-                    await self._frame()
+                    await self.next_frame()
         except ConnectionClosed:
             pass
         finally:
-            await trio.aclose_forcefully(self._stream)
+            await trio.aclose_forcefully(self.stream)
