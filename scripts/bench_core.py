@@ -11,9 +11,8 @@ The gateway under test runs in its own OS process (``python -m gateway.cli serve
 temporary TOML file and SQLite file on a free loopback port). The load generator is this
 script's main process. A baseline server runs the same scenarios in the same invocation:
 
-- by default the *in-memory floor*, a small server in this file that speaks the same subset
-  of protocol v1 on the same stack (Trio, trio-websocket, cbor2) with in-memory queues, no
-  SQLite, no JWT signature check and no frame validation;
+- by default the *floor*: the same gateway on ``[store] backend = "memory"`` (queues in
+  process memory, not durable), which shows what the gateway costs without a store's I/O;
 - with ``--baseline-commit REV``, the gateway as it was at git commit REV instead (add
   ``--with-floor`` to run the floor as well): REV is checked out with ``git worktree add
   --detach`` into a temporary directory outside the repository, and that gateway is
@@ -65,7 +64,6 @@ this script starts is stopped on the way out, also on error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import math
@@ -92,19 +90,17 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    WebSocketRequest,
     connect_websocket_url,
-    serve_websocket,
 )
 
 from gateway.auth import mint_token
 from gateway.settings import Settings
 from scripts.kit import procfs
-from scripts.kit.child_process import SOURCE_ROOT, ChildProcess, ProcessFailed
+from scripts.kit.child_process import ChildProcess, ProcessFailed
 from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.lean_client import MAX_LOOP, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
 from scripts.kit.limits import raise_fd_limit
-from scripts.kit.loopback import HOST, free_port
+from scripts.kit.loopback import HOST
 
 BODY_BYTES = 200
 CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -245,7 +241,8 @@ def gateway_origin(kind: str, args: argparse.Namespace, cwd: Path) -> str:
 
 class ServerProcess:
     """The gateway (``kind="gateway"``), the gateway of ``--baseline-commit``
-    (``kind="baseline"``) or the in-memory floor, in its own OS process."""
+    (``kind="baseline"``) or the gateway on the memory store (``kind="floor"``), in its own
+    OS process."""
 
     def __init__(self, kind: str, workdir: Path, args: argparse.Namespace, tag: str) -> None:
         self.kind = kind
@@ -268,21 +265,15 @@ class ServerProcess:
 
     def launch(self) -> ChildProcess:
         """The server's process, not started yet."""
-        if self.kind == "floor":
-            port = free_port()
-            return ChildProcess(
-                "floor",
-                [sys.executable, "-m", "scripts.bench_core", "floor-server", "--port", str(port)],
-                self.dir / "server.log",
-                port=port,
-                cwd=SOURCE_ROOT,
-            )
         launcher = ["-m", "gateway.cli"]  # the baseline: its worktree, by PYTHONPATH
         if self.args.gateway_launcher and self.kind == "gateway":
             launcher = [str(Path(self.args.gateway_launcher).resolve())]
+        store = f'path = "{self.dir / "gateway.db"}"\nsynchronous = "{self.args.synchronous}"'
+        if self.kind == "floor":  # this tree's gateway, its queues in memory
+            store = 'backend = "memory"'
         return GatewayProcess(
             self.dir,
-            store=f'path = "{self.dir / "gateway.db"}"\nsynchronous = "{self.args.synchronous}"',
+            store=store,
             log_level=self.args.log_level,
             env=server_env(self.kind, self.args),
             launcher=launcher,
@@ -985,164 +976,6 @@ async def scenario_rate(server: ServerProcess, tokens: Tokens, args: argparse.Na
     return Sample(cpu / routed * 1e6 if routed else math.nan, usage, extra)
 
 
-# ---- the in-memory floor (baseline server) ------------------------------------------------------
-
-
-class _FloorConn:
-    def __init__(self, ws: WebSocketConnection, user: str, device: str) -> None:
-        self.ws, self.user, self.device = ws, user, device
-        self.out: list[Frame] = []
-        self.dirty = True
-        self.cursor = 0
-        self.drained = False
-        self.wake = trio.Event()
-
-    def push(self, frame: Frame) -> None:
-        self.out.append(frame)
-        self.wake.set()
-
-    def ring(self) -> None:
-        self.dirty = True
-        self.wake.set()
-
-
-class Floor:
-    """Protocol v1's message path in memory: hello/welcome/drained, send/sent/msg, ack/receipt.
-
-    The same batching as the gateway's writer (whatever is pending goes out in one message,
-    256 queue items per read), without durability, signature checks or validation.
-    """
-
-    def __init__(self) -> None:
-        self.queues: dict[tuple[str, str], dict[int, Frame]] = {}
-        self.devices: dict[str, set[str]] = {}
-        self.online: dict[tuple[str, str], _FloorConn] = {}
-        self.sid = 0
-
-    def _store(self, user: str, device: str, frame: Frame) -> None:
-        self.sid += 1
-        frame["sid"] = self.sid
-        self.queues[(user, device)][self.sid] = frame
-        conn = self.online.get((user, device))
-        if conn is not None:
-            conn.ring()
-
-    async def handle(self, request: WebSocketRequest) -> None:
-        offered = SUBPROTOCOL in request.proposed_subprotocols
-        try:
-            ws = await request.accept(subprotocol=SUBPROTOCOL if offered else None)
-            with trio.move_on_after(10):
-                first = frames_of(await ws.get_message())[0]
-            claims = _unverified_claims(first["token"])
-        except (ConnectionClosed, IndexError, KeyError, NameError, ValueError):
-            return
-        user, device = claims["sub"], claims["dev"]
-        key = (user, device)
-        self.devices.setdefault(user, set()).add(device)
-        queue = self.queues.setdefault(key, {})
-        conn = _FloorConn(ws, user, device)
-        self.online[key] = conn
-        conn.push(
-            {"t": "welcome", "user": user, "device": device, "ts": _now_ms(), "heartbeat": 30,
-             "queued": len(queue)}
-        )  # fmt: skip
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, conn, queue)
-                await self._reader(conn, queue)
-                nursery.cancel_scope.cancel()
-        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            if self.online.get(key) is conn:
-                del self.online[key]
-
-    async def _reader(self, conn: _FloorConn, queue: dict[int, Frame]) -> None:
-        for _ in range(MAX_LOOP * 100):
-            message = await conn.ws.get_message()
-            for f in frames_of(message):
-                kind = f.get("t")
-                if kind == "send":
-                    self._send(conn, f)
-                elif kind == "ack":
-                    self._ack(conn, queue, f["sids"])
-
-    def _send(self, conn: _FloorConn, f: Frame) -> None:
-        now = _now_ms()
-        to = f["to"]
-        targets = [
-            d for d in self.devices.get(to, ()) if not (to == conn.user and d == conn.device)
-        ]
-        if not targets:
-            conn.push({"t": "error", "code": "unknown_recipient", "ref": f["id"]})
-            return
-        for device in targets:
-            self._store(to, device, {
-                "t": "msg", "id": f["id"], "from": conn.user, "dev": conn.device, "ts": now,
-                "body": f["body"], "urgent": f.get("urgent", True),
-            })  # fmt: skip
-        conn.push({"t": "sent", "id": f["id"], "ts": now})
-
-    def _ack(self, conn: _FloorConn, queue: dict[int, Frame], sids: list[int]) -> None:
-        by_sender: dict[str, list[str]] = {}
-        for sid in sids:
-            item = queue.pop(sid, None)
-            if item is not None and item["t"] == "msg":
-                by_sender.setdefault(item["from"], []).append(item["id"])
-        now = _now_ms()
-        for sender, ids in by_sender.items():
-            for device in self.devices.get(sender, ()):
-                self._store(sender, device, {
-                    "t": "receipt", "kind": "delivered", "ids": ids, "by": conn.user,
-                    "dev": conn.device, "ts": now,
-                })  # fmt: skip
-
-    async def _writer(self, conn: _FloorConn, queue: dict[int, Frame]) -> None:
-        for _ in range(MAX_LOOP * 100):
-            if not conn.out and not conn.dirty:
-                conn.wake = trio.Event()
-                await conn.wake.wait()
-            out, conn.out = conn.out, []
-            if conn.dirty:
-                conn.dirty = False
-                items: list[Frame] = []
-                for sid, item in queue.items():
-                    if sid > conn.cursor:
-                        items.append(item)
-                        if len(items) == 256:
-                            break
-                if items:
-                    conn.cursor = items[-1]["sid"]
-                if len(items) == 256:
-                    conn.dirty = True
-                elif not conn.drained:
-                    conn.drained = True
-                    items.append({"t": "drained"})
-                out += items
-            if out:
-                await conn.ws.send_message(cbor2.dumps(out[0] if len(out) == 1 else out))
-
-
-def _unverified_claims(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    )
-    return claims
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def _serve_floor(port: int) -> None:
-    floor = Floor()
-    await serve_websocket(
-        floor.handle, HOST, port, None, max_message_size=64 * 1024, connect_timeout=10,
-        disconnect_timeout=2,
-    )  # fmt: skip
-
-
 # ---- orchestration -----------------------------------------------------------------------------
 
 
@@ -1442,8 +1275,6 @@ def _print_origins(
 ) -> None:  # fmt: skip
     """Where each gateway server imports `gateway` from, checked before any scenario."""
     for kind in kinds:
-        if kind == "floor":
-            continue
         if kind == "gateway" and args.gateway_launcher:
             print(f"gateway : started by {Path(args.gateway_launcher).resolve()}", flush=True)
             continue
@@ -1482,7 +1313,7 @@ def summarize(
             f" new/base = gateway ({new}) / baseline"
         )
     if "floor" in kinds:
-        print("   floor = the in-memory floor; gw/floor = gateway / floor")
+        print('   floor = the gateway on [store] backend = "memory"; gw/floor = gateway / floor')
     header = (
         f"{'metric':36} {'gateway':>10}"
         + "".join(f" {k:>10} {ratio_head[k]:>8}" for k in others)
@@ -1675,12 +1506,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["floor-server"]:
-        raise_fd_limit()
-        port = int(argv[argv.index("--port") + 1])
-        with contextlib.suppress(KeyboardInterrupt):
-            trio.run(_serve_floor, port)
-        return 0
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
