@@ -23,8 +23,6 @@ from urllib.parse import urlsplit
 from gateway.errors import ConfigError
 
 # The [push] section's types belong to push; they are named here with the other sections.
-from push.settings import ApnsSettings as ApnsSettings
-from push.settings import FcmSettings as FcmSettings
 from push.settings import PushSettings
 
 ENV_PREFIX = "GATEWAY__"

@@ -38,7 +38,6 @@ from typing import Any
 import httpx
 import trio
 
-from gateway.settings import ApnsSettings, FcmSettings, PushSettings
 from gateway.store import Envelope, PushToken
 from gateway.store.sqlite import SqliteStore
 from push.apns import ApnsProvider
@@ -46,6 +45,7 @@ from push.dispatcher import PushDispatcher
 from push.fcm import FcmProvider
 from push.notification import Notification, Provider
 from push.policy import WakeKind
+from push.settings import ApnsSettings, FcmSettings, PushSettings
 from scripts.kit.child_process import SOURCE_ROOT
 
 TOPIC = "com.example.app"
