@@ -30,7 +30,12 @@ from collections.abc import Callable
 
 import trio
 
-from gateway.bus import (
+from gateway.clock import now_ms
+from gateway.errors import StoreError
+from gateway.peer import Peer
+from gateway.registry import Registry
+from gateway.session import CloseCode
+from gateway.store.bus import (
     BusMessage,
     Claim,
     ClusterBus,
@@ -41,11 +46,6 @@ from gateway.bus import (
     Renewal,
     Revocation,
 )
-from gateway.clock import now_ms
-from gateway.errors import StoreError
-from gateway.peer import Peer
-from gateway.registry import Registry
-from gateway.session import CloseCode
 
 log = logging.getLogger(__name__)
 

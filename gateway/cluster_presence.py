@@ -16,8 +16,8 @@ import logging
 
 import trio
 
-from gateway.bus import ClusterBus, Event
 from gateway.errors import StoreError
+from gateway.store.bus import ClusterBus, Event
 from presence.service import PresenceService
 from presence.state import MirrorPresence, PresenceItem
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from gateway.bus import (
+from gateway.errors import StoreError
+from gateway.store.bus import (
     BusMessage,
     Claim,
     Event,
@@ -23,7 +24,6 @@ from gateway.bus import (
     Renewal,
     Revocation,
 )
-from gateway.errors import StoreError
 from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member, uncancelled
 from gateway.store.redis_scripts import prefix, read_device, wire_device
 
@@ -34,7 +34,7 @@ NODE_CHANNEL = "gw:node:"
 
 
 class RedisBus:
-    """`gateway.bus.ClusterBus` over a started `RedisStore`'s client and scripts."""
+    """`gateway.store.bus.ClusterBus` over a started `RedisStore`'s client and scripts."""
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
