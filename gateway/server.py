@@ -54,6 +54,10 @@ from push.providers import build_providers
 
 log = logging.getLogger(__name__)
 
+# On a shared store the sweeping node's lease lasts this many sweep intervals: a dead
+# node's sweeps resume elsewhere within that time.
+SWEEP_LEASE_INTERVALS = 3
+
 
 @dataclass(eq=False)
 class GatewayServer:
@@ -265,15 +269,23 @@ async def _listen(
 
 
 async def _sweep_expired(store: MessageStore, interval: float) -> None:
-    """Delete expired items every `interval` seconds."""
+    """Delete expired items every `interval` seconds. On a shared store one node sweeps,
+    holding a lease of `SWEEP_LEASE_INTERVALS` intervals that it renews at each sweep;
+    the others ask again at each interval, and one takes over once a holder is gone."""
+    lease_ms = int(interval * SWEEP_LEASE_INTERVALS * 1000)
+    sweeping = False
     while True:
         try:
-            removed = await store.sweep_expired(now_ms())
+            held = await store.may_sweep(lease_ms)
+            if held != sweeping:
+                log.info("expiry sweeps %s on this node", "start" if held else "stop")
+                sweeping = held
+            if held:
+                removed = await store.sweep_expired(now_ms())
+                if removed:
+                    log.info("expiry sweep removed %d items", removed)
         except StoreError as exc:
             log.warning("expiry sweep failed: %s", exc)
-        else:
-            if removed:
-                log.info("expiry sweep removed %d items", removed)
         await trio.sleep(interval)
 
 

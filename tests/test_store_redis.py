@@ -13,7 +13,7 @@ from coredis._utils import hash_slot
 
 from gateway.errors import StoreError
 from gateway.store import MessageStore
-from gateway.store.redis import RedisStore
+from gateway.store.redis import SWEEP_LEASE, RedisStore
 from tests.redisproc import RedisProcess
 from tests.test_store import T0, envelope, fetch_all, open_backend, register, send
 
@@ -131,3 +131,32 @@ async def test_reads_cancelled_in_flight_do_not_use_up_the_connection_pool(store
     with trio.fail_after(5):
         assert [item.msg_id for item in await fetch_all(store, "bob", "phone")] == ["m1"]
         await send(store, envelope("m2"))
+
+
+async def test_one_node_holds_the_sweep_lease_until_it_stops_renewing(redis_url, client):
+    lease_ms = 60_000
+    async with (
+        open_backend("redis", redis_url, lambda *ring: None) as first,
+        open_backend("redis", redis_url, lambda *ring: None) as second,
+    ):
+        assert isinstance(first, RedisStore) and isinstance(second, RedisStore)
+        first.node_id, second.node_id = "node-a", "node-b"
+
+        assert await first.may_sweep(lease_ms)
+        assert not await second.may_sweep(lease_ms)
+        await client.pexpire(SWEEP_LEASE, 1000)
+        assert await first.may_sweep(lease_ms)  # the holder renews it for the whole lease
+        assert 1000 < await client.pttl(SWEEP_LEASE) <= lease_ms
+        assert not await second.may_sweep(lease_ms)
+
+        # The holder stops renewing (it died) and its lease runs out: the other node
+        # takes over, and the first one, should it come back, no longer sweeps.
+        await client.delete([SWEEP_LEASE])
+        assert await second.may_sweep(lease_ms)
+        assert not await first.may_sweep(lease_ms)
+
+
+async def test_a_store_of_one_process_always_sweeps(tmp_path):
+    async with open_backend("sqlite", tmp_path / "gateway.db", lambda *ring: None) as store:
+        assert await store.may_sweep(1)
+        assert await store.may_sweep(1)

@@ -266,6 +266,16 @@ class MessageStore(abc.ABC):
     def queue_depth(self) -> int:
         """Submissions waiting for a commit."""
 
+    async def may_sweep(self, lease_ms: int) -> bool:
+        """Whether this process should run the expiry sweep now. A store that is one
+        process's always should; a shared one answers True to one process at a time, the
+        holder of a lease that this call takes or renews for `lease_ms`.
+
+        Raises:
+            StoreError: The store did not answer.
+        """
+        return True
+
     async def ping(self) -> None:
         """Check that the store answers a read (for readiness); callers bound the time.
 

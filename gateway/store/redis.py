@@ -64,6 +64,8 @@ from gateway.store.redis_scripts import SCRIPTS, prefix
 log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000
+# Held by the node that runs the expiry sweep (see `may_sweep`).
+SWEEP_LEASE = "gw:sweep-lease"
 MAX_SID = 2**63 - 1
 # Seconds to wait for a Redis answer before the operation counts as failed, and for a
 # connection to be set up.
@@ -492,6 +494,12 @@ class RedisStore(GroupCommitStore[_Op]):
 
         result: bool = await (await self._submit(steps, one_step=True)).result()
         return result
+
+    async def may_sweep(self, lease_ms: int) -> bool:
+        """Take or renew the sweep lease (``gw:sweep-lease``, this node's id with a TTL):
+        one node sweeps, and when it dies another takes over once the lease runs out."""
+        answer = await self._call("refresh", [SWEEP_LEASE], [self.node_id, lease_ms])
+        return int(answer) != 0
 
     async def sweep_expired(self, now: int) -> int:
         """Delete expired items of every queue. Idempotency records expire by themselves
