@@ -1,0 +1,157 @@
+"""A Redis Cluster of redis-server child processes on loopback: any number of primaries,
+each with any number of replicas.
+
+The cluster is joined by hand (``CLUSTER MEET``, ``CLUSTER ADDSLOTSRANGE``, ``CLUSTER
+REPLICATE``) rather than by ``redis-cli --cluster create``, which needs three primaries at
+least: a one-shard cluster is a valid baseline for measuring what more shards cost.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from scripts.kit.loopback import HOST, free_port
+from scripts.kit.redis_server import RedisServer
+
+SLOTS = 16384
+CLUSTER_BUS_OFFSET = 10000
+START_TIMEOUT = 20.0
+POLL = 0.05
+
+
+def free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+
+
+def query(server: RedisServer, *args: str) -> bytes:
+    """One command's whole answer (a bulk string in full, unlike `RedisServer.command`)."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    with socket.create_connection((HOST, server.port), timeout=2) as sock:
+        sock.sendall(b"".join(parts))
+        answer = sock.recv(65536)
+        if answer.startswith(b"$"):
+            size = int(answer[1 : answer.index(b"\r\n")])
+            header = answer.index(b"\r\n") + 2
+            while len(answer) < header + size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer[header : header + size]
+        return answer.split(b"\r\n", 1)[0]
+
+
+class RedisCluster:
+    """`primaries` shards, each a primary with `replicas` replicas, in `directory`.
+
+    The slots are split evenly in order: shard k holds ``slot_ranges[k]``. `url` names the
+    first primary; clients discover the rest.
+
+    Raises:
+        RuntimeError: redis-server is not installed, or the cluster does not come up.
+    """
+
+    def __init__(self, directory: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+        if primaries < 1 or replicas < 0:
+            raise ValueError("a cluster needs at least one primary")
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        self.primaries = [
+            RedisServer(directory / f"primary{n}", port=free_cluster_port(), args=args)
+            for n in range(primaries)
+        ]
+        self.replicas = [
+            [
+                RedisServer(directory / f"replica{n}-{r}", port=free_cluster_port(), args=args)
+                for r in range(replicas)
+            ]
+            for n in range(primaries)
+        ]
+        step = SLOTS // primaries
+        self.slot_ranges = [
+            (n * step, SLOTS - 1 if n == primaries - 1 else (n + 1) * step - 1)
+            for n in range(primaries)
+        ]
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        """Every server, primaries first."""
+        return [*self.primaries, *(r for shard in self.replicas for r in shard)]
+
+    @property
+    def url(self) -> str:
+        """A URL naming the first primary."""
+        return f"redis://{HOST}:{self.primaries[0].port}"
+
+    def start(self) -> None:
+        """Start every server, join them, give out the slots and wait until every server
+        says ``cluster_state:ok``; on failure nothing is left running."""
+        try:
+            for server in self.servers:
+                server.start()
+            first = self.primaries[0]
+            for server in self.servers[1:]:
+                query(server, "CLUSTER", "MEET", HOST, str(first.port))
+            for server, (low, high) in zip(self.primaries, self.slot_ranges, strict=True):
+                query(server, "CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
+            self._wait(self._knows_all, "the nodes did not meet")
+            for primary, shard in zip(self.primaries, self.replicas, strict=True):
+                node_id = query(primary, "CLUSTER", "MYID").decode()
+                for replica in shard:
+                    query(replica, "CLUSTER", "REPLICATE", node_id)
+            self._wait(lambda s: b"cluster_state:ok" in query(s, "CLUSTER", "INFO"),
+                       "the cluster did not reach cluster_state:ok")  # fmt: skip
+            self._wait(self._in_sync, "the replicas did not finish their first sync")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _knows_all(self, server: RedisServer) -> bool:
+        nodes = query(server, "CLUSTER", "NODES").decode().splitlines()
+        return len(nodes) == len(self.servers) and not any("handshake" in n for n in nodes)
+
+    def _in_sync(self, server: RedisServer) -> bool:
+        """A primary has its replicas; a replica's link to its primary is up."""
+        info = query(server, "INFO", "replication").decode()
+        if "role:master" in info:
+            wanted = len(self.replicas[self.primaries.index(server)])
+            return f"connected_slaves:{wanted}" in info
+        return "master_link_status:up" in info and "master_sync_in_progress:0" in info
+
+    def _wait(self, ready: Callable[[RedisServer], bool], failure: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(ready(s) for s in self.servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError(failure)
+            time.sleep(POLL)
+
+    def owner(self, slot: int) -> RedisServer:
+        """The primary that holds `slot`."""
+        for server, (low, high) in zip(self.primaries, self.slot_ranges, strict=True):
+            if low <= slot <= high:
+                return server
+        raise ValueError(f"no slot {slot}")
+
+    def pids(self) -> list[int]:
+        """Every server's process id."""
+        return [s.pid for s in self.servers]
+
+    def stop(self) -> None:
+        """Stop every server (SIGKILL: nothing of a scratch cluster needs to survive)."""
+        for server in self.servers:
+            server.kill()
