@@ -43,7 +43,7 @@ def shared_redis(request: pytest.FixtureRequest) -> tuple[str, bool]:
         return str(request.getfixturevalue("redis_url")), False
     cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
     cluster.flush()
-    owners = {cluster.owner(f"{prefix(user)}:devs") for user in ("bob", "alice")}
+    owners = {cluster.owner_port(f"{prefix(user)}:devs") for user in ("bob", "alice")}
     assert len(owners) == 2, "bob and alice should live on different primaries"
     return cluster.url, True
 
