@@ -242,6 +242,12 @@ class GatewayCollector(Collector):
             [],
             [((), stats["coalesced"])],
         )
+        yield _counter(
+            "gateway_push_retries",
+            "Alert wake-ups sent again: the device did not connect within [push] alert_retry.",
+            [],
+            [((), stats["alert_retries"])],
+        )
 
     def _load(self) -> Iterator[Metric]:
         load = self.sources.load

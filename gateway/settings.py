@@ -223,6 +223,7 @@ _POSITIVE = {
     "retry_base",
     "max_retry_delay",
     "request_timeout",
+    "alert_retry",
     "overload_lag",
     "max_watch",
     "node_ttl",
@@ -240,6 +241,8 @@ _NOT_NEGATIVE = {
     "max_connections_per_ip",
     "handshake_rate",
     "send_rate",
+    "alert_retries",
+    "background_per_hour",
 }
 
 

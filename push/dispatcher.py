@@ -100,7 +100,14 @@ class PushDispatcher:
         self.settings = settings
         self.fallback = LogProvider()
         self.providers: dict[str, Provider] = dict(providers or {})
-        rules = WakeRules(settings.urgent_cooldown, settings.background_cooldown, settings.linger)
+        rules = WakeRules(
+            urgent_cooldown=settings.urgent_cooldown,
+            background_cooldown=settings.background_cooldown,
+            linger=settings.linger,
+            alert_retry=settings.alert_retry,
+            alert_retries=settings.alert_retries,
+            background_per_hour=settings.background_per_hour,
+        )
         self.policy = WakePolicy(rules, clock)
         self.counters: Counter[tuple[str, str]] = Counter()
         # Final answers by (provider, outcome, the provider's reason), e.g. APNs's
@@ -108,10 +115,12 @@ class PushDispatcher:
         self.responses: Counter[tuple[str, str, str]] = Counter()
         self.dropped = 0
         self.coalesced = 0
+        self.alert_retries = 0  # alerts sent again because the device did not connect
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
         self._send, self._receive = trio.open_memory_channel[_Job](settings.queue_size)
         self._queued: dict[tuple[str, str], _Job] = {}
+        self._sending: Counter[tuple[str, str]] = Counter()  # devices with a job in a worker
         self._store: PushStore | None = None
         self._timer_wake = trio.Event()
         self._sleeping_until = math.inf
@@ -193,6 +202,7 @@ class PushDispatcher:
             "in_flight": self._in_flight,
             "dropped": self.dropped,
             "coalesced": self.coalesced,
+            "alert_retries": self.alert_retries,
             "tracked_devices": len(self.policy),
         }
 
@@ -202,6 +212,10 @@ class PushDispatcher:
         key = (decision.user, decision.device)
         kind = decision.kind if isinstance(decision, WakeUp) else None
         reason = decision.reason if isinstance(decision, WakeUp) else "linger"
+        if reason == "retry":
+            if self._sending[key]:
+                return  # the alert is still being sent (a provider's 429 or 5xx backoff)
+            self.alert_retries += 1
         job = self._queued.get(key)
         if job is not None:
             self.coalesced += 1
@@ -256,6 +270,7 @@ class PushDispatcher:
             if self._queued.get(key) is job:
                 del self._queued[key]
             self._in_flight += 1
+            self._sending[key] += 1
             try:
                 await self._handle(job)
             except StoreFailure as exc:
@@ -266,6 +281,9 @@ class PushDispatcher:
                 log.exception("push for %s/%s failed", job.user, job.device)
             finally:
                 self._in_flight -= 1
+                self._sending[key] -= 1
+                if not self._sending[key]:
+                    del self._sending[key]
                 self._check_idle()
 
     async def _handle(self, job: _Job) -> None:

@@ -12,12 +12,18 @@ The rules (protocol v1, "Wake-up"):
   the driver is asked to check the store (`LingerCheck`); if items are still unacked, the
   device gets one wake-up (`linger_checked`): an alert if one of them is an urgent message,
   a background wake-up otherwise. Any wake-up sent in between replaces it.
-- A connect forgets everything about the device: pending wake-ups, timers and cooldowns.
+- An alert not followed by a connection of the device within `alert_retry` is sent again
+  (reason ``retry``), at most `alert_retries` times, each delay doubling.
+- No device gets more than `background_per_hour` background wake-ups in any rolling hour,
+  whatever connects and disconnects happen in between: one the budget holds back is owed
+  (coalesced) until the oldest of the hour's wake-ups is an hour old.
+- A connect forgets everything else about the device: pending wake-ups, retries, timers
+  and cooldowns.
 - Nothing happens at start-up: a device is only ever woken because of an event.
 
-The policy holds state only for offline devices with a cooldown or timer running, plus the
-set of connected device keys, and drops a device's state as soon as nothing is left to
-enforce. Time comes from an injected clock in seconds (`trio.current_time` in the
+The policy holds state only for devices with a cooldown, a timer or a background budget
+running, plus the set of connected device keys, and drops a device's state as soon as
+nothing is left to enforce. Time comes from an injected clock in seconds (`trio.current_time` in the
 dispatcher, a plain float in unit tests).
 """
 
@@ -26,10 +32,12 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 DeviceKey = tuple[str, str]
+HOUR = 3600.0
 
 
 class WakeKind(enum.Enum):
@@ -62,11 +70,17 @@ Decision = WakeUp | LingerCheck
 
 @dataclass(frozen=True, slots=True)
 class WakeRules:
-    """The policy's timing, in seconds (the `[push]` keys of the same names)."""
+    """The policy's timing, in seconds, and limits (the `[push]` keys of the same names).
+
+    `alert_retries` 0 sends no retries; `background_per_hour` 0 sets no budget.
+    """
 
     urgent_cooldown: float = 10.0
     background_cooldown: float = 20 * 60.0
     linger: float = 60.0
+    alert_retry: float = 20.0
+    alert_retries: int = 2
+    background_per_hour: int = 3
 
 
 class _Device:
@@ -77,8 +91,12 @@ class _Device:
         "alert_due",
         "background_at",
         "background_due",
+        "budget",
         "checking",
         "linger_due",
+        "retries_left",
+        "retry_delay",
+        "retry_due",
         "timer_at",
     )
 
@@ -88,8 +106,20 @@ class _Device:
         self.alert_due: float | None = None  # a coalesced alert is owed at this time
         self.background_due: float | None = None  # a coalesced background push is owed
         self.linger_due: float | None = None  # the linger check runs at this time
+        self.retry_due: float | None = None  # the last alert is sent again at this time
+        self.retry_delay = 0.0  # the wait before the next retry after that one
+        self.retries_left = 0
         self.checking = False  # a LingerCheck was handed out and not answered yet
         self.timer_at: float | None = None  # the one live heap entry for this device
+        # When each background wake-up of the last hour was sent; survives a connect.
+        self.budget: deque[float] = deque()
+
+    def reset(self) -> None:
+        """The device connected: forget all but the background budget."""
+        self.alert_at = self.background_at = None
+        self.alert_due = self.background_due = self.linger_due = self.retry_due = None
+        self.retries_left = 0
+        self.checking = False
 
 
 class WakePolicy:
@@ -142,17 +172,21 @@ class WakePolicy:
             return None
         bg_cooldown = self.rules.background_cooldown
         if state.background_at is None or now - state.background_at >= bg_cooldown:
-            return self._send(key, state, WakeKind.BACKGROUND, "background", now)
+            return self._background(key, state, "background", now)
         if state.background_due is None:
             state.background_due = state.background_at + bg_cooldown
             self._schedule(key, state)
         return None
 
     def connected(self, user: str, device: str) -> None:
-        """A device authenticated: cancel everything pending and forget its cooldowns."""
+        """A device authenticated: cancel everything pending (retries included) and forget
+        its cooldowns; only its background budget is kept."""
         key = (user, device)
         self._online.add(key)
-        self._devices.pop(key, None)
+        state = self._devices.get(key)
+        if state is not None:
+            state.reset()
+            self._settle(key, state, self._clock())
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended: start its linger timer."""
@@ -185,8 +219,9 @@ class WakePolicy:
         state.checking = False
         now = self._clock()
         if unacked > 0:
-            kind = WakeKind.ALERT if urgent else WakeKind.BACKGROUND
-            return self._send(key, state, kind, "linger", now)
+            if urgent:
+                return self._send(key, state, WakeKind.ALERT, "linger", now)
+            return self._background(key, state, "linger", now)
         self._settle(key, state, now)
         return None
 
@@ -225,6 +260,27 @@ class WakePolicy:
             return True
         return state.alert_at is not None and now - state.alert_at < self.rules.urgent_cooldown
 
+    def _budget_frees_at(self, state: _Device, now: float) -> float:
+        """When the background budget next allows a wake-up (`now` if it does)."""
+        per_hour = self.rules.background_per_hour
+        budget = state.budget
+        while budget and budget[0] <= now - HOUR:
+            budget.popleft()
+        if per_hour <= 0 or len(budget) < per_hour:
+            return now
+        return budget[-per_hour] + HOUR
+
+    def _background(self, key: DeviceKey, state: _Device, reason: str, now: float) -> WakeUp | None:
+        """A background wake-up now, or owed until the budget allows one."""
+        frees_at = self._budget_frees_at(state, now)
+        if frees_at <= now:
+            return self._send(key, state, WakeKind.BACKGROUND, reason, now)
+        state.background_due = frees_at
+        state.linger_due = None  # the owed wake-up replaces the linger one
+        state.checking = False
+        self._schedule(key, state)
+        return None
+
     def _send(
         self, key: DeviceKey, state: _Device, kind: WakeKind, reason: str, now: float
     ) -> WakeUp:
@@ -232,9 +288,17 @@ class WakePolicy:
             state.alert_at = now
             state.alert_due = None
             state.background_due = None
+            if reason != "retry":  # a new alert starts its own retries
+                state.retries_left = self.rules.alert_retries
+                state.retry_delay = self.rules.alert_retry
+            state.retry_due = None
+            if state.retries_left > 0:
+                state.retry_due = now + state.retry_delay
         else:
             state.background_at = now
             state.background_due = None
+            if self.rules.background_per_hour > 0:
+                state.budget.append(now)
         state.linger_due = None  # the device has been woken; no separate linger wake-up
         state.checking = False
         self._schedule(key, state)
@@ -244,10 +308,16 @@ class WakePolicy:
         out: list[Decision] = []
         if state.alert_due is not None and state.alert_due <= now:
             out.append(self._send(key, state, WakeKind.ALERT, "coalesced", now))
+        if state.retry_due is not None and state.retry_due <= now:
+            state.retries_left -= 1
+            state.retry_delay *= 2
+            out.append(self._send(key, state, WakeKind.ALERT, "retry", now))
         if state.background_due is not None and state.background_due <= now:
             state.background_due = None
             if not self._alert_covers(state, now):
-                out.append(self._send(key, state, WakeKind.BACKGROUND, "coalesced", now))
+                wake = self._background(key, state, "coalesced", now)
+                if wake is not None:
+                    out.append(wake)
         if state.linger_due is not None and state.linger_due <= now:
             state.linger_due = None
             state.checking = True
@@ -263,10 +333,16 @@ class WakePolicy:
         self._schedule(key, state)
 
     def _next_time(self, state: _Device, now: float) -> float | None:
-        """The earliest future moment the device's state changes: a due time or a cooldown
-        running out (after which its state can be dropped)."""
-        due = (state.alert_due, state.background_due, state.linger_due)
+        """The earliest future moment the device's state changes: a due time, a cooldown
+        running out or a background wake-up leaving the budget's hour (after which its
+        state can be dropped). Wake-ups already out of the hour are let go here."""
+        due = (state.alert_due, state.background_due, state.linger_due, state.retry_due)
         times = [t for t in due if t is not None]
+        budget = state.budget
+        while budget and budget[0] + HOUR <= now:  # no longer counts against the budget
+            budget.popleft()
+        if budget:  # the state is kept until the oldest of the hour's wake-ups is an hour old
+            times.append(budget[0] + HOUR)
         if state.alert_at is not None and now < state.alert_at + self.rules.urgent_cooldown:
             times.append(state.alert_at + self.rules.urgent_cooldown)
         bg_end = (state.background_at or 0.0) + self.rules.background_cooldown

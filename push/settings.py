@@ -41,6 +41,9 @@ class PushSettings:
     urgent_cooldown: float = 10.0
     background_cooldown: float = 20 * 60.0
     linger: float = 60.0
+    alert_retry: float = 20.0
+    alert_retries: int = 2
+    background_per_hour: int = 3
     collapse_id: str = "incoming-message"
     alert_loc_key: str = "NEW_MESSAGE"
     ttl: int = 24 * 3600

@@ -64,7 +64,7 @@ def kinds(provider: ScriptedProvider) -> list[WakeKind]:
 async def test_urgent_alert_at_once_then_one_coalesced_alert_after_the_cooldown(
     store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with running(store, apns) as dispatcher:
+    async with running(store, apns, alert_retries=0) as dispatcher:
         start = trio.current_time()
         dispatcher.stored("bob", "phone", urgent=True)
         await apns.wait_attempts(1)
@@ -76,6 +76,20 @@ async def test_urgent_alert_at_once_then_one_coalesced_alert_after_the_cooldown(
         assert apns.attempts[1].at == pytest.approx(start + 10)
         await trio.sleep(60)
         assert kinds(apns) == [ALERT, ALERT]
+
+
+async def test_an_unanswered_alert_is_sent_again_until_the_device_connects(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, apns) as dispatcher:
+        start = trio.current_time()
+        dispatcher.stored("bob", "phone", urgent=True)
+        await apns.wait_attempts(2)  # the alert, and its retry once 20 s passed unanswered
+        assert apns.attempts[1].at == pytest.approx(start + 20)
+        dispatcher.connected("bob", "phone")
+        await trio.sleep(600)
+        assert kinds(apns) == [ALERT, ALERT]
+        assert dispatcher.metrics()["alert_retries"] == 1
 
 
 async def test_background_at_most_once_per_background_cooldown(

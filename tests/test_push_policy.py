@@ -9,7 +9,16 @@ import pytest
 from push.policy import LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
 
 ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
-RULES = WakeRules(urgent_cooldown=10.0, background_cooldown=1200.0, linger=60.0)
+# The rules of protocol v1 before alert retries and the background budget: the tests
+# up to the retry section check them alone.
+RULES = WakeRules(
+    urgent_cooldown=10.0,
+    background_cooldown=1200.0,
+    linger=60.0,
+    alert_retries=0,
+    background_per_hour=0,
+)
+DEFAULTS = WakeRules()
 
 
 class Clock:
@@ -191,3 +200,112 @@ def test_state_is_dropped_once_cooldowns_run_out(policy: WakePolicy, clock: Cloc
     advance(policy, clock, RULES.background_cooldown + 1)
     assert len(policy) == 0
     assert policy.next_deadline() is None
+
+
+# -- alert retries and the background budget (the defaults) ---------------------------------
+
+
+@pytest.fixture
+def full(clock: Clock) -> WakePolicy:
+    """The policy with its default rules: retries and a background budget."""
+    return WakePolicy(DEFAULTS, clock)
+
+
+def test_an_unanswered_alert_is_sent_again_with_doubling_delays(
+    full: WakePolicy, clock: Clock
+) -> None:
+    assert DEFAULTS.alert_retry == 20.0 and DEFAULTS.alert_retries == 2
+    start = clock.now
+    assert full.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+    fired = []
+    while (deadline := full.next_deadline()) is not None and deadline <= start + 3600:
+        clock.now = deadline
+        fired += [(clock.now - start, d) for d in full.due()]
+
+    retry = WakeUp("bob", "phone", ALERT, "retry")
+    assert fired == [(20.0, retry), (60.0, retry)]  # 20 s, then 40 s more; then no more
+
+
+def test_a_connect_cancels_the_retries(full: WakePolicy, clock: Clock) -> None:
+    full.stored("bob", "phone", True)
+    clock.now += 5
+    full.connected("bob", "phone")
+    full.disconnected("bob", "phone")  # and gone again: only its linger check is left
+
+    assert advance(full, clock, 600) == [LingerCheck("bob", "phone")]
+
+
+def test_a_new_alert_starts_its_retries_afresh(full: WakePolicy, clock: Clock) -> None:
+    full.stored("bob", "phone", True)
+    assert advance(full, clock, 25) == [WakeUp("bob", "phone", ALERT, "retry")]
+    clock.now += DEFAULTS.urgent_cooldown  # past the retry's cooldown
+    assert full.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+    fired = advance(full, clock, 3600)
+    assert fired == [WakeUp("bob", "phone", ALERT, "retry")] * 2
+
+
+def test_the_background_budget_holds_across_reconnects(full: WakePolicy, clock: Clock) -> None:
+    assert DEFAULTS.background_per_hour == 3
+    start = clock.now
+    for _ in range(3):  # a phone that wakes often: every connect resets the cooldowns
+        assert full.stored("bob", "phone", False) is not None
+        full.connected("bob", "phone")
+        full.disconnected("bob", "phone")
+        clock.now += 60
+    assert full.stored("bob", "phone", False) is None  # the fourth in the hour waits
+
+    # It goes out once the first of the hour's three is an hour old.
+    fired = []
+    while (deadline := full.next_deadline()) is not None and deadline <= start + 7200:
+        clock.now = deadline
+        fired += [(clock.now - start, d) for d in full.due() if isinstance(d, WakeUp)]
+    assert fired == [(3600.0, WakeUp("bob", "phone", BACKGROUND, "coalesced"))]
+
+
+def test_a_wake_up_held_by_the_budget_is_cancelled_by_a_connect(
+    full: WakePolicy, clock: Clock
+) -> None:
+    for _ in range(3):
+        full.stored("bob", "phone", False)
+        full.connected("bob", "phone")
+        full.disconnected("bob", "phone")
+    assert full.stored("bob", "phone", False) is None
+    full.connected("bob", "phone")
+
+    assert advance(full, clock, 7200) == []
+
+
+def test_a_linger_wake_up_waits_for_the_budget_too(full: WakePolicy, clock: Clock) -> None:
+    for _ in range(3):
+        assert full.stored("bob", "phone", False) is not None
+        full.connected("bob", "phone")
+        full.disconnected("bob", "phone")
+        clock.now += 1
+    [check] = advance(full, clock, DEFAULTS.linger)
+    assert check == LingerCheck("bob", "phone")
+
+    assert full.linger_checked("bob", "phone", unacked=2, urgent=False) is None
+    fired = advance(full, clock, 3600)
+    assert fired == [WakeUp("bob", "phone", BACKGROUND, "coalesced")]
+
+
+def test_alerts_are_not_held_back_by_the_background_budget(
+    full: WakePolicy, clock: Clock
+) -> None:
+    for _ in range(3):
+        full.stored("bob", "phone", False)
+        full.connected("bob", "phone")
+        full.disconnected("bob", "phone")
+    assert full.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+
+def test_a_budget_alone_is_forgotten_an_hour_later(full: WakePolicy, clock: Clock) -> None:
+    full.stored("bob", "phone", False)
+    full.connected("bob", "phone")
+    assert len(full) == 1  # connected, but its background wake-up still counts
+
+    advance(full, clock, 3600 + 1)
+    assert len(full) == 0
+    assert full.next_deadline() is None
