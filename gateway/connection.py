@@ -39,6 +39,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway import frames
+from gateway.ack_watch import AckWatch
 from gateway.clock import now_ms
 from gateway.coalesce import coalesce
 from gateway.codec import encode_frames
@@ -117,6 +118,7 @@ class EdgeContext:
     sessions: Sessions
     queue: QueueReader
     heartbeat: Heartbeat
+    ack_watch: AckWatch
     counters: Counters
     flushes: trio.Nursery
 
@@ -152,6 +154,7 @@ class Connection:
         "outbox",
         "send_limit",
         "session",
+        "urgent_since",
         "user",
     )
 
@@ -181,6 +184,9 @@ class Connection:
         self.merged_sids: dict[int, tuple[int, ...]] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
+        # When an urgent message was handed to this device with nothing heard from it
+        # since (see gateway/ack_watch.py); None otherwise.
+        self.urgent_since: float | None = None
         self._reading = False  # a store read of this device's queue is in flight
         self._writing = False  # a writer (this task or a flush task) is sending
         self._handling = False  # this task is handling input, and writes right after
@@ -219,9 +225,17 @@ class Connection:
             if item.sid > self.cursor:
                 self.cursor = item.sid
                 outbox.push(frames.delivery(item))
+                if item.urgent:
+                    self._note_urgent()
                 self._wake_writer()
             return
         self.ring()
+
+    def _note_urgent(self) -> None:
+        """An urgent message is on its way to the device: watch for an answer."""
+        if self.urgent_since is None:
+            self.urgent_since = trio.current_time()
+            self._ctx.ack_watch.watch(self)
 
     def ring(self) -> None:
         """The device's queue has new items: the writer reads it."""
@@ -322,6 +336,7 @@ class Connection:
             self.request_close(CloseCode.INTERNAL, "internal error")
         finally:
             ctx.heartbeat.discard(self.id)
+            self.urgent_since = None
             with trio.CancelScope(shield=True):
                 await self._wait_for_flush()
                 if attached:
@@ -361,6 +376,7 @@ class Connection:
             if not data:
                 proto.receive_eof()
                 return None
+            self.urgent_since = None  # the device is alive
             proto.receive_data(data)
             messages: list[bytes | str] = []
             for frame in cast("list[WsFrame]", proto.events_received()):  # frames, once open
@@ -594,6 +610,8 @@ class Connection:
             self.merged_sids.update(merged)
         if items:
             self.cursor = max(self.cursor, items[-1].sid)
+            if any(item.urgent for item in items):
+                self._note_urgent()
         if more:
             self.outbox.ring()
         elif not self.drained:

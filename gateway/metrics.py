@@ -243,6 +243,13 @@ class GatewayCollector(Collector):
             [((), stats["coalesced"])],
         )
         yield _counter(
+            "gateway_push_zombie_rescues",
+            "Alert wake-ups to connected devices that left an urgent message unanswered and"
+            " sent nothing for [push] ack_timeout.",
+            [],
+            [((), stats["zombie_rescues"])],
+        )
+        yield _counter(
             "gateway_push_retries",
             "Alert wake-ups sent again: the device did not connect within [push] alert_retry.",
             [],

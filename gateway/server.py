@@ -25,6 +25,7 @@ from functools import partial
 
 import trio
 
+from gateway.ack_watch import AckWatch
 from gateway.admin import AdminApi, serve_admin
 from gateway.admission import Admission
 from gateway.auth import TokenVerifier
@@ -161,6 +162,7 @@ async def serve_gateway(
     router = Router(store, sends, presence, counters, clock=now_ms, max_ttl=server_settings.max_ttl)
     sessions = Sessions(TokenVerifier(settings.auth), store, registry, presence, cluster)
     heartbeat = Heartbeat(server_settings.heartbeat)
+    ack_watch = AckWatch(settings.push.ack_timeout, waker)
     admission = Admission(settings.limits, now=trio.current_time())
     accepts = AcceptStats()
     tls = _tls_certificate(settings)
@@ -174,6 +176,7 @@ async def serve_gateway(
             await background.start(load.run)
             await background.start(presence.run)
             await background.start(heartbeat.run)
+            await background.start(ack_watch.run)
             if cluster is not None:
                 await background.start(cluster.run)
             if cluster_presence is not None:
@@ -191,6 +194,7 @@ async def serve_gateway(
                         sessions=sessions,
                         queue=store,
                         heartbeat=heartbeat,
+                        ack_watch=ack_watch,
                         counters=counters,
                         flushes=connections,
                     ),

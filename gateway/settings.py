@@ -224,6 +224,7 @@ _POSITIVE = {
     "max_retry_delay",
     "request_timeout",
     "alert_retry",
+    "ack_timeout",
     "overload_lag",
     "max_watch",
     "node_ttl",

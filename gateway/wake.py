@@ -21,3 +21,7 @@ class Waker(Protocol):
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended."""
+
+    def rescue(self, user: str, device: str) -> None:
+        """A connected device left an urgent message unanswered for `[push] ack_timeout`
+        and sent nothing meanwhile: its socket may be open on a suspended app."""

@@ -116,6 +116,7 @@ class PushDispatcher:
         self.dropped = 0
         self.coalesced = 0
         self.alert_retries = 0  # alerts sent again because the device did not connect
+        self.zombie_rescues = 0  # alerts to connected devices that stopped answering
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
         self._send, self._receive = trio.open_memory_channel[_Job](settings.queue_size)
@@ -155,6 +156,15 @@ class PushDispatcher:
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended: its linger timer starts."""
         self.policy.disconnected(user, device)
+        self._poke_timer()
+
+    def rescue(self, user: str, device: str) -> None:
+        """A connected device did not answer an urgent message in time: wake it with an
+        alert as though it were offline (the urgent cooldown applies)."""
+        decision = self.policy.zombie(user, device)
+        if decision is not None:
+            self.zombie_rescues += 1
+            self._enqueue(decision)
         self._poke_timer()
 
     # -- the service ------------------------------------------------------------------------
@@ -203,6 +213,7 @@ class PushDispatcher:
             "dropped": self.dropped,
             "coalesced": self.coalesced,
             "alert_retries": self.alert_retries,
+            "zombie_rescues": self.zombie_rescues,
             "tracked_devices": len(self.policy),
         }
 
@@ -296,7 +307,7 @@ class PushDispatcher:
             kind = await self._resolve_linger(store, job)
             if kind is None:
                 return
-        if self.policy.is_online(job.user, job.device):
+        if job.reason != "zombie" and self.policy.is_online(job.user, job.device):
             self.counters[("none", "cancelled")] += 1
             return
         token = await self._token(store, job.user, job.device)

@@ -12,6 +12,9 @@ The rules (protocol v1, "Wake-up"):
   the driver is asked to check the store (`LingerCheck`); if items are still unacked, the
   device gets one wake-up (`linger_checked`): an alert if one of them is an urgent message,
   a background wake-up otherwise. Any wake-up sent in between replaces it.
+- A connected device that left an urgent message unacked and sent nothing for
+  `ack_timeout` (a "zombie": its app suspended with the socket still open) is rescued: it
+  gets an alert as though it were offline (reason ``zombie``), within the urgent cooldown.
 - An alert not followed by a connection of the device within `alert_retry` is sent again
   (reason ``retry``), at most `alert_retries` times, each delay doubling.
 - No device gets more than `background_per_hour` background wake-ups in any rolling hour,
@@ -177,6 +180,24 @@ class WakePolicy:
             state.background_due = state.background_at + bg_cooldown
             self._schedule(key, state)
         return None
+
+    def zombie(self, user: str, device: str) -> WakeUp | None:
+        """A connected device did not answer an urgent message in time: an alert as though
+        it were offline, unless one was sent within the urgent cooldown (then None). Its
+        connection stays counted as connected: no other wake-up is decided for it."""
+        key = (user, device)
+        now = self._clock()
+        state = self._devices.get(key)
+        if state is None:
+            state = self._devices[key] = _Device()
+        if state.alert_at is not None and now - state.alert_at < self.rules.urgent_cooldown:
+            self._settle(key, state, now)
+            return None
+        wake = self._send(key, state, WakeKind.ALERT, "zombie", now)
+        state.retry_due = None  # no retries: the device may answer on this very socket
+        state.retries_left = 0
+        self._settle(key, state, now)
+        return wake
 
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: cancel everything pending (retries included) and forget

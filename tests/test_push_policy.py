@@ -309,3 +309,16 @@ def test_a_budget_alone_is_forgotten_an_hour_later(full: WakePolicy, clock: Cloc
     advance(full, clock, 3600 + 1)
     assert len(full) == 0
     assert full.next_deadline() is None
+
+
+def test_a_zombie_gets_an_alert_though_connected_once_per_cooldown(
+    full: WakePolicy, clock: Clock
+) -> None:
+    full.connected("bob", "phone")
+    assert full.stored("bob", "phone", True) is None  # connected: no wake-up decided
+
+    assert full.zombie("bob", "phone") == WakeUp("bob", "phone", ALERT, "zombie")
+    clock.now += 1
+    assert full.zombie("bob", "phone") is None  # within the urgent cooldown
+    assert advance(full, clock, 3600) == []  # no retries: it may answer on that socket
+    assert full.zombie("bob", "phone") == WakeUp("bob", "phone", ALERT, "zombie")

@@ -18,3 +18,6 @@ class LogWaker:
 
     def disconnected(self, user: str, device: str) -> None:
         """Nothing to schedule."""
+
+    def rescue(self, user: str, device: str) -> None:
+        """Nothing to send."""
