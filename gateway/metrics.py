@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,20 @@ class PushView(Protocol):
 
     def metrics(self) -> dict[str, Any]:
         """Outcome counters by ``"provider:outcome"``, queue gauges and drop counts."""
+        ...
+
+    @property
+    def answers(self) -> WakeAnswersView:
+        """How soon woken devices connect."""
+        ...
+
+
+class WakeAnswersView(Protocol):
+    """The wake-to-connect histogram the metrics export."""
+
+    @property
+    def latency(self) -> Histogram:
+        """Seconds from an accepted wake-up to its device's next connection."""
         ...
 
 
@@ -241,6 +255,17 @@ class GatewayCollector(Collector):
             "Wake-ups merged into one already queued for the device.",
             [],
             [((), stats["coalesced"])],
+        )
+        yield from push.answers.latency.collect()
+        unanswered = []
+        for key, n in stats["unanswered"].items():
+            provider, _, kind = key.partition(":")
+            unanswered.append(((provider, kind), n))
+        yield _counter(
+            "gateway_push_unanswered",
+            "Wake-ups the provider accepted that saw no connection of their device within 60 s.",
+            ["provider", "kind"],
+            unanswered,
         )
         yield _counter(
             "gateway_push_zombie_rescues",

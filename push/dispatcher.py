@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from push.answers import WakeAnswers
 from push.errors import StoreFailure
 from push.log_provider import LogProvider
 from push.notification import Notification, Outcome, Provider, PushResult, token_hash
@@ -117,6 +118,7 @@ class PushDispatcher:
         self.coalesced = 0
         self.alert_retries = 0  # alerts sent again because the device did not connect
         self.zombie_rescues = 0  # alerts to connected devices that stopped answering
+        self.answers = WakeAnswers(clock)
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
         self._send, self._receive = trio.open_memory_channel[_Job](settings.queue_size)
@@ -148,6 +150,7 @@ class PushDispatcher:
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: whatever was pending for it is cancelled."""
         self.policy.connected(user, device)
+        self.answers.connected(user, device)
         self._forget_token(user, device)  # a device changes its token only while connected
         job = self._queued.pop((user, device), None)
         if job is not None:
@@ -214,6 +217,9 @@ class PushDispatcher:
             "coalesced": self.coalesced,
             "alert_retries": self.alert_retries,
             "zombie_rescues": self.zombie_rescues,
+            "unanswered": {
+                f"{p}:{k}": n for (p, k), n in sorted(self.answers.unanswered().items())
+            },
             "tracked_devices": len(self.policy),
         }
 
@@ -404,6 +410,7 @@ class PushDispatcher:
         self.responses[(name, outcome.value, result.reason or "-")] += 1
         if outcome is Outcome.SENT:
             self.counters[(name, f"sent_{notification.kind.value}")] += 1
+            self.answers.sent(job.user, job.device, name, notification.kind.value)
         elif outcome is Outcome.INVALID_TOKEN:
             self._forget_token(job.user, job.device)
             cleared = await store.clear_push_token(job.user, job.device, token.token, sent_at)

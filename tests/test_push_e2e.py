@@ -213,3 +213,25 @@ async def test_a_hanging_apns_does_not_delay_delivery_to_online_devices(
             assert trio.current_time() - started < 5
             push = dispatcher(server)
             assert push.metrics()["in_flight"] == 2 and push.dropped >= 2
+
+
+async def test_the_time_from_wake_up_to_connection_is_measured(
+    server: GatewayServer, token: Token, fake_apns: FakeApns
+) -> None:
+    await go_idle(server, token, "apns", APNS_TOKEN, topic=TOPIC)
+    async with connect(server.url, token("alice", "phone")) as alice:
+        with trio.fail_after(10):
+            await alice.send("bob", b"ciphertext", urgent=True)
+            await fake_apns.wait_requests(1)
+            await dispatcher(server).wait_idle()
+        async with connect(server.url, token("bob", "phone")) as bob:
+            await bob.wait_drained()
+
+    counts = {
+        (s.labels["provider"], s.labels["kind"]): s.value
+        for metric in dispatcher(server).answers.latency.collect()
+        for s in metric.samples
+        if s.name.endswith("_count")
+    }
+    assert counts == {("apns", "alert"): 1.0}
+    assert dispatcher(server).metrics()["unanswered"] == {}
