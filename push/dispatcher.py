@@ -144,8 +144,7 @@ class PushDispatcher:
         decision = self.policy.stored(user, device, urgent)
         if decision is not None:
             self._enqueue(decision)
-        else:
-            self._poke_timer()
+        self._poke_timer()  # a held-back wake-up, or the retry of one sent, is due later
 
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: whatever was pending for it is cancelled."""
@@ -357,6 +356,7 @@ class PushDispatcher:
             items = await store.fetch(job.user, job.device, 0, LINGER_PEEK, now)
             urgent = any(i.urgent and i.kind is ItemKind.MESSAGE for i in items)
         wake = self.policy.linger_checked(job.user, job.device, unacked, urgent)
+        self._poke_timer()  # an alert's retry, or a wake-up the budget holds back
         if wake is None:
             self.counters[("none", "linger_skipped")] += 1
             return None

@@ -82,6 +82,7 @@ async def test_an_unanswered_alert_is_sent_again_until_the_device_connects(
     store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running(store, apns) as dispatcher:
+        await trio.testing.wait_all_tasks_blocked()  # the timer task sleeps: nothing is due
         start = trio.current_time()
         dispatcher.stored("bob", "phone", urgent=True)
         await apns.wait_attempts(2)  # the alert, and its retry once 20 s passed unanswered
