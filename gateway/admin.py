@@ -4,6 +4,7 @@
 GET    /healthz                            liveness (no key)
 GET    /readyz                             readiness: 503 while draining or the store is down
 GET    /metrics                            Prometheus text (no key)
+GET    /v1/webpush/vapid-public-key        the Web Push application server key (no key)
 POST   /v1/messages                        a server-originated message: 202 once durable
 GET    /v1/users/{user}/devices            a user's devices, last-seen, has_push
 PUT    /v1/users/{user}/devices/{device}   pre-register a device
@@ -11,8 +12,9 @@ DELETE /v1/users/{user}/devices/{device}   revoke: forget it, refuse its older t
                                            its connection
 ```
 
-Everything but the probes and `/metrics` needs ``Authorization: Bearer <[admin] api_key>``;
-without a configured key those endpoints answer 403. Errors are JSON,
+Everything but the probes, `/metrics` and the VAPID public key needs
+``Authorization: Bearer <[admin] api_key>``; without a configured key those endpoints
+answer 403. Errors are JSON,
 ``{"error": CODE, "detail": TEXT}``, with a fitting status.
 
 The server is hypercorn's Trio worker running this module's small ASGI application.
@@ -58,6 +60,8 @@ from gateway.send_path import SendPath
 from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore
+from push.errors import CredentialsError
+from push.vapid import load_private_key, public_key_b64
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +170,7 @@ class AdminApi:
         self.registry = metrics
         self.revocations = revocations
         self.api_key = settings.admin.api_key
+        self.vapid_public_key = _vapid_public_key(settings)
         # A base64 body of max_message_size bytes, plus room for the other fields.
         self.max_body = settings.server.max_message_size * 4 // 3 + 16 * 1024
 
@@ -234,6 +239,9 @@ class AdminApi:
             case ["metrics"]:
                 _allow(method, "GET", "HEAD")
                 return Response(200, render(self.registry), CONTENT_TYPE.encode())
+            case ["v1", "webpush", "vapid-public-key"]:
+                _allow(method, "GET", "HEAD")
+                return self._vapid_public_key()
             case ["v1", "messages"]:
                 _allow(method, "POST")
                 self._authorize(request)
@@ -263,6 +271,14 @@ class AdminApi:
                 "a valid Authorization: Bearer <api_key> header is required",
                 [(b"www-authenticate", b'Bearer realm="gateway"')],
             )
+
+    def _vapid_public_key(self) -> Response:
+        """The key web apps pass to `pushManager.subscribe` as `applicationServerKey`."""
+        if self.vapid_public_key is None:
+            raise HttpError(
+                404, "not_configured", "Web Push is off: set [push.webpush] vapid_private_key_file"
+            )
+        return Response.json(200, {"public_key": self.vapid_public_key})
 
     # -- probes -------------------------------------------------------------------------
 
@@ -366,6 +382,17 @@ class AdminApi:
             raise HttpError(404, "unknown_device", "no such device")
         answer = {"user": user, "device": device, "revoked": True, "kicked": kicked}
         return Response.json(200, answer)
+
+
+def _vapid_public_key(settings: Settings) -> str | None:
+    """The configured VAPID public key (base64url), or None without a usable key."""
+    path = settings.push.webpush.vapid_private_key_file
+    if path is None:
+        return None
+    try:
+        return public_key_b64(load_private_key(path))
+    except CredentialsError:
+        return None  # logged by the push provider built from the same settings
 
 
 async def _store_call(call: Awaitable[Any]) -> Any:
