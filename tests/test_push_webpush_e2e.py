@@ -1,0 +1,243 @@
+"""End to end: a browser-like device on a real gateway, woken through the fake Web Push
+service, which verifies the VAPID signature and decrypts every wake-up."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from gateway.client import GatewayClient, SendRefused, connect
+from gateway.server import GatewayServer
+from push.dispatcher import PushDispatcher
+from push.settings import WebPushSettings
+from push.vapid import generate_key_pem
+from scripts.fakes import FakeSubscription, FakeWebPush, Reply
+from tests.conftest import make_settings, running_server
+
+SUBJECT = "mailto:ops@example.com"
+Token = Callable[..., str]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeWebPush]:
+    fake = FakeWebPush()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve)
+        yield fake
+        nursery.cancel_scope.cancel()
+
+
+def webpush_settings(tmp_path: Path, **changes: Any) -> WebPushSettings:
+    key_file = tmp_path / "vapid.pem"
+    if not key_file.exists():
+        key_file.write_bytes(generate_key_pem()[0])
+    values: dict[str, Any] = {
+        "vapid_private_key_file": key_file,
+        "subject": SUBJECT,
+        "allowed_hosts": ("127.0.0.1",),
+    }
+    values.update(changes)
+    return WebPushSettings(**values)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[GatewayServer]:
+    settings = make_settings(
+        tmp_path,
+        push={"webpush": webpush_settings(tmp_path), "linger": 3600.0, "ttl": 600},
+    )
+    async with running_server(settings) as running:
+        yield running
+
+
+def dispatcher(server: GatewayServer) -> PushDispatcher:
+    push = server.push
+    assert push is not None
+    return push
+
+
+async def vapid_public_key(server: GatewayServer) -> str:
+    """What a web app fetches before `pushManager.subscribe` (no API key needed)."""
+    async with httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http:
+        response = await http.get("/v1/webpush/vapid-public-key")
+    assert response.status_code == 200
+    key: str = response.json()["public_key"]
+    return key
+
+
+async def register(client: GatewayClient, subscription: dict[str, Any]) -> None:
+    """Register, and wait until it is handled (frames are handled in order)."""
+    await client.register_push("webpush", subscription=subscription)
+    with pytest.raises(SendRefused):
+        await client.send("nobody-at-all", b"barrier")
+
+
+async def browser_goes_idle(
+    server: GatewayServer, token: Token, subscription: FakeSubscription
+) -> None:
+    """Bob's browser tab connects, registers its subscription and is closed."""
+    closed = trio.Event()
+
+    async def watch() -> None:
+        await server.edge.wait_for_close("bob", "browser")
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+        async with connect(server.url, token("bob", "browser"), reconnect=False) as bob:
+            await register(bob, subscription.to_json())
+        await closed.wait()
+
+
+async def test_an_idle_browser_gets_a_signed_encrypted_wake_up(
+    server: GatewayServer, token: Token, fake: FakeWebPush
+) -> None:
+    subscription = fake.subscribe(application_server_key=await vapid_public_key(server))
+    await browser_goes_idle(server, token, subscription)
+    async with connect(server.url, token("alice", "phone")) as alice:
+        with trio.fail_after(10):
+            await alice.send("bob", b"ciphertext", urgent=True)
+            (record,) = await fake.wait_requests(1)
+        assert record.error == "" and record.status == 201
+        assert record.subscription == subscription.id
+        assert record.payload == {"wake": 1}
+        assert record.claims["aud"] == fake.origin and record.claims["sub"] == SUBJECT
+        h = record.headers
+        assert (h["urgency"], h["ttl"], h["topic"]) == ("high", "600", "incoming-message")
+
+        async with connect(server.url, token("bob", "browser")) as bob:
+            with trio.fail_after(10):
+                await bob.wait_drained()
+                assert [d.frame["body"] for d in bob.take_buffered()] == [b"ciphertext"]
+        with trio.fail_after(10):
+            await alice.send("bob", b"receipt-free", urgent=False)
+            _, background = await fake.wait_requests(2)
+            await dispatcher(server).wait_idle()
+        assert background.payload == {"wake": 1} and background.headers["urgency"] == "normal"
+    assert dispatcher(server).counters[("webpush", "sent_alert")] == 1
+    assert dispatcher(server).counters[("webpush", "sent_background")] == 1
+
+
+async def test_a_410_clears_the_subscription(
+    server: GatewayServer, token: Token, fake: FakeWebPush
+) -> None:
+    subscription = fake.subscribe()
+    fake.script.add(Reply(410), token=subscription.id)
+    await browser_goes_idle(server, token, subscription)
+    stored = await server.store.push_token("bob", "browser")
+    assert stored is not None and stored.provider == "webpush"
+    async with connect(server.url, token("alice", "phone")) as alice:
+        with trio.fail_after(10):
+            await alice.send("bob", b"x")
+            (record,) = await fake.wait_requests(1)
+            await dispatcher(server).wait_idle()
+    assert record.status == 410 and record.payload == {"wake": 1}
+    assert await server.store.push_token("bob", "browser") is None
+    assert dispatcher(server).counters[("webpush", "token_cleared")] == 1
+
+
+async def test_a_subscription_registered_again_survives_a_late_404(
+    server: GatewayServer, token: Token, fake: FakeWebPush
+) -> None:
+    subscription = fake.subscribe()
+    answer = trio.Event()
+    fake.script.add(Reply(404, gate=answer), token=subscription.id)
+    await browser_goes_idle(server, token, subscription)
+    async with connect(server.url, token("alice", "phone")) as alice:
+        with trio.fail_after(10):
+            await alice.send("bob", b"x")
+            await fake.wait_requests(1)  # the service holds its 404 back
+            async with connect(server.url, token("bob", "browser")) as bob:
+                await register(bob, subscription.to_json())  # the tab subscribes again
+            answer.set()
+            await dispatcher(server).wait_idle()
+    assert await server.store.push_token("bob", "browser") is not None
+    assert dispatcher(server).counters[("webpush", "token_kept")] == 1
+
+
+async def test_429_and_503_are_retried_after_retry_after(
+    server: GatewayServer, token: Token, fake: FakeWebPush
+) -> None:
+    subscription = fake.subscribe()
+    fake.script.add(Reply(429, retry_after=1), Reply(503, retry_after=1), token=subscription.id)
+    await browser_goes_idle(server, token, subscription)
+    async with connect(server.url, token("alice", "phone")) as alice:
+        with trio.fail_after(20):
+            await alice.send("bob", b"x")
+            records = await fake.wait_requests(3)
+            await dispatcher(server).wait_idle()
+    assert [r.status for r in records] == [429, 503, 201]
+    assert records[1].arrived - records[0].arrived >= 1.0  # Retry-After honoured
+    assert records[2].arrived - records[1].arrived >= 1.0
+    assert dispatcher(server).counters[("webpush", "retried")] == 2
+    assert dispatcher(server).counters[("webpush", "sent_alert")] == 1
+
+
+async def test_a_subscription_to_an_unlisted_host_is_refused_and_never_contacted(
+    tmp_path: Path, token: Token, fake: FakeWebPush
+) -> None:
+    # The fake serves on 127.0.0.1, which this gateway does not allow.
+    settings = make_settings(
+        tmp_path, push={"webpush": webpush_settings(tmp_path, allowed_hosts=("push.example.com",))}
+    )
+    async with running_server(settings) as server:
+        async with connect(server.url, token("bob", "browser"), reconnect=False) as bob:
+            frames = [
+                fake.subscribe().to_json(),
+                {**fake.subscribe().to_json(), "endpoint": "https://10.0.0.1/push/x"},
+                {**fake.subscribe().to_json(), "endpoint": "https://169.254.169.254/latest"},
+                {**fake.subscribe().to_json(), "endpoint": "http://push.example.com/x"},
+            ]
+            for subscription in frames:
+                await bob.register_push("webpush", subscription=subscription)
+                with trio.fail_after(10):
+                    error = await bob.next_event()
+                assert error["code"] == "bad_field" and "endpoint" in error["reason"]
+        assert await server.store.push_token("bob", "browser") is None
+        async with connect(server.url, token("alice", "phone")) as alice:
+            await alice.send("bob", b"x", urgent=True)
+        push = dispatcher(server)
+        with trio.fail_after(10):
+            await push.wait_idle()
+        assert push.counters[("none", "no_token")] == 1
+    assert fake.records == []
+
+
+async def test_bad_keys_get_bad_field(
+    server: GatewayServer, token: Token, fake: FakeWebPush
+) -> None:
+    async with connect(server.url, token("bob", "browser"), reconnect=False) as bob:
+        good = fake.subscribe().to_json()
+        for keys in (
+            {"p256dh": good["keys"]["p256dh"][:-2] + "AA", "auth": good["keys"]["auth"]},
+            {"p256dh": good["keys"]["p256dh"], "auth": "AAAA"},
+        ):
+            await bob.register_push("webpush", subscription={**good, "keys": keys})
+            with trio.fail_after(10):
+                error = await bob.next_event()
+            assert error["code"] == "bad_field" and "subscription.keys" in error["reason"]
+    assert await server.store.push_token("bob", "browser") is None
+
+
+async def test_the_vapid_public_key_is_served_without_an_api_key(
+    server: GatewayServer, tmp_path: Path
+) -> None:
+    from push.vapid import load_private_key, public_key_b64
+
+    expected = public_key_b64(load_private_key(tmp_path / "vapid.pem"))
+    assert await vapid_public_key(server) == expected
+
+
+async def test_without_web_push_the_key_endpoint_says_so(tmp_path: Path) -> None:
+    async with (
+        running_server(make_settings(tmp_path)) as server,
+        httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http,
+    ):
+        response = await http.get("/v1/webpush/vapid-public-key")
+    assert response.status_code == 404 and response.json()["error"] == "not_configured"
