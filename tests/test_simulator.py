@@ -69,6 +69,31 @@ async def test_a_short_scenario_delivers_everything_through_pushes(tmp_path: Pat
     assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+async def test_browser_devices_are_woken_through_the_fake_web_push(tmp_path: Path) -> None:
+    status, summary, text = await simulate(tmp_path, "--web-share", "0.5")
+    assert status == 0, text
+    m, p = summary["messages"], summary["pushes"]
+    assert summary["ok"] and m["delivered"] == m["sent"] > 0
+    kinds = p["by_provider_and_kind"]
+    assert {k.split()[0] for k in kinds} == {"apns", "fcm", "webpush"}, kinds
+    # Every Web Push request passed the fake's VAPID check and decrypted to a wake-up.
+    assert summary["errors"] == {} and p["rejected"] == 0
+    assert "Web Push" in text
+
+
+async def test_browser_devices_need_the_simulators_own_gateway(tmp_path: Path) -> None:
+    config = tmp_path / "staging.toml"
+    config.write_text('[auth]\njwt_secret = "s"\n')
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, *SCRIPT, "--web-share", "0.2", "--config", str(config)],
+            cwd=ROOT,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 2 and b"--web-share" in done.stderr
+
+
 async def test_a_message_deleted_from_the_store_fails_the_run(tmp_path: Path) -> None:
     # Every push is lost and nothing drops, so sleeping phones keep their items queued
     # until the final drain; one of them is deleted from the SQLite file behind the
