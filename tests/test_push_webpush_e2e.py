@@ -3,6 +3,9 @@ service, which verifies the VAPID signature and decrypts every wake-up."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,15 +14,18 @@ import httpx
 import pytest
 import trio
 
+from gateway.cli import main
 from gateway.client import GatewayClient, SendRefused, connect
 from gateway.server import GatewayServer
 from push.dispatcher import PushDispatcher
 from push.settings import WebPushSettings
-from push.vapid import generate_key_pem
+from push.subscription import HostPolicy, parse_subscription
+from push.vapid import generate_key_pem, load_private_key, public_key_b64
 from scripts.fakes import FakeSubscription, FakeWebPush, Reply
 from tests.conftest import make_settings, running_server
 
 SUBJECT = "mailto:ops@example.com"
+ROOT = Path(__file__).resolve().parent.parent
 Token = Callable[..., str]
 
 
@@ -228,8 +234,6 @@ async def test_bad_keys_get_bad_field(
 async def test_the_vapid_public_key_is_served_without_an_api_key(
     server: GatewayServer, tmp_path: Path
 ) -> None:
-    from push.vapid import load_private_key, public_key_b64
-
     expected = public_key_b64(load_private_key(tmp_path / "vapid.pem"))
     assert await vapid_public_key(server) == expected
 
@@ -241,3 +245,36 @@ async def test_without_web_push_the_key_endpoint_says_so(tmp_path: Path) -> None
     ):
         response = await http.get("/v1/webpush/vapid-public-key")
     assert response.status_code == 404 and response.json()["error"] == "not_configured"
+
+
+async def test_the_standalone_fakes_serve_web_push_and_write_a_usable_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = [sys.executable, "-m", "scripts.fake_push", "--dir", str(tmp_path / "fakes")]
+    ports = ["--apns-port", "0", "--fcm-port", "0", "--webpush-port", "0"]
+    process = await trio.lowlevel.open_process(
+        [*command, *ports, "--ready-json", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(30):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "fake_push exited"
+                line += chunk
+        ready = json.loads(line)
+        assert main(["check-config", str(tmp_path / "fakes" / "gateway-push.toml")]) == 0
+        assert "push: apns, fcm, webpush" in capsys.readouterr().out
+        async with httpx.AsyncClient(timeout=10) as http:
+            url = f"http://127.0.0.1:{ready['webpush']}/_fake/subscribe"
+            answer = (await http.post(url)).json()
+        subscription = parse_subscription(answer["subscription"], HostPolicy(["127.0.0.1"]))
+        assert subscription.endpoint.endswith(f"/push/{answer['id']}")
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -16,7 +16,9 @@ private half. Every ``POST`` to an endpoint is then:
 
 A request that fails a check is recorded with the reason and answered 400, 401 or 403.
 Control API, as for the other fakes: ``GET /_fake/requests``, ``POST /_fake/script``
-(``{"replies": [...], "token": SUBSCRIPTION_ID}``), ``POST /_fake/reset``.
+(``{"replies": [...], "token": SUBSCRIPTION_ID}``), ``POST /_fake/reset``; and
+``POST /_fake/subscribe`` (optional ``{"application_server_key": KEY}``), which answers
+``{"id": ID, "subscription": {"endpoint", "keys"}}`` for a device to register by hand.
 """
 
 from __future__ import annotations
@@ -237,6 +239,15 @@ class FakeWebPush:
             self.records.clear()
             self.script.clear()
             return HttpResponse(200, [], b"{}")
+        if request.path == "/_fake/subscribe" and request.method == "POST":
+            try:
+                data = json.loads(request.body or b"{}")
+                key = data.get("application_server_key")
+            except (ValueError, AttributeError):
+                return HttpResponse(400, [], b"the body must be a JSON object")
+            subscription = self.subscribe(key if isinstance(key, str) else None)
+            body = json.dumps({"id": subscription.id, "subscription": subscription.to_json()})
+            return HttpResponse(200, [("content-type", "application/json")], body.encode())
         if request.path == "/_fake/script" and request.method == "POST":
             data = json.loads(request.body or b"{}")
             self.script.add(
