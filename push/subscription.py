@@ -16,7 +16,8 @@ forgery through a device's registration), and checked again before every request
   port other than 443;
 - every other IP literal, and any host whose last label is not a name (``127.1``,
   ``2130706433``, ``0x7f000001``, which resolvers read as addresses), is refused;
-- URLs with user info, non-ASCII hosts and anything but ``https``/``http`` are refused.
+- URLs with user info, non-ASCII hosts, hosts ending in a dot and anything but
+  ``https``/``http`` are refused.
 
 The check is on the host name, as the operator listed it: names on the list are trusted
 to be the push services they are.
@@ -161,9 +162,11 @@ class HostPolicy:
             raise SubscriptionError("must be an https:// URL")
         if url.userinfo:
             raise SubscriptionError("must not carry user info")
-        host = url.raw_host.decode("ascii", "replace").lower().rstrip(".")
+        host = url.raw_host.decode("ascii", "replace").lower()
         if not host:
             raise SubscriptionError("has no host")
+        if host.endswith("."):  # browsers never send one; it would change the VAPID audience
+            raise SubscriptionError("the host must not end with a dot")
         if is_loopback(host):
             if host not in self.exact:
                 raise SubscriptionError("loopback push services are not allowed here")

@@ -102,7 +102,7 @@ def test_a_tampered_body_or_wrong_secret_does_not_decrypt() -> None:
         "https://updates.push.services.mozilla.com/wpush/v2/gAAAAABexample",
         "https://wns2-par02p.notify.windows.com/w/?token=BQYAAAexample",
         "https://web.push.apple.com/QGuQyavXutnMH-example",
-        "https://FCM.googleapis.com./fcm/send/x",
+        "https://FCM.googleapis.com/fcm/send/x",
     ],
 )
 def test_the_public_browser_push_services_are_allowed_by_default(endpoint: str) -> None:
@@ -135,6 +135,7 @@ def test_the_public_browser_push_services_are_allowed_by_default(endpoint: str) 
         "https://fcm.googleapis.com\u2024evil.example/x",  # not ASCII
         "not a url",
         "https:///nohost",
+        "https://fcm.googleapis.com./fcm/send/x",  # a trailing dot
     ],
 )
 def test_other_endpoints_are_refused(endpoint: str) -> None:
