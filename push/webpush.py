@@ -9,7 +9,8 @@ Each wake-up is one ``POST`` to the subscription's endpoint:
 - ``Authorization: vapid t=JWT, k=KEY`` (RFC 8292, `push.vapid`) for the endpoint's origin.
 
 httpx runs on Trio directly (through its Trio backend), so unlike APNs and FCM this provider
-needs no asyncio island. Redirects are never followed, proxies from the environment are
+needs no asyncio island. One connection pool serves every push service, over HTTP/2 where
+the service negotiates it and HTTP/1.1 otherwise. Redirects are never followed, proxies from the environment are
 ignored, and the endpoint is checked against `[push.webpush] allowed_hosts` before every
 request, as it was at registration (`push.subscription`).
 
@@ -154,6 +155,7 @@ class WebPushProvider:
         """Open the HTTP client (a connection pool on Trio) and keep it until cancelled."""
         async with httpx.AsyncClient(
             transport=self._transport,
+            http2=True,  # when the service offers it (ALPN); plain http:// stays HTTP/1.1
             follow_redirects=False,
             trust_env=False,
             timeout=self.request_timeout,

@@ -4,6 +4,7 @@ service, which verifies the VAPID signature and decrypts every wake-up."""
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,15 @@ from gateway.cli import main
 from gateway.client import GatewayClient, SendRefused, connect
 from gateway.server import GatewayServer
 from push.dispatcher import PushDispatcher
+from push.notification import Notification, Outcome
+from push.policy import WakeKind
 from push.settings import WebPushSettings
+from push.store import PushToken
 from push.subscription import HostPolicy, parse_subscription
 from push.vapid import generate_key_pem, load_private_key, public_key_b64
+from push.webpush import WebPushProvider
 from scripts.fakes import FakeSubscription, FakeWebPush, Reply
+from scripts.fakes.credentials import CertificateAuthority
 from tests.conftest import make_settings, running_server
 
 SUBJECT = "mailto:ops@example.com"
@@ -278,3 +284,27 @@ async def test_the_standalone_fakes_serve_web_push_and_write_a_usable_config(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_wake_ups_go_over_http2_and_tls_when_the_service_offers_them(
+    tmp_path: Path,
+) -> None:
+    """The provider's own client (HTTP/2 by ALPN), trusting the fake's CA for the test."""
+    ca = CertificateAuthority.create("fake Web Push CA")
+    fake = FakeWebPush(ssl_context=ca.server_context())
+    trust = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    transport = httpx.AsyncHTTPTransport(verify=trust, http2=True)
+    provider = WebPushProvider(webpush_settings(tmp_path), transport=transport)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve)
+        await nursery.start(provider.run)
+        subscription = fake.subscribe(application_server_key=provider.signer.public_key)
+        token = PushToken("webpush", json.dumps(subscription.to_json()), None, False, 1)
+        notification = Notification(token, WakeKind.BACKGROUND, 60, "c", "K")
+        with trio.fail_after(10):
+            result = await provider.send(notification)
+        nursery.cancel_scope.cancel()
+    assert result.outcome is Outcome.SENT and result.status == 201
+    (record,) = fake.records
+    assert record.payload == {"wake": 1} and record.claims["aud"] == fake.origin
+    assert fake.origin.startswith("https://") and record.http2

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -84,13 +85,16 @@ class WebPushRecord:
     error: str  # why the request was refused ("" when it passed every check)
     status: int
     arrived: float
+    http2: bool = False
 
 
 @dataclass
 class FakeWebPush:
     """A scriptable Web Push service on loopback: ``port = await nursery.start(fake.serve)``,
-    then `subscribe`."""
+    then `subscribe`. Plain HTTP/1.1, or HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with
+    `ssl_context`."""
 
+    ssl_context: ssl.SSLContext | None = None
     script: Script = field(default_factory=Script)
     records: list[WebPushRecord] = field(default_factory=list)
     subscriptions: dict[str, FakeSubscription] = field(default_factory=dict)
@@ -100,7 +104,7 @@ class FakeWebPush:
     @property
     def origin(self) -> str:
         """The origin a VAPID token for this server must name as `aud`."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def subscribe(self, application_server_key: str | None = None) -> FakeSubscription:
         """Make a new subscription on this server (call once serving)."""
@@ -126,7 +130,13 @@ class FakeWebPush:
         """Serve until cancelled; reports the port."""
 
         async def started(task_status: trio.TaskStatus[int]) -> None:
-            await serve_http(self.handle, host=host, port=port, task_status=task_status)
+            await serve_http(
+                self.handle,
+                host=host,
+                port=port,
+                ssl_context=self.ssl_context,
+                task_status=task_status,
+            )
 
         async with trio.open_nursery() as nursery:
             self.port = await nursery.start(started)
@@ -168,7 +178,16 @@ class FakeWebPush:
         reply = self.script.next(sid)
         status = 201 if reply.status == 200 else reply.status
         self._record(
-            WebPushRecord(sid, dict(request.headers), payload, claims, "", status, request.arrived)
+            WebPushRecord(
+                sid,
+                dict(request.headers),
+                payload,
+                claims,
+                "",
+                status,
+                request.arrived,
+                request.http2,
+            )
         )
         headers = [("location", f"{self.origin}/message/{secrets.token_urlsafe(8)}")]
         if reply.retry_after is not None:
@@ -216,7 +235,14 @@ class FakeWebPush:
     ) -> HttpResponse:
         self._record(
             WebPushRecord(
-                sid, dict(request.headers), None, claims or {}, error, status, request.arrived
+                sid,
+                dict(request.headers),
+                None,
+                claims or {},
+                error,
+                status,
+                request.arrived,
+                request.http2,
             )
         )
         return HttpResponse(status, [("content-type", "text/plain")], error.encode())
