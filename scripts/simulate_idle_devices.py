@@ -372,13 +372,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from scripts.simulator.display import print_summary
 
-    if scenario.web_share > 0 and (args.config is not None or args.write_config is not None):
-        print(
-            "simulate_idle_devices.py: --web-share runs against the simulator's own gateway "
-            "(without --config, --url or --write-config)",
-            file=sys.stderr,
-        )
-        return 2
     if args.write_config is not None:
         return _write_config(args, scenario)
     settings: Settings | None = None

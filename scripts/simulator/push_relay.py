@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from push.vapid import generate_key_pem
+from push.vapid import generate_key_pem, load_private_key, public_key_b64
 from scripts.fakes import FakeApns, FakeFcm, FakeWebPush, HttpRequest, HttpResponse
 from scripts.simulator.knobs import Scenario
 from scripts.simulator.ledger import Ledger, PushRecord
@@ -37,6 +37,9 @@ class PushRelay:
         apns: The fake APNs (`FakeApns.create` makes one with fresh credentials).
         fcm: The fake FCM.
         webpush: The fake Web Push service (served only when the fleet has browsers).
+        vapid_key_file: The gateway's VAPID key, when it is not made for the run (a
+            staging or running gateway's own); browsers then subscribe with its public
+            half, so the fake refuses pushes signed with any other key.
     """
 
     def __init__(
@@ -46,13 +49,18 @@ class PushRelay:
         apns: FakeApns,
         fcm: FakeFcm,
         webpush: FakeWebPush | None = None,
+        *,
+        vapid_key_file: Path | None = None,
     ) -> None:
         self.ledger = ledger
         self.scenario = scenario
         self.apns = apns
         self.fcm = fcm
         self.webpush = webpush or FakeWebPush()
-        self.vapid_key_file: Path | None = None
+        self.vapid_key_file = vapid_key_file
+        self.application_server_key = (
+            None if vapid_key_file is None else public_key_b64(load_private_key(vapid_key_file))
+        )
         self.phones: dict[str, Phone] = {}  # by push token
         apns.handle = self._routed("apns", apns.handle)  # type: ignore[method-assign,assignment]
         fcm.handle = self._routed("fcm", fcm.handle)  # type: ignore[method-assign,assignment]
@@ -67,7 +75,8 @@ class PushRelay:
         self, directory: Path, *, apns_port: int = 0, fcm_port: int = 0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:  # fmt: skip
-        """Serve both fakes on loopback until cancelled."""
+        """Serve the fakes on loopback until cancelled (Web Push on any free port: the
+        browsers' subscriptions name it)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: self.apns.serve(port=apns_port, task_status=task_status)
@@ -80,15 +89,19 @@ class PushRelay:
             if self.scenario.web_share > 0:
                 await nursery.start(lambda task_status: self.webpush.serve(task_status=task_status))
                 if self.vapid_key_file is None:
-                    self.vapid_key_file = directory / "vapid-private.pem"
-                    self.vapid_key_file.write_bytes(generate_key_pem()[0])
+                    self.write_vapid_key(directory / "vapid-private.pem")
             task_status.started()
+
+    def write_vapid_key(self, path: Path) -> None:
+        """Make the gateway's VAPID key for the run (`gateway_push_toml` names it)."""
+        path.write_bytes(generate_key_pem()[0])
+        self.vapid_key_file = path
 
     def add(self, phone: Phone) -> None:
         """Route pushes for the phone's token to it; a browser first gets its subscription
         from the fake Web Push service, as `pushManager.subscribe` would."""
         if phone.platform == "web":
-            subscription = self.webpush.subscribe()
+            subscription = self.webpush.subscribe(self.application_server_key)
             phone.subscribe(subscription.id, subscription.to_json())
         self.phones[phone.push_token] = phone
 
