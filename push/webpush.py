@@ -10,9 +10,10 @@ Each wake-up is one ``POST`` to the subscription's endpoint:
 
 httpx runs on Trio directly (through its Trio backend), so unlike APNs and FCM this provider
 needs no asyncio island. One connection pool serves every push service, over HTTP/2 where
-the service negotiates it and HTTP/1.1 otherwise. Redirects are never followed, proxies from the environment are
-ignored, and the endpoint is checked against `[push.webpush] allowed_hosts` before every
-request, as it was at registration (`push.subscription`).
+the service negotiates it and HTTP/1.1 otherwise. Redirects are never followed, proxies
+from the environment are ignored, answers are read only up to `MAX_RESPONSE_BYTES`, and
+the endpoint is checked against `[push.webpush] allowed_hosts` before every request, as it
+was at registration (`push.subscription`).
 
 Answers: 2xx is sent; 404 and 410 mean the subscription is gone (the dispatcher clears it,
 unless the device registered again since); 429 and 5xx are retried, honouring
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 WAKE = b'{"wake":1}'
 WAKE_CLEAR = b'{"wake":1,"clear":1}'
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")  # RFC 8030 section 5.4
+# Push services answer with an empty or a short body; more than this is not read (and the
+# connection is then closed rather than reused).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 def topic_for(collapse_id: str) -> str:
@@ -189,9 +193,19 @@ class WebPushProvider:
             "Authorization": self.signer.authorization(origin(url), now),
         }
         try:
-            response = await client.post(url, content=body, headers=headers)
+            async with client.stream("POST", url, content=body, headers=headers) as response:
+                await _skim(response)
         except httpx.TimeoutException:
             return PushResult(Outcome.RETRY, None, "timeout")
         except httpx.HTTPError as exc:
             return PushResult(Outcome.RETRY, None, f"connection: {type(exc).__name__}")
         return classify(response.status_code, response.headers.get("retry-after"), now)
+
+
+async def _skim(response: httpx.Response) -> None:
+    """Read (and drop) the body, so the connection can be reused, up to a bound."""
+    seen = 0
+    async for chunk in response.aiter_bytes():
+        seen += len(chunk)
+        if seen > MAX_RESPONSE_BYTES:
+            break

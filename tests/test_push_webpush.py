@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -282,8 +284,6 @@ def _notification(
 
 
 async def _send(provider: WebPushProvider, notification: Notification) -> object:
-    import trio
-
     async with trio.open_nursery() as nursery:
         await nursery.start(provider.run)
         result = await provider.send(notification)
@@ -401,3 +401,20 @@ def test_the_provider_needs_a_subject_and_a_key(tmp_path: Path) -> None:
     key_file.write_bytes(generate_key_pem()[0])
     with pytest.raises(CredentialsError, match="subject"):
         WebPushProvider(WebPushSettings(vapid_private_key_file=key_file))
+
+
+async def test_a_huge_answer_is_not_read_into_memory(tmp_path: Path) -> None:
+    chunks_read = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal chunks_read
+        while True:
+            chunks_read += 1
+            yield b"x" * 16384
+
+    recorder = Recorder(httpx.Response(201, content=endless()))
+    provider, _ = _provider(tmp_path, recorder)
+    with trio.fail_after(10):
+        result = await _send(provider, _notification()[0])
+    assert result.outcome is Outcome.SENT  # type: ignore[attr-defined]
+    assert chunks_read <= 6  # 64 KiB, then the connection is dropped
