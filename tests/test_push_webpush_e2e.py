@@ -200,18 +200,21 @@ async def test_a_subscription_to_an_unlisted_host_is_refused_and_never_contacted
     )
     async with running_server(settings) as server:
         async with connect(server.url, token("bob", "browser"), reconnect=False) as bob:
-            frames = [
-                fake.subscribe().to_json(),
+            # Each is checked before the next, and the last is the fake's own loopback
+            # endpoint: whatever fails, a wake-up could only ever reach the fake.
+            subscriptions = [
                 {**fake.subscribe().to_json(), "endpoint": "https://10.0.0.1/push/x"},
                 {**fake.subscribe().to_json(), "endpoint": "https://169.254.169.254/latest"},
+                {**fake.subscribe().to_json(), "endpoint": "https://[fd00::1]/push/x"},
                 {**fake.subscribe().to_json(), "endpoint": "http://push.example.com/x"},
+                fake.subscribe().to_json(),
             ]
-            for subscription in frames:
+            for subscription in subscriptions:
                 await bob.register_push("webpush", subscription=subscription)
                 with trio.fail_after(10):
                     error = await bob.next_event()
                 assert error["code"] == "bad_field" and "endpoint" in error["reason"]
-        assert await server.store.push_token("bob", "browser") is None
+                assert await server.store.push_token("bob", "browser") is None
         async with connect(server.url, token("alice", "phone")) as alice:
             await alice.send("bob", b"x", urgent=True)
         push = dispatcher(server)
