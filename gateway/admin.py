@@ -40,7 +40,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -99,6 +99,7 @@ class Response:
     status: int
     body: bytes
     content_type: bytes = b"application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @classmethod
     def json(cls, status: int, payload: Any) -> Response:
@@ -186,7 +187,7 @@ class AdminApi:
             body = await self._read_body(receive, headers)
             request = Request(scope["method"], _segments(scope), headers, body)
             response = await self._route(request)
-            extra: list[tuple[bytes, bytes]] = []
+            extra: list[tuple[bytes, bytes]] = response.headers
         except HttpError as exc:
             response = Response.json(exc.status, {"error": exc.code, "detail": exc.detail})
             extra = exc.headers
@@ -278,7 +279,10 @@ class AdminApi:
             raise HttpError(
                 404, "not_configured", "Web Push is off: set [push.webpush] vapid_private_key_file"
             )
-        return Response.json(200, {"public_key": self.vapid_public_key})
+        response = Response.json(200, {"public_key": self.vapid_public_key})
+        # Public by design: any page may read it (it is in every subscribing web app anyway).
+        response.headers.append((b"access-control-allow-origin", b"*"))
+        return response
 
     # -- probes -------------------------------------------------------------------------
 

@@ -76,8 +76,11 @@ def dispatcher(server: GatewayServer) -> PushDispatcher:
 async def vapid_public_key(server: GatewayServer) -> str:
     """What a web app fetches before `pushManager.subscribe` (no API key needed)."""
     async with httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http:
-        response = await http.get("/v1/webpush/vapid-public-key")
+        response = await http.get(
+            "/v1/webpush/vapid-public-key", headers={"origin": "https://app.example.com"}
+        )
     assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
     key: str = response.json()["public_key"]
     return key
 
