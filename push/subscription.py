@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
-MAX_ENDPOINT_BYTES = 2048  # real endpoints are 150-400 bytes
+MAX_ENDPOINT_BYTES = 1024  # real endpoints are 150-400 bytes; stored and cached per device
 P256DH_BYTES = 65  # an uncompressed P-256 point: 0x04 || X || Y
 AUTH_BYTES = 16
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

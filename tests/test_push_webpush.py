@@ -138,6 +138,7 @@ def test_the_public_browser_push_services_are_allowed_by_default(endpoint: str) 
         "not a url",
         "https:///nohost",
         "https://fcm.googleapis.com./fcm/send/x",  # a trailing dot
+        "https://fcm.googleapis.com/fcm/send/" + "a" * 1000,  # longer than 1024 bytes
     ],
 )
 def test_other_endpoints_are_refused(endpoint: str) -> None:
