@@ -2,8 +2,9 @@
 
 Each wake-up is one ``POST`` to the subscription's endpoint:
 
-- the body is ``{"wake":1}`` (``{"wake":1,"clear":1}`` for a clear), encrypted for the
-  subscription with aes128gcm (RFC 8291, `push.ece`): no content, sender or count;
+- the body is ``{"wake":1}`` (``{"wake":1,"clear":1}`` for a wake-up of kind ``clear``),
+  encrypted for the subscription with aes128gcm (RFC 8291, `push.ece`): no content,
+  sender or count;
 - ``TTL`` is `[push] ttl`, ``Urgency`` is ``high`` for an alert and ``normal`` otherwise,
   ``Topic`` is the collapse id (so a newer wake-up replaces one still waiting);
 - ``Authorization: vapid t=JWT, k=KEY`` (RFC 8292, `push.vapid`) for the endpoint's origin.
