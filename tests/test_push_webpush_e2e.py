@@ -7,6 +7,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,19 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.cli import main
 from gateway.client import GatewayClient, SendRefused, connect
 from gateway.server import GatewayServer
 from push.dispatcher import PushDispatcher
+from push.ece import encrypt
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
 from push.settings import WebPushSettings
 from push.store import PushToken
-from push.subscription import HostPolicy, parse_subscription
-from push.vapid import generate_key_pem, load_private_key, public_key_b64
+from push.subscription import HostPolicy, b64url_decode, parse_subscription
+from push.vapid import VapidSigner, generate_key_pem, load_private_key, public_key_b64
 from push.webpush import WebPushProvider
 from scripts.fakes import FakeSubscription, FakeWebPush, Reply
 from scripts.fakes.credentials import CertificateAuthority
@@ -314,3 +317,41 @@ async def test_wake_ups_go_over_http2_and_tls_when_the_service_offers_them(
     (record,) = fake.records
     assert record.payload == {"wake": 1} and record.claims["aud"] == fake.origin
     assert fake.origin.startswith("https://") and record.http2
+
+
+async def test_the_fake_refuses_what_a_push_service_would(fake: FakeWebPush) -> None:
+    """Wrong key, wrong audience, expired or far-future token, bad headers, bad body."""
+    gateway_key = ec.generate_private_key(ec.SECP256R1())
+    signer = VapidSigner(gateway_key, SUBJECT)
+    subscription = fake.subscribe(application_server_key=signer.public_key)
+    keys = subscription.to_json()["keys"]
+    body = encrypt(b'{"wake":1}', b64url_decode(keys["p256dh"]), b64url_decode(keys["auth"]))
+    now = time.time()
+    good = {
+        "TTL": "60",
+        "Content-Encoding": "aes128gcm",
+        "Authorization": signer.authorization(fake.origin, now),
+    }
+    other = VapidSigner(ec.generate_private_key(ec.SECP256R1()), SUBJECT)
+
+    def signed_at(when: float) -> str:  # a fresh signer: no cached token
+        return VapidSigner(gateway_key, SUBJECT).authorization(fake.origin, when)
+
+    cases = [
+        ({}, body, 201),
+        ({"Authorization": other.authorization(fake.origin, now)}, body, 403),
+        ({"Authorization": signer.authorization("http://127.0.0.1:1", now)}, body, 401),
+        ({"Authorization": signed_at(now - 13 * 3600)}, body, 401),  # expired an hour ago
+        ({"Authorization": signed_at(now + 13 * 3600)}, body, 401),  # expires in 25 hours
+        ({"Authorization": ""}, body, 401),
+        ({"TTL": ""}, body, 400),
+        ({"Content-Encoding": "aesgcm"}, body, 400),
+        ({"Topic": "not a topic!"}, body, 400),
+        ({}, body[:-1] + bytes([body[-1] ^ 1]), 400),
+    ]
+    async with httpx.AsyncClient(timeout=10) as http:
+        for changes, content, status in cases:
+            headers = {k: v for k, v in {**good, **changes}.items() if v}
+            response = await http.post(subscription.endpoint, content=content, headers=headers)
+            assert response.status_code == status, (changes, response.text)
+    assert [r.payload for r in fake.records if not r.error] == [{"wake": 1}]
