@@ -4,6 +4,7 @@
 GET    /healthz                            liveness (no key)
 GET    /readyz                             readiness: 503 while draining or the store is down
 GET    /metrics                            Prometheus text (no key)
+GET    /v1/webpush/vapid-public-key        the Web Push application server key (no key)
 POST   /v1/messages                        a server-originated message: 202 once durable
 GET    /v1/users/{user}/devices            a user's devices, last-seen, has_push
 PUT    /v1/users/{user}/devices/{device}   pre-register a device
@@ -11,8 +12,9 @@ DELETE /v1/users/{user}/devices/{device}   revoke: forget it, refuse its older t
                                            its connection
 ```
 
-Everything but the probes and `/metrics` needs ``Authorization: Bearer <[admin] api_key>``;
-without a configured key those endpoints answer 403. Errors are JSON,
+Everything but the probes, `/metrics` and the VAPID public key needs
+``Authorization: Bearer <[admin] api_key>``; without a configured key those endpoints
+answer 403. Errors are JSON,
 ``{"error": CODE, "detail": TEXT}``, with a fitting status.
 
 The server is hypercorn's Trio worker running this module's small ASGI application.
@@ -38,7 +40,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -58,6 +60,8 @@ from gateway.send_path import SendPath
 from gateway.session import CloseCode
 from gateway.settings import Settings
 from gateway.store import MessageStore
+from push.errors import CredentialsError
+from push.vapid import load_private_key, public_key_b64
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,7 @@ class Response:
     status: int
     body: bytes
     content_type: bytes = b"application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     @classmethod
     def json(cls, status: int, payload: Any) -> Response:
@@ -166,6 +171,7 @@ class AdminApi:
         self.registry = metrics
         self.revocations = revocations
         self.api_key = settings.admin.api_key
+        self.vapid_public_key = _vapid_public_key(settings)
         # A base64 body of max_message_size bytes, plus room for the other fields.
         self.max_body = settings.server.max_message_size * 4 // 3 + 16 * 1024
 
@@ -181,7 +187,7 @@ class AdminApi:
             body = await self._read_body(receive, headers)
             request = Request(scope["method"], _segments(scope), headers, body)
             response = await self._route(request)
-            extra: list[tuple[bytes, bytes]] = []
+            extra: list[tuple[bytes, bytes]] = response.headers
         except HttpError as exc:
             response = Response.json(exc.status, {"error": exc.code, "detail": exc.detail})
             extra = exc.headers
@@ -234,6 +240,9 @@ class AdminApi:
             case ["metrics"]:
                 _allow(method, "GET", "HEAD")
                 return Response(200, render(self.registry), CONTENT_TYPE.encode())
+            case ["v1", "webpush", "vapid-public-key"]:
+                _allow(method, "GET", "HEAD")
+                return self._vapid_public_key()
             case ["v1", "messages"]:
                 _allow(method, "POST")
                 self._authorize(request)
@@ -263,6 +272,17 @@ class AdminApi:
                 "a valid Authorization: Bearer <api_key> header is required",
                 [(b"www-authenticate", b'Bearer realm="gateway"')],
             )
+
+    def _vapid_public_key(self) -> Response:
+        """The key web apps pass to `pushManager.subscribe` as `applicationServerKey`."""
+        if self.vapid_public_key is None:
+            raise HttpError(
+                404, "not_configured", "Web Push is off: set [push.webpush] vapid_private_key_file"
+            )
+        response = Response.json(200, {"public_key": self.vapid_public_key})
+        # Public by design: any page may read it (it is in every subscribing web app anyway).
+        response.headers.append((b"access-control-allow-origin", b"*"))
+        return response
 
     # -- probes -------------------------------------------------------------------------
 
@@ -366,6 +386,17 @@ class AdminApi:
             raise HttpError(404, "unknown_device", "no such device")
         answer = {"user": user, "device": device, "revoked": True, "kicked": kicked}
         return Response.json(200, answer)
+
+
+def _vapid_public_key(settings: Settings) -> str | None:
+    """The configured VAPID public key (base64url), or None without a usable key."""
+    path = settings.push.webpush.vapid_private_key_file
+    if path is None:
+        return None
+    try:
+        return public_key_b64(load_private_key(path))
+    except CredentialsError:
+        return None  # logged by the push provider built from the same settings
 
 
 async def _store_call(call: Awaitable[Any]) -> Any:

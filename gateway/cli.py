@@ -1,4 +1,4 @@
-"""The `gateway` command: `serve`, `token` and `check-config`."""
+"""The `gateway` command: `serve`, `token`, `check-config` and `webpush-keygen`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,6 +21,7 @@ from gateway.settings import DEV_JWT_SECRET, Settings, load_settings, masked_url
 from gateway.workers import check_workers, run_workers
 from push.errors import CredentialsError
 from push.providers import check_credentials
+from push.vapid import generate_key_pem, load_private_key, public_key_b64
 
 if TYPE_CHECKING:
     from gateway.server import GatewayServer
@@ -48,7 +50,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument(
         "--workers", type=int, default=1, help="also check it for `serve --workers N`"
     )
+    keygen = commands.add_parser("webpush-keygen", help="write a VAPID key pair for [push.webpush]")
+    keygen.add_argument(
+        "--out",
+        default="vapid-private.pem",
+        help="the private key file, for vapid_private_key_file (default: vapid-private.pem)",
+    )
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
+    if args.command == "webpush-keygen":
+        return _webpush_keygen(Path(args.out), force=args.force)
     try:
         if args.command == "serve":
             settings = load_settings(args.config)
@@ -76,6 +87,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
+
+
+def _webpush_keygen(private_path: Path, *, force: bool) -> int:
+    """Write a new P-256 key pair: the private key (mode 0600) and its public key beside it."""
+    public_path = private_path.with_name(private_path.name.removesuffix(".pem") + ".pub.pem")
+    if not force:
+        for path in (private_path, public_path):
+            if path.exists():
+                print(f"gateway: {path} exists (--force to replace it)", file=sys.stderr)
+                return 1
+    private_pem, public_pem = generate_key_pem()
+    try:
+        private_path.unlink(missing_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(private_pem)
+        public_path.write_bytes(public_pem)
+    except OSError as exc:
+        print(f"gateway: cannot write the key: {exc}", file=sys.stderr)
+        return 1
+    key = public_key_b64(load_private_key(private_path))
+    print(f"wrote {private_path} (private: vapid_private_key_file) and {public_path}")
+    print(f"application server key (for pushManager.subscribe): {key}")
+    return 0
 
 
 def _summary(settings: Settings) -> str:

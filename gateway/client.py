@@ -287,11 +287,17 @@ class GatewayClient:
 
     async def register_push(
         self, provider: str | None, token: str | None = None, *, topic: str | None = None,
-        sandbox: bool = False,
+        sandbox: bool = False, subscription: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
-        """Set, replace or (with provider None) remove this device's push token."""
+        """Set, replace or (with provider None) remove this device's push token.
+
+        A browser-like device registers with ``provider="webpush"`` and `subscription`
+        (``{"endpoint": URL, "keys": {"p256dh": ..., "auth": ...}}``) instead of a token.
+        """
         frame: dict[str, Any] = {"t": "push", "provider": provider}
-        if provider is not None:
+        if provider == "webpush":
+            frame["subscription"] = subscription
+        elif provider is not None:
             frame.update(token=token, sandbox=sandbox)
             if topic is not None:
                 frame["topic"] = topic

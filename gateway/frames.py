@@ -14,6 +14,8 @@ from typing import Any
 
 from gateway.store.base import ItemKind, QueueItem
 from presence.state import PresenceItem
+from push.settings import DEFAULT_WEBPUSH_HOSTS
+from push.subscription import HostPolicy, SubscriptionError, parse_subscription
 
 MAX_USER_BYTES = 128
 MAX_DEVICE_BYTES = 64
@@ -87,6 +89,9 @@ class Privacy:
 
 @dataclass(frozen=True, slots=True)
 class PushRegistration:
+    """A push registration; for ``webpush`` the token is the validated subscription's
+    stored form (`push.subscription.WebPushSubscription.to_token`)."""
+
     provider: str | None
     token: str | None
     topic: str | None
@@ -108,10 +113,17 @@ ClientFrame = (
 
 
 class FrameParser:
-    """Turns decoded CBOR maps into client frames, enforcing the v1 field rules."""
+    """Turns decoded CBOR maps into client frames, enforcing the v1 field rules.
 
-    def __init__(self, *, max_ttl: int) -> None:
+    Args:
+        max_ttl: The largest `ttl` a `send` may ask for.
+        webpush_hosts: The push services a Web Push subscription may point at
+            (`[push.webpush] allowed_hosts`; default: the public browser push services).
+    """
+
+    def __init__(self, *, max_ttl: int, webpush_hosts: HostPolicy | None = None) -> None:
         self.max_ttl = max_ttl
+        self.webpush_hosts = webpush_hosts or HostPolicy(DEFAULT_WEBPUSH_HOSTS)
         self._parsers: dict[str, Callable[[dict[str, Any]], ClientFrame]] = {
             "hello": self._hello,
             "send": self._send,
@@ -222,12 +234,20 @@ class FrameParser:
 
     def _push(self, f: dict[str, Any]) -> PushRegistration:
         if "provider" not in f:
-            raise FrameError("bad_field", "'provider' is required ('apns', 'fcm' or null)")
+            raise FrameError(
+                "bad_field", "'provider' is required ('apns', 'fcm', 'webpush' or null)"
+            )
         provider = f["provider"]
         if provider is None:
             return PushRegistration(None, None, None, False)
+        if provider == "webpush":
+            try:
+                subscription = parse_subscription(f.get("subscription"), self.webpush_hosts)
+            except SubscriptionError as exc:
+                raise FrameError("bad_field", str(exc)) from None
+            return PushRegistration("webpush", subscription.to_token(), None, False)
         if provider not in ("apns", "fcm"):
-            raise FrameError("bad_field", "'provider' must be 'apns', 'fcm' or null")
+            raise FrameError("bad_field", "'provider' must be 'apns', 'fcm', 'webpush' or null")
         topic = f.get("topic")
         if topic is not None and not (isinstance(topic, str) and _fits(topic, 256)):
             raise FrameError("bad_field", "'topic' must be text")

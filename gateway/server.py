@@ -52,6 +52,7 @@ from gateway.wake import Waker
 from gateway.workers import open_reuseport_listeners
 from push.dispatcher import PushDispatcher
 from push.providers import build_providers
+from push.subscription import HostPolicy
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,10 @@ async def serve_gateway(
                     EdgeContext(
                         server=server_settings,
                         limits=settings.limits,
-                        parser=FrameParser(max_ttl=server_settings.max_ttl),
+                        parser=FrameParser(
+                            max_ttl=server_settings.max_ttl,
+                            webpush_hosts=HostPolicy(settings.push.webpush.allowed_hosts),
+                        ),
                         router=router,
                         sessions=sessions,
                         queue=store,

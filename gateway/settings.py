@@ -24,6 +24,7 @@ from gateway.errors import ConfigError
 
 # The [push] section's types belong to push; they are named here with the other sections.
 from push.settings import PushSettings
+from push.subscription import HostPolicy, SubscriptionError
 
 ENV_PREFIX = "GATEWAY__"
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-before-production"
@@ -202,6 +203,7 @@ _MUST_EXIST = {
     "cert_file",
     "ca_file",
     "service_account_file",
+    "vapid_private_key_file",
 }
 _POSITIVE = {
     "max_message_size",
@@ -341,6 +343,8 @@ def _build(
 def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Path) -> Any:
     name = _name(path)
     key = path[-1]
+    if typing.get_origin(hint) is tuple:
+        return _string_list(value, name, origin)
     optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if optional and value == "":
@@ -390,6 +394,15 @@ def _coerce(hint: Any, value: Any, path: tuple[str, ...], origin: str, base: Pat
     return value
 
 
+def _string_list(value: Any, name: str, origin: str) -> tuple[str, ...]:
+    """A list of strings: a TOML array, or one comma-separated string (from the environment)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{origin}: {name} must be an array of strings")
+    return tuple(v.strip() for v in value if v.strip())
+
+
 def _check_consistency(settings: Settings, source: str) -> None:
     server, auth, apns = settings.server, settings.auth, settings.push.apns
     try:
@@ -426,6 +439,24 @@ def _check_consistency(settings: Settings, source: str) -> None:
     ):
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"{source}: {label} must start with http:// or https://")
+    _check_webpush(settings, source)
+
+
+def _check_webpush(settings: Settings, source: str) -> None:
+    webpush = settings.push.webpush
+    try:
+        HostPolicy(webpush.allowed_hosts)
+    except SubscriptionError as exc:
+        raise ConfigError(f"{source}: [push.webpush] allowed_hosts: {exc}") from None
+    if webpush.subject is not None and not webpush.subject.startswith(("mailto:", "https://")):
+        raise ConfigError(
+            f"{source}: [push.webpush] subject must be a mailto: or https:// URL "
+            f"(the push services' contact for this server)"
+        )
+    if webpush.vapid_private_key_file is not None and not webpush.subject:
+        raise ConfigError(
+            f"{source}: [push.webpush] subject is required with vapid_private_key_file"
+        )
 
 
 def _name(path: tuple[str, ...]) -> str:

@@ -79,8 +79,8 @@ class PushDispatcher:
 
     Args:
         settings: The `[push]` settings.
-        providers: Provider per token provider name (``"apns"``, ``"fcm"``). Tokens of any
-            other provider go to the `log` provider.
+        providers: Provider per token provider name (``"apns"``, ``"fcm"``, ``"webpush"``).
+            Tokens of any other provider go to the `log` provider.
         clock: The policy's clock (default `trio.current_time`).
         wall_ms: Wall-clock milliseconds, comparable with push token registration times.
         rng: Randomness for the backoff jitter.

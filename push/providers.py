@@ -41,6 +41,8 @@ def configured(settings: PushSettings) -> list[str]:
         names.append("apns")
     if settings.fcm.service_account_file is not None:
         names.append("fcm")
+    if settings.webpush.vapid_private_key_file is not None:
+        names.append("webpush")
     return names
 
 
@@ -83,6 +85,10 @@ def _build(name: str, settings: PushSettings) -> Provider:
         from push.apns import ApnsProvider
 
         return ApnsProvider(settings.apns)
+    if name == "webpush":
+        from push.webpush import WebPushProvider
+
+        return WebPushProvider(settings.webpush, request_timeout=settings.request_timeout)
     from push.fcm import FcmProvider
 
     return FcmProvider(settings.fcm, request_timeout=settings.request_timeout)

@@ -1,4 +1,5 @@
-"""Push's settings: the `[push]` table and its `[push.apns]` and `[push.fcm]` sub-tables.
+"""Push's settings: the `[push]` table and its `[push.apns]`, `[push.fcm]` and
+`[push.webpush]` sub-tables.
 
 The gateway's configuration loader reads and validates these tables from TOML and the
 environment and builds these types; push only reads them. Defaults are the embedded
@@ -34,6 +35,33 @@ class FcmSettings:
     endpoint: str | None = None
 
 
+# The push services of the browsers in use, and nothing else (checked against each
+# browser's subscription endpoints): Chrome, Edge's Chromium builds on Android, Opera,
+# Samsung Internet and Brave (FCM); Firefox (Mozilla autopush); Edge on Windows (WNS, one
+# host per region such as wns2-par02p.notify.windows.com); Safari 16+ (Apple).
+DEFAULT_WEBPUSH_HOSTS: tuple[str, ...] = (
+    "fcm.googleapis.com",
+    "updates.push.services.mozilla.com",
+    "*.notify.windows.com",
+    "web.push.apple.com",
+)
+
+
+@dataclass(frozen=True)
+class WebPushSettings:
+    """`[push.webpush]`: the VAPID key and the push services the gateway may post to.
+
+    `allowed_hosts` entries are host names, or ``*.example.com`` for any host below
+    example.com. A loopback host (``127.0.0.1``, ``::1``, ``localhost``) is allowed only
+    when listed, on any port and over ``http://`` too; every other host must be reached
+    over ``https://`` on port 443.
+    """
+
+    vapid_private_key_file: Path | None = None
+    subject: str | None = None
+    allowed_hosts: tuple[str, ...] = DEFAULT_WEBPUSH_HOSTS
+
+
 @dataclass(frozen=True)
 class PushSettings:
     """`[push]`: the wake-up policy, plus one sub-table per provider."""
@@ -56,3 +84,4 @@ class PushSettings:
     request_timeout: float = 10.0
     apns: ApnsSettings = field(default_factory=ApnsSettings)
     fcm: FcmSettings = field(default_factory=FcmSettings)
+    webpush: WebPushSettings = field(default_factory=WebPushSettings)

@@ -1,12 +1,14 @@
-"""Simulate a fleet of iOS and Android phones that sleep, get woken by pushes, and drain.
+"""Simulate a fleet of iOS and Android phones (and browsers) that sleep, get woken by pushes,
+and drain.
 
     python -m scripts.simulate_idle_devices                      # the default scenario, < 30 s
     python -m scripts.simulate_idle_devices --devices 200 --rate 50 --push-loss 0.5 --plot sim.png
 
 It starts the gateway in its own process (or uses a running one with --url), serves a fake
 APNs (HTTP/2 over TLS, provider JWT verified) and a fake FCM (OAuth + HTTP v1) in this
-process, and routes every wake-up the gateway sends to the simulated phone that registered
-the token. Phones sleep by closing their socket, reconnect after a realistic delay when
+process (and, with --web-share, a fake Web Push service that verifies VAPID and decrypts
+each wake-up), and routes every wake-up the gateway sends to the simulated phone that
+registered the token. Phones sleep by closing their socket, reconnect after a realistic delay when
 their push arrives, drain their queue, ack, answer now and then, and sleep again. Active
 phones send messages (urgent and not) and read receipts; the network drops connections at
 random. At the end every phone opens the app (the final drain), then the simulator checks
@@ -101,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--ios-share",
         type=_share,
         default=d.ios_share,
-        help="share of iOS phones; the rest are Android (default %(default)s)",
+        help="share of iOS phones among the phones; the rest are Android (default %(default)s)",
+    )
+    fleet.add_argument(
+        "--web-share",
+        type=_share,
+        default=d.web_share,
+        help="share of browser devices, woken through a fake Web Push service; the rest are "
+        "phones (default %(default)s)",
     )
     fleet.add_argument(
         "--idle-fraction",
@@ -255,6 +264,7 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
         Scenario(),
         devices=args.devices,
         ios_share=args.ios_share,
+        web_share=args.web_share,
         idle_fraction=args.idle_fraction,
         rate=args.rate,
         duration=args.duration,

@@ -197,3 +197,55 @@ def test_missing_arguments_are_usage_errors(argv, capsys):
 
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+# -- webpush-keygen ------------------------------------------------------------------------
+
+
+def test_webpush_keygen_writes_a_key_pair_that_check_config_accepts(tmp_path, capsys):
+    private = tmp_path / "keys" / "vapid.pem"
+    private.parent.mkdir()
+
+    assert main(["webpush-keygen", "--out", str(private)]) == 0
+
+    out = capsys.readouterr().out
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+    public = serialization.load_pem_public_key((tmp_path / "keys" / "vapid.pub.pem").read_bytes())
+    assert public.public_numbers() == key.public_key().public_numbers()
+    raw = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    import base64
+
+    assert base64.urlsafe_b64encode(raw).rstrip(b"=").decode() in out
+    path = write(
+        tmp_path / "gateway.toml",
+        '[push.webpush]\nvapid_private_key_file = "keys/vapid.pem"\n'
+        'subject = "mailto:ops@example.com"\n',
+    )
+    assert main(["check-config", str(path)]) == 0
+    assert "push: webpush" in capsys.readouterr().out
+
+
+def test_webpush_keygen_never_overwrites_without_force(tmp_path, capsys):
+    private = tmp_path / "vapid.pem"
+    private.write_text("keep me")
+
+    assert main(["webpush-keygen", "--out", str(private)]) == 1
+    assert "exists" in capsys.readouterr().err and private.read_text() == "keep me"
+    assert main(["webpush-keygen", "--out", str(private), "--force"]) == 0
+    assert private.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+
+
+def test_check_config_names_an_unusable_vapid_key(tmp_path, capsys):
+    write(tmp_path / "vapid.pem", "not a key")
+    path = write(
+        tmp_path / "gateway.toml",
+        '[push.webpush]\nvapid_private_key_file = "vapid.pem"\nsubject = "mailto:a@b.example"\n',
+    )
+
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[push.webpush] vapid_private_key_file" in err and "vapid.pem" in err

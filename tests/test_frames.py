@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import cbor2
@@ -25,6 +26,7 @@ from gateway.frames import (
 )
 from gateway.store import ItemKind, QueueItem
 from presence.state import PresenceItem
+from push.subscription import HostPolicy
 
 MAX_TTL = 3600
 
@@ -413,6 +415,50 @@ def test_push_mistakes_are_bad_fields(parser, frame):
 
 def test_push_without_a_provider_is_a_bad_field_not_a_removal(parser):
     bad_field(parser, {"t": "push", "token": "tok"})
+
+
+P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+AUTH = "BTBZMqHH6r4Tts7J_aSIgg"
+MOZILLA = "https://updates.push.services.mozilla.com/wpush/v2/gAAAAABexample"
+
+
+def webpush(endpoint: str = MOZILLA, **keys: Any) -> dict[str, Any]:
+    subscription = {"endpoint": endpoint, "keys": {"p256dh": P256DH, "auth": AUTH, **keys}}
+    return {"t": "push", "provider": "webpush", "subscription": subscription}
+
+
+def test_a_web_push_subscription_becomes_a_stored_token(parser):
+    sent = webpush()
+    sent["subscription"]["expirationTime"] = None  # PushSubscription.toJSON() has it too
+    frame = parser.parse(sent)
+    assert isinstance(frame, PushRegistration)
+    assert (frame.provider, frame.topic, frame.sandbox) == ("webpush", None, False)
+    assert frame.token is not None
+    assert json.loads(frame.token) == webpush()["subscription"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        (webpush("https://10.0.0.1/wpush"), "subscription.endpoint"),
+        (webpush("http://updates.push.services.mozilla.com/wpush"), "subscription.endpoint"),
+        (webpush("https://127.0.0.1/wpush"), "subscription.endpoint"),
+        (webpush(p256dh=AUTH), "subscription.keys.p256dh"),
+        (webpush(auth=P256DH), "subscription.keys.auth"),
+        ({"t": "push", "provider": "webpush"}, "subscription"),
+        ({"t": "push", "provider": "webpush", "subscription": {"endpoint": MOZILLA}}, "keys"),
+    ],
+)
+def test_web_push_mistakes_are_bad_fields_naming_the_field(parser, frame, field):
+    error = bad_field(parser, frame)
+    assert field in error.reason
+    assert "10.0.0.1" not in error.reason and "mozilla" not in error.reason
+
+
+def test_the_web_push_hosts_come_from_configuration():
+    parser = FrameParser(max_ttl=MAX_TTL, webpush_hosts=HostPolicy(["127.0.0.1"]))
+    assert parser.parse(webpush("http://127.0.0.1:8080/push/a")).provider == "webpush"
+    bad_field(parser, webpush())  # the defaults no longer apply
 
 
 # -- server frames -------------------------------------------------------------------------

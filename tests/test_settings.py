@@ -425,3 +425,50 @@ def test_a_redis_cluster_setting_that_cannot_work_is_refused(config, text, words
     message = config_error(config(text))
 
     assert all(word in message for word in words), message
+
+
+# -- [push.webpush] -----------------------------------------------------------------------------
+
+
+def test_webpush_allowed_hosts_default_to_the_browser_push_services():
+    hosts = load_settings(None, env={}).push.webpush.allowed_hosts
+    assert set(hosts) == {
+        "fcm.googleapis.com",
+        "updates.push.services.mozilla.com",
+        "*.notify.windows.com",
+        "web.push.apple.com",
+    }
+
+
+def test_webpush_allowed_hosts_from_a_file_or_the_environment(config):
+    path = config('[push.webpush]\nallowed_hosts = ["fcm.googleapis.com", "127.0.0.1"]\n')
+    assert load_settings(path, env={}).push.webpush.allowed_hosts == (
+        "fcm.googleapis.com",
+        "127.0.0.1",
+    )
+    env = {"GATEWAY__PUSH__WEBPUSH__ALLOWED_HOSTS": "fcm.googleapis.com, ::1"}
+    assert load_settings(None, env=env).push.webpush.allowed_hosts == ("fcm.googleapis.com", "::1")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('allowed_hosts = ["10.0.0.1"]', "allowed_hosts: '10.0.0.1': not a host name"),
+        ('allowed_hosts = ["*.com"]', "allowed_hosts: '*.com': a wildcard"),
+        ("allowed_hosts = 5", "allowed_hosts must be an array of strings"),
+        ('subject = "ops@example.com"', "subject must be a mailto: or https:// URL"),
+        ('vapid_private_key_file = "missing.pem"', "vapid_private_key_file: file not found"),
+    ],
+)
+def test_webpush_errors_name_the_file_and_key(config, text, message):
+    path = config(f"[push.webpush]\n{text}\n")
+    with pytest.raises(ConfigError, match=f"^{path}: \\[push.webpush\\] ") as caught:
+        load_settings(path, env={})
+    assert message in str(caught.value)
+
+
+def test_a_vapid_key_needs_a_subject(config, tmp_path):
+    (tmp_path / "vapid.pem").write_text("checked by the provider")
+    path = config('[push.webpush]\nvapid_private_key_file = "vapid.pem"\n')
+    with pytest.raises(ConfigError, match="subject is required"):
+        load_settings(path, env={})

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from push.vapid import generate_key_pem
 from scripts.fakes.credentials import make_p8, make_service_account
 from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.loopback import free_port
@@ -69,6 +70,35 @@ async def test_a_short_scenario_delivers_everything_through_pushes(tmp_path: Pat
     assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+async def test_browser_devices_are_woken_through_the_fake_web_push(tmp_path: Path) -> None:
+    status, summary, text = await simulate(tmp_path, "--web-share", "0.5")
+    assert status == 0, text
+    m, p = summary["messages"], summary["pushes"]
+    assert summary["ok"] and m["delivered"] == m["sent"] > 0
+    kinds = p["by_provider_and_kind"]
+    assert {k.split()[0] for k in kinds} == {"apns", "fcm", "webpush"}, kinds
+    # Every Web Push request passed the fake's VAPID check and decrypted to a wake-up.
+    assert summary["errors"] == {} and p["rejected"] == 0
+    assert "Web Push" in text
+
+
+async def test_browser_devices_need_a_vapid_key_in_a_staging_configuration(
+    tmp_path: Path,
+) -> None:
+    apns = 'key_file = "AuthKey_ABC123DEFG.p8"\nkey_id = "ABC123DEFG"\nteam_id = "DEF123GHIJ"\n'
+    config = staging_files(tmp_path, apns + 'topic = "com.example.staging"')
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, *SCRIPT, "--web-share", "0.2", "--config", str(config), "--no-live"],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert b"--web-share needs [push.webpush] vapid_private_key_file" in done.stderr
+
+
 async def test_a_message_deleted_from_the_store_fails_the_run(tmp_path: Path) -> None:
     # Every push is lost and nothing drops, so sleeping phones keep their items queued
     # until the final drain; one of them is deleted from the SQLite file behind the
@@ -100,9 +130,10 @@ async def test_phones_left_asleep_fail_the_run_with_their_items_still_queued(
     assert any("left with" in why for why in summary["failures"])
 
 
-def staging_files(directory: Path, apns: str) -> Path:
+def staging_files(directory: Path, apns: str, webpush: str = "") -> Path:
     """A staging configuration with credentials of the real kinds: an APNs `.p8` key and a
-    Google service account whose token_uri is Google's own."""
+    Google service account whose token_uri is Google's own (and `webpush`, a
+    `[push.webpush]` table's keys)."""
     make_p8(directory / "AuthKey_ABC123DEFG.p8")
     make_service_account(
         directory / "firebase.json", "https://oauth2.googleapis.com/token", "staging-project"
@@ -113,6 +144,7 @@ def staging_files(directory: Path, apns: str) -> Path:
         "[push]\nurgent_cooldown = 10.0\nbackground_cooldown = 1200.0\nlinger = 60.0\n"
         f"[push.apns]\n{apns}\n"
         '[push.fcm]\nservice_account_file = "firebase.json"\n'
+        + (f"[push.webpush]\n{webpush}\n" if webpush else "")
     )
     return config
 
@@ -121,12 +153,17 @@ async def test_a_staging_configuration_runs_with_its_credentials_checked_by_the_
     tmp_path: Path,
 ) -> None:
     apns = 'key_file = "AuthKey_ABC123DEFG.p8"\nkey_id = "ABC123DEFG"\nteam_id = "DEF123GHIJ"\n'
-    config = staging_files(tmp_path, apns + 'topic = "com.example.staging"')
-    status, summary, text = await simulate(tmp_path, "--config", str(config))
+    (tmp_path / "vapid.pem").write_bytes(generate_key_pem()[0])
+    # The default allowed_hosts (the browsers' real push services) are replaced for the run.
+    webpush = 'vapid_private_key_file = "vapid.pem"\nsubject = "mailto:ops@example.com"'
+    config = staging_files(tmp_path, apns + 'topic = "com.example.staging"', webpush)
+    status, summary, text = await simulate(tmp_path, "--config", str(config), "--web-share", "0.3")
     assert status == 0, text
     kinds = summary["pushes"]["by_provider_and_kind"]
-    assert {k.split()[0] for k in kinds} == {"apns", "fcm"}  # both providers accepted them
-    assert summary["pushes"]["rejected"] == 0
+    # Every provider accepted them; browsers subscribed with the file's VAPID public key,
+    # so the fake Web Push refused anything signed with another.
+    assert {k.split()[0] for k in kinds} == {"apns", "fcm", "webpush"}
+    assert summary["pushes"]["rejected"] == 0 and summary["errors"] == {}
     assert not (tmp_path / "staging.db").exists()  # the run used its own SQLite file
 
 
@@ -144,13 +181,17 @@ async def test_a_running_gateway_is_simulated_through_a_written_configuration(
     gateway = GatewayProcess(tmp_path / "gw", config_file=config, port=int(ports[0]))
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.run)
-        for run in ("first", "second"):  # the same gateway, simulated twice
+        for run, extra in (("first", []), ("second", ["--web-share", "0.3"])):
+            # The same gateway, simulated twice: phones, then phones and browsers.
             status, summary, text = await simulate(
-                tmp_path / run, "--url", gateway.url, "--config", str(config)
+                tmp_path / run, "--url", gateway.url, "--config", str(config), *extra
             )
             assert status == 0, text
             assert summary["messages"]["delivered"] == summary["messages"]["sent"] > 0
             assert summary["pushes"]["total"] > 0
+            providers = {k.split()[0] for k in summary["pushes"]["by_provider_and_kind"]}
+            assert ("webpush" in providers) == bool(extra)
+            assert summary["errors"] == {}
         nursery.cancel_scope.cancel()
 
 

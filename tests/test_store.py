@@ -22,6 +22,7 @@ from gateway.store import Envelope, ItemKind, MessageStore, PushToken, QueueItem
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
+from push.subscription import WebPushSubscription, b64url_decode
 
 BACKENDS = ["sqlite", "memory", "redis", "redis-cluster"]
 
@@ -717,6 +718,23 @@ async def test_clear_push_token_keeps_a_different_token(store):
 
     assert await store.clear_push_token("bob", "phone", "old-tok", sent_at=T0 + 100) is False
     assert await store.push_token("bob", "phone") == token
+
+
+async def test_a_web_push_subscription_is_kept_verbatim_and_cleared_like_a_token(store):
+    """Subscriptions travel in the token field: long JSON with quotes, colons and slashes."""
+    await register(store, "bob", "browser")
+    endpoint = "https://wns2-par02p.notify.windows.com/w/?token=" + "Ab+/=" * 80
+    key = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+    text = WebPushSubscription(endpoint, b64url_decode(key), bytes(16)).to_token()
+    token = PushToken("webpush", text, None, False, T0)
+    await store.set_push_token("bob", "browser", token)
+
+    stored = await store.push_token("bob", "browser")
+    assert stored == token
+    assert WebPushSubscription.from_token(stored.token).endpoint == endpoint
+    assert await store.clear_push_token("bob", "browser", text, sent_at=T0 - 1) is False
+    assert await store.clear_push_token("bob", "browser", text, sent_at=T0 + 1) is True
+    assert await store.push_token("bob", "browser") is None
 
 
 # -- commits -------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ PUSH_NAMES = {
     "apns background": "APNs background",
     "fcm alert": "FCM high priority",
     "fcm background": "FCM normal priority",
+    "webpush alert": "Web Push high urgency",
+    "webpush background": "Web Push normal urgency",
 }
 
 

@@ -74,6 +74,7 @@ class Scenario:
 
     devices: int = 40
     ios_share: float = 0.5
+    web_share: float = 0.0  # browser devices (Web Push); the rest of the fleet are phones
     idle_fraction: float = 0.7
     rate: float = 20.0  # messages per second from the active devices, all together
     duration: float = 12.0  # seconds of traffic

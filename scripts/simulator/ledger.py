@@ -46,7 +46,7 @@ class PushRecord:
     """One wake-up request that reached a fake provider."""
 
     at: float
-    provider: str  # "apns" | "fcm"
+    provider: str  # "apns" | "fcm" | "webpush"
     kind: str  # "alert" | "background"
     user: str
     status: int
@@ -246,7 +246,7 @@ class Ledger:
         reads = [m for m in delivered if m.read_sent]
         pushes: Counter[str] = Counter(f"{p.provider} {p.kind}" for p in self.pushes)
         lost_pushes = sum(p.lost for p in self.pushes)
-        rejected = sum(p.status != 200 for p in self.pushes)
+        rejected = sum(not 200 <= p.status < 300 for p in self.pushes)
         complete = [w for w in self.wakes if w.drained_at is not None]
         attempted = [w for w in self.wakes if w.reconnect_at is not None]
         latency = {

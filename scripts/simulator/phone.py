@@ -1,5 +1,8 @@
 """A simulated phone: registers a push token, drains, acks, goes idle, wakes on a push.
 
+A browser device (``--web-share``) is the same phone with a Web Push subscription instead
+of a token: its tab is closed while idle and a Web Push wake-up reopens it.
+
 Two kinds of phone share this class:
 
 - **idle-cycling** phones behave like an app that is mostly in the background: they close
@@ -36,6 +39,8 @@ CLOSE_TIMEOUT = 2.0
 SEND_SETTLE = 2.0  # seconds an app waits for its last `sent` before it suspends
 REGISTERED = "registered"  # the `ref` of the barrier that follows a push registration
 NOBODY = "sim-nobody"  # a user with no device: sends to it are refused, in order
+_USER_PREFIX = {"ios": "ios", "android": "and", "web": "web"}
+_PROVIDER = {"ios": "apns", "android": "fcm", "web": "webpush"}
 
 
 @dataclass
@@ -62,17 +67,20 @@ class Phone:
     ) -> None:
         self.ctx = ctx
         self.index = index
-        self.platform = platform  # "ios" | "android"
+        self.platform = platform  # "ios" | "android" | "web"
         self.cycles = cycles
-        self.user = f"{'ios' if platform == 'ios' else 'and'}{index:04d}"
+        self.user = f"{_USER_PREFIX[platform]}{index:04d}"
         self.rng = rng
         self.push_rng = random.Random(rng.random())  # which of its pushes the provider drops
-        self.provider = "apns" if platform == "ios" else "fcm"
+        self.provider = _PROVIDER[platform]
         self.push_token = (
             f"{rng.getrandbits(256):064x}"
             if platform == "ios"
             else f"fcm:{index}:{rng.getrandbits(128):032x}"
         )
+        # A browser's Web Push subscription, made by the fake Web Push service (`subscribe`);
+        # `push_token` is then the subscription's id, the last segment of its endpoint.
+        self.subscription: dict[str, Any] | None = None
         self.online = False  # `welcome` received on the current connection
         self.waking = False  # a push (or the final drain) is making it reconnect
         self.ready = trio.Event()  # registered its push token
@@ -116,6 +124,11 @@ class Phone:
         self._wake_at = at
         self.ctx.ledger.note_wake(self.user, at)
         self.poke.set()
+
+    def subscribe(self, subscription_id: str, subscription: dict[str, Any]) -> None:
+        """Take the Web Push subscription a browser got from its push service."""
+        self.push_token = subscription_id
+        self.subscription = subscription
 
     async def send_message(self, to: Phone, *, urgent: bool, read_planned: bool) -> None:
         """Send one message to `to`; `sent` is awaited in the background (and the send is
@@ -236,7 +249,7 @@ class Phone:
         if register:
             await self._write(
                 [
-                    {"t": "push", "provider": self.provider, "token": self.push_token},
+                    self._push_registration(),
                     {"t": "send", "id": REGISTERED, "to": NOBODY, "body": b""},
                 ]
             )
@@ -246,6 +259,11 @@ class Phone:
                 return False
             self.ready.set()
         return True
+
+    def _push_registration(self) -> dict[str, Any]:
+        if self.provider == "webpush":
+            return {"t": "push", "provider": "webpush", "subscription": self.subscription}
+        return {"t": "push", "provider": self.provider, "token": self.push_token}
 
     async def _close(self) -> None:
         """Close handshake; the receive task sees the server's close and ends."""

@@ -4,7 +4,7 @@ and the end-of-run check of every device's queue.
 ```
 simulate
 └─ nursery
-   ├─ fake APNs + fake FCM (PushRelay)      ├─ the gateway process (unless --url)
+   ├─ fake APNs, FCM, Web Push (PushRelay)  ├─ the gateway process (unless --url)
    ├─ sampler (live display, timeline)      └─ phones: one task each
    └─ traffic, network drops (and an injected fault) while the traffic phase lasts
 ```
@@ -49,13 +49,17 @@ class Run:
 
 
 def build_fleet(ctx: FleetContext) -> list[Phone]:
-    """The scenario's phones: platforms and idle-cycling phones drawn from the seed."""
+    """The scenario's devices: platforms and idle-cycling devices drawn from the seed.
+
+    `web_share` of them are browsers; `ios_share` of the others are iPhones, the rest
+    Android phones."""
     scenario = ctx.scenario
     rng = scenario.rng("fleet")
     count = scenario.devices
-    ios = round(count * scenario.ios_share)
+    web = round(count * scenario.web_share)
+    ios = round((count - web) * scenario.ios_share)
     cycling = min(round(count * scenario.idle_fraction), count - 1)
-    platforms = ["ios"] * ios + ["android"] * (count - ios)
+    platforms = ["web"] * web + ["ios"] * ios + ["android"] * (count - web - ios)
     rng.shuffle(platforms)
     cycles = [True] * cycling + [False] * (count - cycling)
     rng.shuffle(cycles)

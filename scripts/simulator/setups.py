@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import ConfigError
 from gateway.settings import Settings
+from push.errors import CredentialsError
+from push.vapid import load_private_key
 from scripts.fakes import FakeApns, FakeFcm
 from scripts.fakes.credentials import CertificateAuthority
 from scripts.simulator.gateway_config import rules_env, scenario_config
@@ -75,6 +77,7 @@ def staging_relay(
             f"{source}: no [push.apns] key_file and no [push.fcm] service_account_file: "
             "nothing would wake the simulated phones"
         )
+    vapid_key = _vapid_key(settings, source, scenario)
     directory.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority.create("simulator APNs CA")
     (directory / "ca.pem").write_bytes(ca.cert_pem)
@@ -95,7 +98,7 @@ def staging_relay(
             str(info["private_key"]).encode(), f"{source}: [push.fcm] service_account_file", rsa
         )
         fcm.service_account = directory / "service-account.json"
-    return PushRelay(ledger, scenario, apns, fcm)
+    return PushRelay(ledger, scenario, apns, fcm, vapid_key_file=vapid_key)
 
 
 def staging_env(
@@ -128,6 +131,8 @@ def staging_env(
         copy.write_text(json.dumps(info))
         env["GATEWAY__PUSH__FCM__SERVICE_ACCOUNT_FILE"] = str(copy)
         env["GATEWAY__PUSH__FCM__ENDPOINT"] = relay.fcm.url
+    if relay.scenario.web_share > 0:  # the fake Web Push only: nothing reaches a browser's
+        env["GATEWAY__PUSH__WEBPUSH__ALLOWED_HOSTS"] = "127.0.0.1"
     return env
 
 
@@ -151,6 +156,11 @@ def running_relay(
         or fcm_settings.service_account_file is None
     ):
         raise SetupError(f"{source}: the gateway must push to the simulator's fakes; {hint}")
+    vapid_key = _vapid_key(settings, source, scenario, hint)
+    if vapid_key is not None and "127.0.0.1" not in settings.push.webpush.allowed_hosts:
+        raise SetupError(
+            f"{source}: [push.webpush] allowed_hosts must list 127.0.0.1 for --web-share; {hint}"
+        )
     ca_key = apns_settings.ca_file.parent / CA_KEY
     if not ca_key.is_file():
         raise SetupError(f"{source}: no {CA_KEY} beside [push.apns] ca_file; {hint}")
@@ -173,7 +183,8 @@ def running_relay(
         str(info["private_key"]).encode(), f"{source}: [push.fcm] service_account_file", rsa
     )
     fcm.service_account = fcm_settings.service_account_file
-    return PushRelay(ledger, scenario, apns, fcm), Ports(apns_port, fcm_port)
+    relay = PushRelay(ledger, scenario, apns, fcm, vapid_key_file=vapid_key)
+    return relay, Ports(apns_port, fcm_port)
 
 
 def write_config_dir(
@@ -192,6 +203,7 @@ def write_config_dir(
     relay.apns.port = ports.apns
     relay.fcm.port = ports.fcm
     relay.fcm.write_service_account(directory / "service-account.json")
+    relay.write_vapid_key(directory / "vapid-private.pem")
     return scenario_config(
         directory / "gateway.toml",
         port=gateway_port,
@@ -200,6 +212,25 @@ def write_config_dir(
         rules=rules,
         push_toml=relay.gateway_push_toml(),
     )
+
+
+def _vapid_key(settings: Settings, source: str, scenario: Scenario, hint: str = "") -> Path | None:
+    """The configuration's VAPID key when the fleet has browsers (None without them).
+
+    Raises:
+        SetupError: Browsers are asked for and the file has no usable key.
+    """
+    if scenario.web_share <= 0:
+        return None
+    path = settings.push.webpush.vapid_private_key_file
+    if path is None:
+        more = f"; {hint}" if hint else " (make one with `gateway webpush-keygen`)"
+        raise SetupError(f"{source}: --web-share needs [push.webpush] vapid_private_key_file{more}")
+    try:
+        load_private_key(path)
+    except CredentialsError as exc:
+        raise SetupError(f"{source}: {exc}") from None
+    return path
 
 
 def _loopback_port(url: str | None, where: str, hint: str) -> int:
