@@ -285,7 +285,7 @@ class WakePolicy:
         """When the background budget next allows a wake-up (`now` if it does)."""
         per_hour = self.rules.background_per_hour
         budget = state.budget
-        while budget and budget[0] <= now - HOUR:
+        while budget and budget[0] + HOUR <= now:  # the same sum as the time it frees
             budget.popleft()
         if per_hour <= 0 or len(budget) < per_hour:
             return now
