@@ -1141,3 +1141,32 @@ async def store_size(store: MessageStore, backend: str, db_path: Any) -> int:
     assert isinstance(store, RedisStore)
     info = await store.client.info("memory")
     return int(info["used_memory"])
+
+
+async def test_a_file_from_before_groups_gains_the_body_and_group_columns(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE devices (did INTEGER PRIMARY KEY, user TEXT NOT NULL, device TEXT NOT NULL,"
+        " created INTEGER NOT NULL, last_seen INTEGER, push_provider TEXT, push_token TEXT,"
+        " push_topic TEXT, push_sandbox INTEGER NOT NULL DEFAULT 0, push_registered_at INTEGER,"
+        " UNIQUE (user, device));"
+        "CREATE TABLE queue (sid INTEGER PRIMARY KEY AUTOINCREMENT, did INTEGER NOT NULL,"
+        " kind INTEGER NOT NULL, msg_id TEXT NOT NULL, sender TEXT NOT NULL,"
+        " sender_device TEXT NOT NULL, ts INTEGER NOT NULL, expires INTEGER NOT NULL,"
+        " urgent INTEGER NOT NULL, body BLOB NOT NULL);"
+        f"INSERT INTO devices (did, user, device, created) VALUES (1, 'bob', 'phone', {T0});"
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
+        f" VALUES (1, 0, 'old', 'alice', 'phone', {T0}, {T0 + DAY_MS}, 1, x'6f6c64');"
+    )
+    old.close()
+
+    async with open_backend("sqlite", path, lambda *a: None) as store:
+        await register(store, "alice", "phone")
+        await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+        await group_send(store, group_envelope("new", body=b"new"))
+        items = await fetch_all(store, "bob", "phone")
+    assert [(i.msg_id, i.body, i.group) for i in items if i.kind is ItemKind.MESSAGE] == [
+        ("old", b"old", ""),
+        ("new", b"new", "team"),
+    ]
