@@ -1170,3 +1170,33 @@ async def test_a_file_from_before_groups_gains_the_body_and_group_columns(tmp_pa
         ("old", b"old", ""),
         ("new", b"new", "team"),
     ]
+
+
+async def test_a_group_send_retried_after_failing_half_way_fills_in_only_what_is_missing(
+    store, backend
+):
+    if backend not in ("redis", "redis-cluster"):
+        pytest.skip("on SQLite and in memory a group send is one transaction")
+    from gateway.store.redis import _group_send_steps
+
+    assert isinstance(store, RedisStore)
+    for user in ("alice", "bob", "carol"):
+        await register(store, user, "phone")
+    await store.set_group("team", ("alice", "bob", "carol"), T0, GROUP_LIMIT)
+    env = group_envelope(body=b"first attempt")
+    # The first attempt stores the body and queues for alice and bob, then Redis fails:
+    # the client got no `sent`.
+    steps = _group_send_steps(env, "")
+    begin = await store.run_scripts(next(steps))
+    members = steps.send(begin)
+    await store.run_scripts(members[:2])
+    steps.close()
+
+    outcome = await group_send(store, group_envelope(body=b"first attempt"))
+
+    assert (outcome.duplicate, outcome.devices) == (False, 1)  # carol's, the one missing
+    for user in ("bob", "carol"):
+        [item] = [i for i in await fetch_all(store, user, "phone") if i.kind is ItemKind.MESSAGE]
+        assert (item.msg_id, item.body) == ("g1", b"first attempt")
+    again = await group_send(store, group_envelope(ts=T0 + 1))
+    assert (again.duplicate, again.ts) == (True, T0)
