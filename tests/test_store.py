@@ -1200,3 +1200,34 @@ async def test_a_group_send_retried_after_failing_half_way_fills_in_only_what_is
         assert (item.msg_id, item.body) == ("g1", b"first attempt")
     again = await group_send(store, group_envelope(ts=T0 + 1))
     assert (again.duplicate, again.ts) == (True, T0)
+
+
+async def test_group_events_lost_to_a_failure_half_way_are_queued_by_the_next_change(
+    store, backend
+):
+    if backend not in ("redis", "redis-cluster"):
+        pytest.skip("on SQLite and in memory a change and its events are one transaction")
+    from gateway.store.redis import _group_change_steps
+
+    assert isinstance(store, RedisStore)
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    # The change is made in the group's slot, then Redis fails before the events are
+    # queued in the members' slots: the API answered 503.
+    steps = _group_change_steps("team", "set", ("alice", "bob"), T0, GROUP_LIMIT, DAY_MS, "")
+    await store.run_scripts(next(steps))
+    steps.close()
+    assert await store.group_members("team") == ("alice", "bob")
+    assert events(await fetch_all(store, "bob", "phone")) == []
+
+    retry = await store.set_group("team", ("alice", "bob"), T0 + 5, GROUP_LIMIT)  # no change
+
+    assert (retry.created, retry.members) == (False, ("alice", "bob"))
+    for user in ("alice", "bob"):
+        [event] = [i for i in await fetch_all(store, user, "phone") if i.kind is ItemKind.GROUP]
+        assert (event.msg_id, event.ids, event.ts) == ("added", ("alice", "bob"), T0)
+    await store.delete_group("team", T0 + 6)  # nothing pending is queued twice
+    assert events(await fetch_all(store, "bob", "phone")) == [
+        ("team", "added", ("alice", "bob")),
+        ("team", "deleted", ("alice", "bob")),
+    ]

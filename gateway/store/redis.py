@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
@@ -410,9 +411,9 @@ class RedisStore(GroupCommitStore[_Op]):
     async def _group_change(
         self, group: str, mode: str, users: Sequence[str], now: int, limit: int
     ) -> Any:
-        expires, node = now + self._receipt_ttl_ms, self.node_id
+        ttl, node = self._receipt_ttl_ms, self.node_id
         ticket = await self._submit(
-            lambda: _group_change_steps(group, mode, users, now, limit, expires, node)
+            lambda: _group_change_steps(group, mode, users, now, limit, ttl, node)
         )
         return await ticket.result()
 
@@ -852,26 +853,37 @@ def _group_change_steps(
     users: Sequence[str],
     now: int,
     limit: int,
-    expires: int,
+    receipt_ttl_ms: int,
     node: str,
 ) -> Steps:
-    """Change the member list in the group's slot, then queue the change's events in each
-    recipient's slot. A delete answers True or False; the others a `GroupChange`."""
+    """Change the member list in the group's slot (recording the change as pending), then
+    queue the events of every pending change in each recipient's slot, then clear what
+    was queued. A change whose events were never queued (Redis failed in between) is
+    queued with the next change of the group, so events are at least once. A delete
+    answers True or False; the others a `GroupChange`."""
     g = group_prefix(group)
-    [answer] = yield [("group_change", [f"{g}:meta", f"{g}:members"], [mode, now, limit, *users])]
-    status = answer[0]
-    if status == -1:
-        return GroupChange(over_limit=True), []
-    if status == 0:
-        return (False if mode == "delete" else GroupChange(found=False)), []
-    nold = int(answer[2])
-    old = {user.decode() for user in answer[3 : 3 + nold]}
-    new = {user.decode() for user in answer[3 + nold :]}
-    events = deletion_events(old) if mode == "delete" else membership_events(old, new)
-    rings = yield from _group_event_steps(group, events, now, expires, node)
+    keys = [f"{g}:meta", f"{g}:members", f"{g}:pending"]
+    [answer] = yield [("group_change", keys, [mode, now, limit, *users])]
+    status, created, count = int(answer[0]), answer[1] == 1, int(answer[2])
+    members = tuple(sorted(user.decode() for user in answer[3 : 3 + count]))
+    pending = list(answer[3 + count :])
+    rings: list[Placed] = []
+    for entry in pending:
+        kind, at, old, new = json.loads(entry)
+        old, new = (value or [] for value in (old, new))  # Lua's cjson writes [] as {}
+        events = deletion_events(old) if kind == "delete" else membership_events(old, new)
+        rings += yield from _group_event_steps(
+            group, events, int(at), int(at) + receipt_ttl_ms, node
+        )
+    if pending:
+        yield [("group_settled", [f"{g}:pending"], pending)]
     if mode == "delete":
-        return True, rings
-    return GroupChange(tuple(sorted(new)), created=answer[1] == 1), rings
+        return status == 1, rings
+    if status == -1:
+        return GroupChange(over_limit=True), rings
+    if status == 0:
+        return GroupChange(found=False), rings
+    return GroupChange(members, created=created), rings
 
 
 def _group_event_steps(

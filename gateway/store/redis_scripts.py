@@ -35,7 +35,9 @@ group key can be mistaken for a user's; with ``G = "gwg:{" + group + "}"``:
   queue items still point to it, plus one while its send is in progress); deleted when
   ``r`` reaches 0, and with a Redis TTL as long as the message's, plus slack;
 - ``G:id:SENDER\0SENDER_DEVICE\0ID``: ``TS|EXPIRES`` of a group message stored for
-  every member, with a TTL: the group-wide idempotency record.
+  every member, with a TTL: the group-wide idempotency record;
+- ``G:pending``: list of membership changes whose `group` events are not known to be
+  queued yet (see `GROUP_CHANGE`); it outlives the group's deletion.
 
 A group message's queue items live in each member's own slot (``P:q:DEVICE``), written
 by the `SEND` script one member at a time with a payload that names ``(group, BID)``
@@ -400,50 +402,66 @@ return 1
 
 # -- groups -------------------------------------------------------------------------------
 
-# Change a group's member list. KEYS: G:meta, G:members. ARGV: mode ("set", "add",
-# "remove", "delete"), now, limit, users... Returns {status, created, nold, old...,
-# new...}: status 1 done, 0 no such group (or, for remove, not a member), -1 over the
-# limit (nothing changed). Members before and after let the caller queue the events.
+# Change a group's member list. KEYS: G:meta, G:members, G:pending. ARGV: mode ("set",
+# "add", "remove", "delete"), now, limit, users... Returns {status, created, n, the n
+# members after..., pending changes...}: status 1 done, 0 no such group (or, for remove,
+# not a member), -1 over the limit (nothing changed). A change done is also appended to
+# G:pending as JSON [mode, now, old members, new members], so that its `group` events,
+# queued in the members' slots by later calls, are queued again by the next change of
+# the group (a retry included) if those calls never ran; every pending change is
+# returned, the one just made last.
 GROUP_CHANGE = """
 local mode, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-if mode ~= 'set' and not exists then return {0, 0, 0} end
-local old = redis.call('SMEMBERS', KEYS[2])
-local function answer(created)
-  local out = {1, created, #old}
-  for _, u in ipairs(old) do out[#out + 1] = u end
-  for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = u end
+local function answer(status, created, old)
+  local new = {}
+  if status == 1 then
+    new = redis.call('SMEMBERS', KEYS[2])
+    redis.call('RPUSH', KEYS[3], cjson.encode({mode, now, old, new}))
+  end
+  local out = {status, created, #new}
+  for _, u in ipairs(new) do out[#out + 1] = u end
+  for _, e in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do out[#out + 1] = e end
   return out
 end
+if mode ~= 'set' and not exists then return answer(0, 0) end
+local old = redis.call('SMEMBERS', KEYS[2])
 if mode == 'set' then
   local seen, n = {}, 0
   for i = 4, #ARGV do
     if not seen[ARGV[i]] then seen[ARGV[i]] = true; n = n + 1 end
   end
-  if n > limit then return {-1, 0, 0} end
+  if n > limit then return answer(-1, 0) end
   redis.call('DEL', KEYS[2])
   for i = 4, #ARGV, 500 do
     redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
   end
-  if exists then return answer(0) end
+  if exists then return answer(1, 0, old) end
   redis.call('SET', KEYS[1], now)
-  return answer(1)
+  return answer(1, 1, old)
 elseif mode == 'add' then
   local n = #old
   for i = 4, #ARGV do
     if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then n = n + 1 end
   end
-  if n > limit then return {-1, 0, 0} end
+  if n > limit then return answer(-1, 0) end
   for i = 4, #ARGV, 500 do
     redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
   end
-  return answer(0)
+  return answer(1, 0, old)
 elseif mode == 'remove' then
-  if redis.call('SREM', KEYS[2], ARGV[4]) == 0 then return {0, 0, 0} end
-  return answer(0)
+  if redis.call('SREM', KEYS[2], ARGV[4]) == 0 then return answer(0, 0) end
+  return answer(1, 0, old)
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-return answer(0)
+return answer(1, 0, old)
+"""
+
+# The changes whose events are queued: removed from G:pending. KEYS: G:pending. ARGV:
+# the changes, as GROUP_CHANGE returned them.
+GROUP_SETTLED = """
+for _, e in ipairs(ARGV) do redis.call('LREM', KEYS[1], 1, e) end
+return 1
 """
 
 # The members of a group. KEYS: G:meta, G:members. Returns {exists, members...}.
@@ -538,6 +556,7 @@ SCRIPTS: dict[str, str] = {
     "presence": PRESENCE,
     "hide": HIDE,
     "group_change": GROUP_CHANGE,
+    "group_settled": GROUP_SETTLED,
     "group_members": GROUP_MEMBERS,
     "group_begin": GROUP_BEGIN,
     "group_settle": GROUP_SETTLE,
