@@ -10,7 +10,16 @@ GET    /v1/users/{user}/devices            a user's devices, last-seen, has_push
 PUT    /v1/users/{user}/devices/{device}   pre-register a device
 DELETE /v1/users/{user}/devices/{device}   revoke: forget it, refuse its older tokens, close
                                            its connection
+PUT    /v1/groups/{group}                  create a group or replace its members: 201 / 200
+GET    /v1/groups/{group}                  a group's members, or 404
+DELETE /v1/groups/{group}                  delete a group: 204, or 404
+POST   /v1/groups/{group}/members          add members: 200, or 404 for no such group
+DELETE /v1/groups/{group}/members/{user}   remove a member: 200, or 404
 ```
+
+A group has at most ``[groups] max_members`` members; a request that would make more is
+answered 422 ``too_many_members``, with the limit in the body. Every change is durable,
+and its `group` events queued to the devices involved, before it is answered.
 
 Everything but the probes, `/metrics` and the VAPID public key needs
 ``Authorization: Bearer <[admin] api_key>``; without a configured key those endpoints
@@ -52,7 +61,7 @@ from prometheus_client import CollectorRegistry
 from gateway import frames
 from gateway.clock import now_ms
 from gateway.errors import StoreError
-from gateway.frames import MAX_DEVICE_BYTES, MAX_ID_BYTES, MAX_USER_BYTES
+from gateway.frames import MAX_DEVICE_BYTES, MAX_GROUP_BYTES, MAX_ID_BYTES, MAX_USER_BYTES
 from gateway.logthrottle import LogThrottle
 from gateway.metrics import CONTENT_TYPE, EdgeView, render
 from gateway.registry import Registry
@@ -84,12 +93,14 @@ class HttpError(Exception):
         code: str,
         detail: str,
         headers: list[tuple[bytes, bytes]] | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or []
+        self.fields = fields or {}  # more of the JSON answer, such as the limit exceeded
 
 
 @dataclass(slots=True)
@@ -172,8 +183,13 @@ class AdminApi:
         self.revocations = revocations
         self.api_key = settings.admin.api_key
         self.vapid_public_key = _vapid_public_key(settings)
-        # A base64 body of max_message_size bytes, plus room for the other fields.
-        self.max_body = settings.server.max_message_size * 4 // 3 + 16 * 1024
+        # A base64 body of max_message_size bytes, plus room for the other fields; or a
+        # full member list (JSON-escaped user ids take up to about 4 bytes per byte).
+        self.max_members = settings.groups.max_members
+        self.max_body = max(
+            settings.server.max_message_size * 4 // 3 + 16 * 1024,
+            self.max_members * (4 * MAX_USER_BYTES + 3) + 4096,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point."""
@@ -189,7 +205,8 @@ class AdminApi:
             response = await self._route(request)
             extra: list[tuple[bytes, bytes]] = response.headers
         except HttpError as exc:
-            response = Response.json(exc.status, {"error": exc.code, "detail": exc.detail})
+            payload = {"error": exc.code, "detail": exc.detail, **exc.fields}
+            response = Response.json(exc.status, payload)
             extra = exc.headers
             if exc.status == 413:  # the rest of the body was not read: no keep-alive
                 extra = [*extra, (b"connection", b"close")]
@@ -257,6 +274,22 @@ class AdminApi:
                 if method == "PUT":
                     return await self._register(_user(user), _device(device))
                 return await self._revoke(_user(user), _device(device))
+            case ["v1", "groups", group]:
+                _allow(method, "GET", "PUT", "DELETE")
+                self._authorize(request)
+                if method == "GET":
+                    return await self._read_group(_group(group))
+                if method == "PUT":
+                    return await self._set_group(_group(group), request)
+                return await self._delete_group(_group(group))
+            case ["v1", "groups", group, "members"]:
+                _allow(method, "POST")
+                self._authorize(request)
+                return await self._add_members(_group(group), request)
+            case ["v1", "groups", group, "members", user]:
+                _allow(method, "DELETE")
+                self._authorize(request)
+                return await self._remove_member(_group(group), _user(user))
         raise HttpError(404, "not_found", "no such endpoint")
 
     def _authorize(self, request: Request) -> None:
@@ -387,6 +420,70 @@ class AdminApi:
         answer = {"user": user, "device": device, "revoked": True, "kicked": kicked}
         return Response.json(200, answer)
 
+    # -- groups -------------------------------------------------------------------------------
+
+    async def _read_group(self, group: str) -> Response:
+        members = await _store_call(self.store.group_members(group))
+        if members is None:
+            raise HttpError(404, "unknown_group", "no such group")
+        return Response.json(200, {"group": group, "members": list(members)})
+
+    async def _set_group(self, group: str, request: Request) -> Response:
+        members = self._user_list(request.json(), "members")
+        change = await _store_call(self.store.set_group(group, members, now_ms(), self.max_members))
+        if change.over_limit:
+            raise self._too_many()
+        log.info("admin API: group %s %s", group, "created" if change.created else "replaced")
+        answer = {"group": group, "members": list(change.members)}
+        return Response.json(201 if change.created else 200, answer)
+
+    async def _add_members(self, group: str, request: Request) -> Response:
+        users = self._user_list(request.json(), "users")
+        change = await _store_call(
+            self.store.add_group_members(group, users, now_ms(), self.max_members)
+        )
+        if not change.found:
+            raise HttpError(404, "unknown_group", "no such group")
+        if change.over_limit:
+            raise self._too_many()
+        return Response.json(200, {"group": group, "members": list(change.members)})
+
+    async def _remove_member(self, group: str, user: str) -> Response:
+        change = await _store_call(self.store.remove_group_member(group, user, now_ms()))
+        if not change.found:
+            raise HttpError(404, "not_member", "no such group, or the user is not a member")
+        return Response.json(200, {"group": group, "members": list(change.members)})
+
+    async def _delete_group(self, group: str) -> Response:
+        if not await _store_call(self.store.delete_group(group, now_ms())):
+            raise HttpError(404, "unknown_group", "no such group")
+        log.info("admin API: group %s deleted", group)
+        return Response(204, b"")
+
+    def _user_list(self, data: dict[str, Any], name: str) -> tuple[str, ...]:
+        """The distinct user ids of the array `name`; 422 past the member limit."""
+        value = data.get(name)
+        if not isinstance(value, list):
+            raise HttpError(400, "bad_field", f"{name} must be an array of user ids")
+        for user in value:
+            if not isinstance(user, str) or not 1 <= len(user.encode()) <= MAX_USER_BYTES:
+                raise HttpError(
+                    400, "bad_field", f"{name} must hold user ids of 1..{MAX_USER_BYTES} bytes"
+                )
+        users = tuple(dict.fromkeys(value))
+        if len(users) > self.max_members:
+            raise self._too_many()
+        return users
+
+    def _too_many(self) -> HttpError:
+        limit = self.max_members
+        return HttpError(
+            422,
+            "too_many_members",
+            f"a group may have at most {limit} members ([groups] max_members)",
+            fields={"limit": limit},
+        )
+
 
 def _vapid_public_key(settings: Settings) -> str | None:
     """The configured VAPID public key (base64url), or None without a usable key."""
@@ -439,6 +536,12 @@ def _user(user: str) -> str:
     if not 1 <= len(user.encode()) <= MAX_USER_BYTES:
         raise HttpError(400, "bad_field", f"a user id is 1..{MAX_USER_BYTES} bytes")
     return user
+
+
+def _group(group: str) -> str:
+    if not 1 <= len(group.encode()) <= MAX_GROUP_BYTES:
+        raise HttpError(400, "bad_field", f"a group id is 1..{MAX_GROUP_BYTES} bytes")
+    return group
 
 
 def _device(device: str) -> str:

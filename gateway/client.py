@@ -77,7 +77,8 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A `msg` or `receipt` frame delivered to this device."""
+    """A `msg`, `receipt` or `group` frame delivered to this device (each is a stored
+    item, acked by its `sid`)."""
 
     frame: dict[str, Any]
 
@@ -211,6 +212,36 @@ class GatewayClient:
             frame["body"] = body if body is not None else b""
         if ttl is not None:
             frame["ttl"] = ttl
+        return await self._send_and_wait(msg_id, frame)
+
+    async def send_group(
+        self,
+        group: str,
+        body: bytes,
+        *,
+        id: str | None = None,
+        urgent: bool = True,
+        ttl: int | None = None,
+    ) -> Sent:
+        """Send one message to every member of `group` (`body` is the group's sender-key
+        ciphertext) and wait until the server has stored it for every member device.
+
+        Raises:
+            SendRefused: The server answered with an error: ``not_member`` when this user
+                is not a member of `group` or there is no such group.
+            ClientClosed: The client stopped before the send was answered.
+        """
+        msg_id = id or uuid.uuid4().hex
+        frame: dict[str, Any] = {
+            "t": "send", "id": msg_id, "group": group, "body": body, "urgent": urgent,
+        }  # fmt: skip
+        if ttl is not None:
+            frame["ttl"] = ttl
+        return await self._send_and_wait(msg_id, frame)
+
+    async def _send_and_wait(self, msg_id: str, frame: dict[str, Any]) -> Sent:
+        """Send a `send` frame (again after a reconnect until answered) and wait for its
+        `sent`."""
         if self._stopped.is_set():
             raise self.final or ClientClosed(self.close_code, self.close_reason)
         pending = self._pending.setdefault(msg_id, _PendingSend(frame))
@@ -412,7 +443,7 @@ class GatewayClient:
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("t")
-        if kind in ("msg", "receipt"):
+        if kind in ("msg", "receipt", "group"):
             await self._inbox_send.send(Delivery(frame))
         elif kind == "drained":
             self._drained_ok = True

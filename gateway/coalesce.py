@@ -13,6 +13,7 @@ from typing import Any
 from gateway.frames import delivery
 from gateway.store.base import ItemKind, QueueItem
 
+RECEIPTS = (ItemKind.DELIVERED, ItemKind.READ)  # messages and group events stay one a frame
 MAX_MERGED_IDS = 1000  # keeps one receipt frame within what any client parses comfortably
 
 
@@ -27,7 +28,7 @@ def coalesce(items: list[QueueItem]) -> tuple[list[dict[str, Any]], dict[int, tu
     groups: list[list[QueueItem]] = []
     open_groups: dict[tuple[ItemKind, str, str], list[QueueItem]] = {}
     for item in items:
-        if item.kind is ItemKind.MESSAGE:
+        if item.kind not in RECEIPTS:
             continue
         key = (item.kind, item.sender, item.sender_device)
         group = open_groups.get(key)
@@ -39,7 +40,7 @@ def coalesce(items: list[QueueItem]) -> tuple[list[dict[str, Any]], dict[int, tu
     out: list[dict[str, Any]] = []
     merged: dict[int, tuple[int, ...]] = {}
     for item in items:
-        if item.kind is ItemKind.MESSAGE:
+        if item.kind not in RECEIPTS:
             out.append(delivery(item))
             continue
         group = emit_at.get(item.sid)

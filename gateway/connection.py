@@ -488,6 +488,11 @@ class Connection:
             with scope:
                 while True:
                     await self._send_ready()
+                    if len(outbox) >= outbox.limit // 2:
+                        # What is left waits behind a commit in flight: read on once it
+                        # resolves (its ticket wakes the writer), not page after page into
+                        # an outbox that cannot drain.
+                        return
                     if not outbox.take_ring():
                         return
                     outbox.extend(await self._read_queue())

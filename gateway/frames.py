@@ -20,6 +20,7 @@ from push.subscription import HostPolicy, SubscriptionError, parse_subscription
 MAX_USER_BYTES = 128
 MAX_DEVICE_BYTES = 64
 MAX_ID_BYTES = 64
+MAX_GROUP_BYTES = 128
 MAX_LIST = 1000  # ids, sids or users in one frame; well above any real client's batch
 MAX_BODIES = 256  # recipient devices per `send`; more devices than any multi-device account
 
@@ -46,6 +47,17 @@ class Send:
     to: str
     body: bytes | None
     bodies: Mapping[str, bytes] | None
+    urgent: bool
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSend:
+    """A `send` with `group`: one body for every device of every member."""
+
+    id: str
+    group: str
+    body: bytes
     urgent: bool
     ttl: int
 
@@ -101,6 +113,7 @@ class PushRegistration:
 ClientFrame = (
     Hello
     | Send
+    | GroupSend
     | Ack
     | Read
     | Typing
@@ -160,16 +173,36 @@ class FrameParser:
             raise FrameError("bad_field", "'v' must be 1")
         return Hello(token=_text(f, "token", 8192), active=_bool(f, "active", True))
 
-    def _send(self, f: dict[str, Any]) -> Send:
+    def _send(self, f: dict[str, Any]) -> Send | GroupSend:
         msg_id = f.get("id")
         ref = msg_id if isinstance(msg_id, str) and _fits(msg_id, MAX_ID_BYTES) else None
         try:
-            return self._send_fields(f, ref)
+            if (f.get("to") is None) == (f.get("group") is None):
+                raise FrameError("bad_field", "exactly one of 'to' or 'group' is required")
+            if f.get("group") is not None:
+                return self._group_send_fields(f)
+            return self._send_fields(f)
         except FrameError as exc:
             exc.ref = ref
             raise
 
-    def _send_fields(self, f: dict[str, Any], ref: str | None) -> Send:
+    def _ttl(self, f: dict[str, Any]) -> int:
+        ttl = f.get("ttl", self.max_ttl)
+        if not _is_int(ttl) or not 0 < ttl <= self.max_ttl:
+            raise FrameError("bad_field", f"'ttl' must be an integer in 1..{self.max_ttl}")
+        return int(ttl)
+
+    def _group_send_fields(self, f: dict[str, Any]) -> GroupSend:
+        msg_id = _text(f, "id", MAX_ID_BYTES)
+        group = _text(f, "group", MAX_GROUP_BYTES)
+        if f.get("bodies") is not None:
+            raise FrameError("bad_field", "'bodies' is not allowed with 'group'")
+        body = f.get("body")
+        if not isinstance(body, bytes):
+            raise FrameError("bad_field", "'body' must be a byte string")
+        return GroupSend(msg_id, group, body, _bool(f, "urgent", True), self._ttl(f))
+
+    def _send_fields(self, f: dict[str, Any]) -> Send:
         msg_id = _text(f, "id", MAX_ID_BYTES)
         to = _user(f, "to")
         body, bodies = f.get("body"), f.get("bodies")
@@ -185,10 +218,7 @@ class FrameParser:
                     raise FrameError("bad_field", "'bodies' keys must be device ids")
                 if not isinstance(ciphertext, bytes):
                     raise FrameError("bad_field", "'bodies' values must be byte strings")
-        ttl = f.get("ttl", self.max_ttl)
-        if not _is_int(ttl) or not 0 < ttl <= self.max_ttl:
-            raise FrameError("bad_field", f"'ttl' must be an integer in 1..{self.max_ttl}")
-        return Send(msg_id, to, body, bodies, _bool(f, "urgent", True), ttl)
+        return Send(msg_id, to, body, bodies, _bool(f, "urgent", True), self._ttl(f))
 
     def _ack(self, f: dict[str, Any]) -> Ack:
         sids = _list(f, "sids")
@@ -355,7 +385,7 @@ def presence(items: Iterable[PresenceItem]) -> dict[str, Any]:
 
 
 def delivery(item: QueueItem, *, ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """The `msg` or `receipt` frame that delivers a queue item.
+    """The `msg`, `receipt` or `group` frame that delivers a queue item.
 
     Args:
         item: The item, as read from the store or handed over by its commit.
@@ -363,7 +393,7 @@ def delivery(item: QueueItem, *, ids: Sequence[str] | None = None) -> dict[str, 
             ids (default: the item's own).
     """
     if item.kind is ItemKind.MESSAGE:
-        return {
+        frame = {
             "t": "msg",
             "sid": item.sid,
             "id": item.msg_id,
@@ -372,6 +402,18 @@ def delivery(item: QueueItem, *, ids: Sequence[str] | None = None) -> dict[str, 
             "ts": item.ts,
             "body": item.body,
             "urgent": item.urgent,
+        }
+        if item.group:
+            frame["group"] = item.group
+        return frame
+    if item.kind is ItemKind.GROUP:
+        return {
+            "t": "group",
+            "sid": item.sid,
+            "group": item.group,
+            "event": item.msg_id,
+            "users": list(item.ids),
+            "ts": item.ts,
         }
     kind = "delivered" if item.kind is ItemKind.DELIVERED else "read"
     return {

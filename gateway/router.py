@@ -20,6 +20,7 @@ from gateway.frames import (
     Ack,
     ClientFrame,
     ClientState,
+    GroupSend,
     Privacy,
     PushRegistration,
     Read,
@@ -68,6 +69,7 @@ class Router:
         self._store_log = LogThrottle(STORE_LOG_INTERVAL)
         self._handlers: dict[type[Any], Handler] = {
             Send: self._send,
+            GroupSend: self._group_send,
             Ack: self._ack,
             Read: self._read,
             Typing: self._typing,
@@ -84,14 +86,7 @@ class Router:
         await self._handlers[type(frame)](conn, frame)
 
     async def _send(self, conn: Sender, f: Send) -> None:
-        verdict = conn.send_limit.check(trio.current_time())
-        if verdict is not SendVerdict.ALLOW:
-            self.metrics.rate_limited += 1
-            if verdict is SendVerdict.ABUSE:
-                log.info("connection %s: closed for ignoring rate_limited", conn)
-                conn.request_close(CloseCode.POLICY, "rate limit exceeded")
-            else:
-                conn.push(frames.error("rate_limited", "too many sends", ref=f.id))
+        if not self._admit_send(conn, f.id):
             return
         try:
             ticket = await self.sends.submit(conn.user, conn.device, f)
@@ -105,6 +100,35 @@ class Router:
             return frames.sent(f.id, outcome.ts, outcome.skipped)
 
         conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
+
+    async def _group_send(self, conn: Sender, f: GroupSend) -> None:
+        if not self._admit_send(conn, f.id):
+            return
+        try:
+            ticket = await self.sends.submit_group(conn.user, conn.device, f)
+        except StoreError as exc:
+            conn.push(self._store_failed(f.id, exc))
+            return
+
+        def render(outcome: SendOutcome) -> dict[str, Any]:
+            if outcome.not_member:
+                return frames.error("not_member", "not a member of that group", ref=f.id)
+            return frames.sent(f.id, outcome.ts)
+
+        conn.push_pending(ticket, render, lambda exc: self._store_failed(f.id, exc))
+
+    def _admit_send(self, conn: Sender, ref: str) -> bool:
+        """Whether the send rate limit lets this send through; answers it if not."""
+        verdict = conn.send_limit.check(trio.current_time())
+        if verdict is SendVerdict.ALLOW:
+            return True
+        self.metrics.rate_limited += 1
+        if verdict is SendVerdict.ABUSE:
+            log.info("connection %s: closed for ignoring rate_limited", conn)
+            conn.request_close(CloseCode.POLICY, "rate limit exceeded")
+        else:
+            conn.push(frames.error("rate_limited", "too many sends", ref=ref))
+        return False
 
     async def _ack(self, conn: Sender, f: Ack) -> None:
         sids = conn.expand_acks(f.sids)

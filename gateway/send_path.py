@@ -1,7 +1,8 @@
 """The one path a message takes into the store, whoever sends it.
 
 A device's `send` frame (through the router) and the backend API's `POST /v1/messages`
-both come here with the same validated `Send` command. The message is stamped with the
+both come here with the same validated `Send` command; a device's `send` with `group`
+comes here as a `GroupSend`. The message is stamped with the
 gateway's clock and submitted for a durable commit; once the commit is known, its outcome
 is counted in `gateway_sends_total`, and a resend of a message already stored rings the
 recipient's devices again. Each caller only turns the outcome into its own answer: a
@@ -15,9 +16,9 @@ from functools import partial
 
 from gateway.counters import Counters
 from gateway.errors import StoreError
-from gateway.frames import Send
+from gateway.frames import GroupSend, Send
 from gateway.registry import Registry
-from gateway.store import Envelope, MessageStore, SendOutcome, Ticket
+from gateway.store import Envelope, GroupEnvelope, MessageStore, SendOutcome, Ticket
 
 
 class SendPath:
@@ -27,7 +28,7 @@ class SendPath:
         store: Where messages are stored.
         registry: This process's live connections; a duplicate rings its recipient's.
         counters: `sends` counts each message by outcome: ``stored``, ``duplicate``,
-            ``unknown_recipient`` or ``failed``.
+            ``unknown_recipient``, ``not_member`` or ``failed``.
         clock: Wall-clock milliseconds since the epoch, the messages' `ts`.
     """
 
@@ -82,6 +83,47 @@ class SendPath:
         ticket.on_done(partial(self._settled, send.to, ticket))
         return ticket
 
+    async def submit_group(
+        self, sender: str, sender_device: str, send: GroupSend
+    ) -> Ticket[SendOutcome]:
+        """Submit a group message from a sender's device, timestamped now: stored for
+        every device of every member but the sending one, the body once.
+
+        Its outcome is counted as soon as the commit is known; a duplicate rings the
+        sender's own devices here (the members' devices read their queues on their next
+        doorbell or connection).
+
+        Args:
+            sender: The sending user, who must be a member of the group.
+            sender_device: The sending device.
+            send: The validated message; `send.ttl` is in seconds.
+
+        Returns:
+            The ticket that resolves once the message is durable for every member device
+            (or found already stored), or with `not_member`.
+
+        Raises:
+            StoreError: The store refused the submission; nothing was stored.
+        """
+        now = self._clock()
+        envelope = GroupEnvelope(
+            sender=sender,
+            sender_device=sender_device,
+            msg_id=send.id,
+            group=send.group,
+            body=send.body,
+            urgent=send.urgent,
+            ts=now,
+            expires=now + send.ttl * 1000,
+        )
+        try:
+            ticket = await self._store.submit_group_send(envelope)
+        except StoreError:
+            self._counters.sends["failed"] += 1
+            raise
+        ticket.on_done(partial(self._settled, sender, ticket))
+        return ticket
+
     def _settled(self, to: str, ticket: Ticket[SendOutcome]) -> None:
         """Count a completed send; ring the recipient's devices for a duplicate."""
         try:
@@ -89,7 +131,9 @@ class SendPath:
         except StoreError:
             self._counters.sends["failed"] += 1
             return
-        if outcome.unknown_recipient:
+        if outcome.not_member:
+            self._counters.sends["not_member"] += 1
+        elif outcome.unknown_recipient:
             self._counters.sends["unknown_recipient"] += 1
         elif outcome.duplicate:
             self._counters.sends["duplicate"] += 1

@@ -117,6 +117,13 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class GroupsSettings:
+    """`[groups]`: server-side group fan-out (membership through the backend API)."""
+
+    max_members: int = 1024
+
+
+@dataclass(frozen=True)
 class PresenceSettings:
     """`[presence]`: batching and the offline grace period."""
 
@@ -169,6 +176,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
+    groups: GroupsSettings = field(default_factory=GroupsSettings)
     push: PushSettings = field(default_factory=PushSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -235,6 +243,7 @@ _POSITIVE = {
     "retry_after",
     "send_burst",
     "rate_limit_strikes",
+    "max_members",
 }
 # Limits where 0 means "off" (or, for max_connections, "derived from the open-file limit").
 _NOT_NEGATIVE = {

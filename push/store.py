@@ -20,6 +20,7 @@ class ItemKind(enum.IntEnum):
     MESSAGE = 0
     DELIVERED = 1
     READ = 2
+    GROUP = 3  # a group membership change
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,21 @@ Scenarios (defaults; ``--quick`` shrinks them; ``--only`` names them):
    upgrade, ``hello``, wait for ``welcome`` and ``drained``, close handshake. Reported: the
    server's CPU per reconnect in milliseconds (CPU from the first reconnect until 0.25 s
    after the last / reconnects completed).
+7. ``group``: fan-out of one message to a group of M members with 2 devices each (M in
+   ``--group-sizes``, default 16, 256, 1024), every device online and acking each
+   delivery; the sender's other device is a recipient, the sending device is not. Per
+   size, ``--group-messages`` group sends (``send`` with ``group``, ``--group-body``
+   bytes) alternate with the same fan-out done the v1 way, one ``send`` per member
+   (pipelined, each in its own WebSocket message; done when the last ``sent`` arrived).
+   Each fan-out starts once the previous one has settled (every device's delivered
+   receipt is back at the sender), so each is measured at rest, not queued behind the
+   acks and receipts of the one before. Reported for each: send -> ``sent`` p50/p99,
+   send -> the last member device's ``msg`` p50/p99, deliveries per second (devices
+   reached / fan-out time), and store bytes per message: the SQLite file's used pages
+   (page_count - freelist_count) grown by a few fan-outs whose items are held unacked
+   (not measured on the floor, whose store is memory). Targets, for 1,024 members:
+   ``sent`` p99 <= 50 ms, last device <= 250 ms p99, >= 10x fewer stored bytes than the
+   v1 way.
 
 Only 127.0.0.1 is used. Every loop is bounded in count and time, and every server process
 this script starts is stopped on the way out, also on error or Ctrl-C.
@@ -100,7 +115,7 @@ from scripts.kit.child_process import ChildProcess, ProcessFailed
 from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.lean_client import MAX_LOOP, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
 from scripts.kit.limits import raise_fd_limit
-from scripts.kit.loopback import HOST
+from scripts.kit.loopback import HOST, free_port
 
 BODY_BYTES = 200
 CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -159,7 +174,22 @@ ROWS = (
     Row("rate_p99_ms", "p99 latency @ fixed rate", "ms", "rate", "p99_ms"),
     Row("cpu_ms_per_reconnect", "CPU per reconnect", "ms", "rate", "reconnect_cpu_ms"),
 )
-SCENARIOS = ("route", "latency", "idle", "drain", "hs", "rate")
+SCENARIOS = ("route", "latency", "idle", "drain", "hs", "rate", "group")
+# Scenario 7: the backend API key of every server under test (loopback only), and the
+# figures it reports for the largest group size, with the issue's targets.
+BENCH_API_KEY = "bench-core-admin-key"
+GROUP_ROWS = (
+    Row("group_sent_p99_ms", "group: sent p99, largest", "ms", "group",
+        "group_sent_p99_ms", Target("group_sent_p99_ms", "", "ms", "<=", 50)),
+    Row("group_last_p99_ms", "group: last device p99, largest", "ms", "group",
+        "group_last_p99_ms", Target("group_last_p99_ms", "", "ms", "<=", 250)),
+    Row("v1_sent_p99_ms", "v1: sent p99, largest", "ms", "group", "v1_sent_p99_ms"),
+    Row("v1_last_p99_ms", "v1: last device p99, largest", "ms", "group",
+        "v1_last_p99_ms"),
+    Row("group_store_ratio", "store bytes v1/group, largest", "x", "group",
+        "store_ratio", Target("group_store_ratio", "", "x", ">=", 10)),
+)  # fmt: skip
+ROWS = (*ROWS, *GROUP_ROWS)
 
 
 @dataclass
@@ -271,11 +301,13 @@ class ServerProcess:
         store = f'path = "{self.dir / "gateway.db"}"\nsynchronous = "{self.args.synchronous}"'
         if self.kind == "floor":  # this tree's gateway, its queues in memory
             store = 'backend = "memory"'
+        self.admin_url = f"http://{HOST}:{(admin_port := free_port())}"
+        admin = {"GATEWAY__ADMIN__PORT": str(admin_port), "GATEWAY__ADMIN__API_KEY": BENCH_API_KEY}
         return GatewayProcess(
             self.dir,
             store=store,
             log_level=self.args.log_level,
-            env=server_env(self.kind, self.args),
+            env={**server_env(self.kind, self.args), **admin},
             launcher=launcher,
             cwd=self.dir,  # not the repository: the baseline's `gateway` must come first
         )
@@ -389,6 +421,10 @@ class Tokens:
 
     def __init__(self) -> None:
         self._auth = Settings().auth
+
+    def of(self, user: str, device: str) -> str:
+        """A token for one device."""
+        return mint_token(self._auth, user, device)
 
     def many(self, prefix: str, count: int) -> list[tuple[str, str]]:
         """[(user, token)]: user ``prefix-i`` with device ``phone``."""
@@ -976,6 +1012,224 @@ async def scenario_rate(server: ServerProcess, tokens: Tokens, args: argparse.Na
     return Sample(cpu / routed * 1e6 if routed else math.nan, usage, extra)
 
 
+# ---- scenario 7: group fan-out against one send per member -----------------------------------
+
+
+@dataclass
+class Fanout:
+    """What the receivers of scenario 7 saw: per fan-out key, devices still to reach."""
+
+    left: dict[str, int] = field(default_factory=dict)
+    done: dict[str, trio.Event] = field(default_factory=dict)
+    last_at: dict[str, float] = field(default_factory=dict)
+    hold: bool = False  # leave deliveries unacked (while the store's size is measured)
+    errors: int = 0
+    receipts_left: dict[str, int] = field(default_factory=dict)  # at the sending device
+    settled: dict[str, trio.Event] = field(default_factory=dict)
+
+    def expect(self, key: str, devices: int) -> trio.Event:
+        self.left[key] = devices
+        self.done[key] = event = trio.Event()
+        self.receipts_left[key] = devices
+        self.settled[key] = trio.Event()
+        return event
+
+    def receipt(self, msg_id: str) -> None:
+        key = _fanout_key(msg_id)
+        left = self.receipts_left.get(key, 0) - 1
+        self.receipts_left[key] = left
+        if left == 0:
+            self.settled[key].set()
+
+
+async def _ack(ws: Wire, sids: list[int]) -> None:
+    """Ack `sids`, in as few `ack` frames as the per-frame limit allows."""
+    for start in range(0, len(sids), 1000):
+        await ws.send_message(encode({"t": "ack", "sids": sids[start : start + 1000]}))
+
+
+def _fanout_key(msg_id: str) -> str:
+    """A per-member send's id is ``KEY~N``; a group send's is ``KEY``."""
+    return msg_id.split("~", 1)[0]
+
+
+async def _fanout_receiver(ws: Wire, st: Fanout) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        for _ in range(MAX_LOOP):
+            message = await ws.get_message()
+            now = trio.current_time()
+            sids: list[int] = []
+            for f in frames_of(message):
+                kind = f.get("t")
+                if kind in ("msg", "receipt", "group"):
+                    sids.append(f["sid"])
+                if kind == "msg":
+                    key = _fanout_key(f["id"])
+                    left = st.left.get(key, 0) - 1
+                    st.left[key] = left
+                    if left == 0:
+                        st.last_at[key] = now
+                        st.done[key].set()
+            if sids and not st.hold:
+                await _ack(ws, sids)
+
+
+async def _fanout_sender_replies(ws: Wire, answered: dict[str, trio.Event], st: Fanout) -> None:
+    """The sending device's reader: `sent` (or an error) per id; receipts acked."""
+    with contextlib.suppress(ConnectionClosed):
+        for _ in range(MAX_LOOP):
+            sids: list[int] = []
+            for f in frames_of(await ws.get_message()):
+                kind = f.get("t")
+                if kind in ("sent", "error"):
+                    if kind == "error":
+                        st.errors += 1
+                        if st.errors == 1:
+                            print(f"    error: {f.get('code')}: {f.get('reason')}", flush=True)
+                    event = answered.get(f.get("id") or f.get("ref", ""))
+                    if event is not None:
+                        event.set()
+                elif kind in ("msg", "receipt", "group"):
+                    sids.append(f["sid"])
+                    if kind == "receipt" and f.get("kind") == "delivered":
+                        for msg_id in f["ids"]:
+                            st.receipt(msg_id)
+            if sids:
+                await _ack(ws, sids)
+
+
+def _store_bytes(server: ServerProcess) -> float:
+    """Bytes in use in the server's SQLite file (WAL included); NaN on the floor."""
+    if server.kind == "floor":
+        return math.nan
+    import sqlite3
+
+    conn = sqlite3.connect(server.dir / "gateway.db", timeout=30)
+    try:
+        pages, free, size = (
+            conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("page_count", "freelist_count", "page_size")
+        )
+    finally:
+        conn.close()
+    return float((pages - free) * size)
+
+
+async def _quiet_store_bytes(server: ServerProcess) -> float:
+    """`_store_bytes` once the store has stopped changing: the acks of earlier fan-outs
+    (sent by the receivers as they read) commit a little after the last delivery."""
+    last = await trio.to_thread.run_sync(_store_bytes, server)
+    for _ in range(100):
+        await trio.sleep(0.3)
+        now = await trio.to_thread.run_sync(_store_bytes, server)
+        if now == last or math.isnan(now):
+            return now
+        last = now
+    return last
+
+
+async def scenario_group(server: ServerProcess, tokens: Tokens, args: argparse.Namespace) -> Sample:
+    import httpx
+
+    sizes = sorted(args.group_sizes)
+    users = [f"gm-{i}" for i in range(max(sizes))]
+    sender_user = users[0]
+    body = random.Random(7).randbytes(args.group_body)
+    st = Fanout()
+    answered: dict[str, trio.Event] = {}
+    extra: dict[str, float] = {}
+    usage: Usage | None = None
+    headers = {"authorization": f"Bearer {BENCH_API_KEY}"}
+    async with httpx.AsyncClient(base_url=server.admin_url, timeout=60) as http:
+        for size in sizes:
+            response = await http.put(
+                f"/v1/groups/bench-{size}", json={"members": users[:size]}, headers=headers
+            )
+            if response.status_code not in (200, 201):
+                raise RuntimeError(f"group set-up: {response.status_code} {response.text[:200]}")
+    devices = [(u, d) for u in users for d in ("phone", "tablet")]
+    receivers = [(u, d) for u, d in devices if (u, d) != (sender_user, "phone")]
+    with trio.fail_after(1800):
+        async with trio.open_nursery() as nursery:
+            sender = await connect(nursery, server.url)
+            await hello(sender, tokens.of(sender_user, "phone"))
+            conns = await open_many(
+                nursery, server.url,
+                [(u, tokens.of(u, d)) for u, d in receivers], args.connect_concurrency,
+            )  # fmt: skip
+            if len(conns) != len(receivers):
+                raise RuntimeError(f"only {len(conns)} of {len(receivers)} devices connected")
+            nursery.start_soon(_fanout_sender_replies, sender, answered, st)
+            for ws in conns:
+                nursery.start_soon(_fanout_receiver, ws, st)
+
+            async def fan_out(key: str, size: int, group: bool) -> tuple[float, float]:
+                """One fan-out to the first `size` users; (to sent, to last device) in s."""
+                done = st.expect(key, 2 * size - 1)
+                if group:
+                    ids = [key]
+                    frames = [{"t": "send", "id": key, "group": f"bench-{size}", "body": body}]
+                else:
+                    ids = [f"{key}~{n}" for n in range(size)]
+                    frames = [
+                        {"t": "send", "id": msg_id, "to": users[n], "body": body}
+                        for n, msg_id in enumerate(ids)
+                    ]
+                events = [answered.setdefault(msg_id, trio.Event()) for msg_id in ids]
+                t0 = trio.current_time()
+                for frame in frames:
+                    await sender.send_message(encode(frame))
+                for event in events:
+                    await event.wait()
+                sent_at = trio.current_time()
+                await done.wait()
+                if not st.hold:  # at rest: the next one starts once every receipt is back
+                    await st.settled[key].wait()
+                return sent_at - t0, st.last_at[key] - t0
+
+            for size in sizes:
+                for n in range(2):  # warm-up, not measured
+                    await fan_out(f"w{size}.{n}", size, True)
+                    await fan_out(f"wv{size}.{n}", size, False)
+                timings: dict[str, list[tuple[float, float]]] = {"group": [], "v1": []}
+                meter = server.meter()
+                meter.start()
+                for n in range(args.group_messages):
+                    timings["group"].append(await fan_out(f"g{size}.{n}", size, True))
+                    timings["v1"].append(await fan_out(f"v{size}.{n}", size, False))
+                usage = meter.stop()  # the last size's is reported
+                for mode, pairs in timings.items():
+                    to_sent = [a for a, _ in pairs]
+                    to_last = [b for _, b in pairs]
+                    extra[f"{mode}{size}_sent_p50_ms"] = percentile(to_sent, 0.5) * 1000
+                    extra[f"{mode}{size}_sent_p99_ms"] = percentile(to_sent, 0.99) * 1000
+                    extra[f"{mode}{size}_last_p50_ms"] = percentile(to_last, 0.5) * 1000
+                    extra[f"{mode}{size}_last_p99_ms"] = percentile(to_last, 0.99) * 1000
+                    extra[f"{mode}{size}_deliveries_per_s"] = (
+                        (2 * size - 1) * len(to_last) / sum(to_last)
+                    )
+                # Store bytes: a few fan-outs whose deliveries stay unacked, so that what
+                # each one stored is still there to be counted.
+                st.hold = True
+                for mode, group in (("group", True), ("v1", False)):
+                    before = await _quiet_store_bytes(server)
+                    for n in range(args.group_store_messages):
+                        await fan_out(f"s{mode}{size}.{n}", size, group)
+                    after = await _quiet_store_bytes(server)
+                    grown = (after - before) / args.group_store_messages
+                    extra[f"{mode}{size}_store_bytes"] = grown
+                st.hold = False
+            nursery.cancel_scope.cancel()
+    largest = sizes[-1]
+    for mode in ("group", "v1"):
+        for what in ("sent_p99_ms", "last_p99_ms"):
+            extra[f"{mode}_{what}"] = extra[f"{mode}{largest}_{what}"]
+    group_bytes, v1_bytes = extra[f"group{largest}_store_bytes"], extra[f"v1{largest}_store_bytes"]
+    extra["store_ratio"] = v1_bytes / group_bytes if group_bytes > 0 else math.nan
+    extra["errors"] = st.errors
+    return Sample(extra["group_sent_p99_ms"], usage, extra)
+
+
 # ---- orchestration -----------------------------------------------------------------------------
 
 
@@ -1094,6 +1348,21 @@ def describe(name: str, sample: Sample) -> str:
             f" server {x['reconnect_server_cores']:.0%} of a core,"
             f" generator {x['reconnect_generator_cores']:.0%})"
         )
+    elif name == "group":
+        x = sample.extra
+        lines = []
+        for size in sorted({int(k[5:].split("_")[0]) for k in x if k.startswith("group") and
+                            k[5:].split("_")[0].isdigit()}):  # fmt: skip
+            for mode in ("group", "v1"):
+                p = f"{mode}{size}_"
+                lines.append(
+                    f"{size:5} members x 2, {'group' if mode == 'group' else 'v1   '}: sent p50"
+                    f" {x[p + 'sent_p50_ms']:.1f} / p99 {x[p + 'sent_p99_ms']:.1f} ms; last"
+                    f" device p50 {x[p + 'last_p50_ms']:.1f} / p99 {x[p + 'last_p99_ms']:.1f}"
+                    f" ms; {x[p + 'deliveries_per_s']:,.0f} deliveries/s;"
+                    f" store {x[p + 'store_bytes'] / 1024:,.1f} KiB/msg"
+                )
+        text = "\n      ".join(lines) + f"\n      store bytes v1 / group: {x['store_ratio']:.1f}x"
     else:
         text = (
             f"{sample.value:,.0f} handshakes/s ({int(sample.extra['completed']):,} done,"
@@ -1141,6 +1410,7 @@ def main_bench(args: argparse.Namespace) -> int:
         args.idle_conns = args.idle_set or 2000
         args.backlog = args.backlog_set or 2000
         args.handshakes = args.handshakes_set or 1000
+        args.group_messages = args.group_messages_set or 5
     if args.idle_conns + 100 > fd_limit - 200:
         print(f"--idle-conns {args.idle_conns} needs more fds than {fd_limit}", file=sys.stderr)
         return 2
@@ -1249,6 +1519,14 @@ def main_bench(args: argparse.Namespace) -> int:
                 f" ({args.rate_pairs} -> {args.rate_pairs} devices, one send per message, paced,"
                 f" every msg and receipt acked on its own), then per reconnect of a known device"
                 f" at {args.reconnect_rate:g}/s",
+            )
+        if "group" in only:
+            series(
+                "group",
+                scenario_group,
+                f"7. group fan-out to {'/'.join(map(str, args.group_sizes))} members x 2 devices"
+                f" ({args.group_body:,}-byte body, {args.group_messages} messages each) against"
+                " one send per member",
             )
     finally:
         stop_all_servers()
@@ -1470,6 +1748,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--reconnect-concurrency", type=int, default=10, help="6.: reconnects at once at most"
     )
     p.add_argument("--reconnect-pool", type=int, default=200, help="6.: known devices (200)")
+    p.add_argument(
+        "--group-sizes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[16, 256, 1024],
+        help="7.: members per group, comma-separated (default 16,256,1024; at most 1024)",
+    )
+    p.add_argument("--group-messages", type=int, default=None,
+                   help="7.: measured fan-outs per size and mode (default 20)")  # fmt: skip
+    p.add_argument("--group-store-messages", type=int, default=3,
+                   help="7.: fan-outs held unacked to measure store bytes (default 3)")  # fmt: skip
+    p.add_argument("--group-body", type=int, default=1024, help="7.: body bytes (default 1024)")
     p.add_argument("--only", help="comma list of " + ",".join(SCENARIOS))
     p.add_argument(
         "--baseline-commit",
@@ -1495,7 +1784,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # Remember what was given explicitly, so that --quick only changes the rest.
     for name, default in (
         ("runs", 3), ("pairs", 500), ("duration", 10.0), ("warmup", 3.0), ("idle_conns", 10_000),
-        ("backlog", 10_000), ("handshakes", 5000),
+        ("backlog", 10_000), ("handshakes", 5000), ("group_messages", 20),
     ):  # fmt: skip
         given = getattr(args, name)
         short = {"idle_conns": "idle", "handshakes": "handshakes"}.get(name, name)

@@ -46,7 +46,7 @@ from scripts.simulator.gateway_config import scenario_config
 from scripts.simulator.knobs import Distribution, PushRules, Scenario
 from scripts.simulator.ledger import Ledger, failures
 from scripts.simulator.push_relay import PushRelay
-from scripts.simulator.run import Run, simulate
+from scripts.simulator.run import AdminAccess, Run, simulate
 from scripts.simulator.setups import (
     Ports,
     running_relay,
@@ -189,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="abrupt network drops (TCP reset, no close frame) per connected "
         "phone per minute (default %(default)s)",
     )
+    groups = parser.add_argument_group("groups (set up through the gateway's backend API)")
+    groups.add_argument(
+        "--groups",
+        type=int,
+        default=d.groups,
+        help="groups of phones, each with at least one active phone (default %(default)s)",
+    )
+    groups.add_argument(
+        "--group-size",
+        type=int,
+        default=10,
+        help="phones in each group, at most --devices (default %(default)s)",
+    )
+    groups.add_argument(
+        "--group-share",
+        type=_share,
+        default=d.group_share,
+        help="share of the sends that go to one of the sender's groups (default %(default)s)",
+    )
     gateway = parser.add_argument_group("gateway push timing (written into its configuration)")
     gateway.add_argument("--urgent-cooldown", type=_positive, default=d.rules.urgent_cooldown)
     gateway.add_argument(
@@ -260,6 +279,11 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
     """The scenario the arguments describe."""
     if args.devices < 2:
         raise SystemExit("simulate_idle_devices.py: --devices must be at least 2")
+    if args.groups < 0 or (args.groups and not 2 <= args.group_size <= args.devices):
+        raise SystemExit(
+            "simulate_idle_devices.py: --groups must not be negative, and --group-size must "
+            "be 2..--devices"
+        )
     return replace(
         Scenario(),
         devices=args.devices,
@@ -280,6 +304,9 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
         final_drain_timeout=args.final_drain_timeout,
         final_drain=not args.no_final_drain,
         seed=args.seed,
+        groups=args.groups,
+        group_size=args.group_size if args.groups else 0,
+        group_share=args.group_share,
     )
 
 
@@ -290,12 +317,14 @@ async def run_scenario(
     scenario, ledger = run.scenario, run.ledger
     push_dir = workdir / "push"
     database: Path | None = workdir / "gateway.db"
+    api_key = secrets.token_hex(16)
+    admin: AdminAccess | None = None
     async with trio.open_nursery() as nursery:
         if settings is None:  # the default: everything made for this run
             relay = PushRelay.create(ledger, scenario, push_dir)
             auth = AuthSettings(jwt_secret=secrets.token_hex(32))
             await nursery.start(relay.serve, push_dir)
-            port = free_port()
+            port, admin_port = free_port(), free_port()
             config = scenario_config(
                 workdir / "gateway.toml",
                 port=port,
@@ -303,7 +332,10 @@ async def run_scenario(
                 jwt_secret=auth.jwt_secret,
                 rules=scenario.rules,
                 push_toml=relay.gateway_push_toml(),
+                admin_port=admin_port,
+                api_key=api_key,
             )
+            admin = AdminAccess(f"http://127.0.0.1:{admin_port}", api_key)
             gateway = GatewayProcess(workdir, config_file=config, port=port)
             await nursery.start(gateway.run)
             url = gateway.url
@@ -313,6 +345,10 @@ async def run_scenario(
             await nursery.start(relay.serve, push_dir)
             port = free_port()
             env = staging_env(relay, settings, args.config, port, workdir, scenario.rules)
+            admin_port = free_port()
+            env |= {"GATEWAY__ADMIN__PORT": str(admin_port), "GATEWAY__ADMIN__API_KEY": api_key}
+            env["GATEWAY__ADMIN__HOST"] = "127.0.0.1"
+            admin = AdminAccess(f"http://127.0.0.1:{admin_port}", api_key)
             if settings.store.backend != "sqlite":
                 database = None
             gateway = GatewayProcess(workdir, config_file=Path(args.config), port=port, env=env)
@@ -325,6 +361,9 @@ async def run_scenario(
                 partial(relay.serve, push_dir, apns_port=ports.apns, fcm_port=ports.fcm)
             )
             url = args.url
+            if settings.admin.api_key is not None:
+                where = f"http://{settings.admin.host}:{settings.admin.port}"
+                admin = AdminAccess(where, settings.admin.api_key)
             sqlite = settings.store.backend == "sqlite" and settings.store.path.is_file()
             database = settings.store.path if sqlite else None
 
@@ -333,7 +372,7 @@ async def run_scenario(
 
         with _live(run, enabled=not args.no_live) as refresh:
             nursery.start_soon(refresh)
-            await simulate(run, relay, url, token, database=database, fault=args.fault)
+            await simulate(run, relay, url, token, database=database, fault=args.fault, admin=admin)
         nursery.cancel_scope.cancel()
 
 

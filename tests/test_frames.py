@@ -16,6 +16,7 @@ from gateway.frames import (
     ClientState,
     FrameError,
     FrameParser,
+    GroupSend,
     Hello,
     PushRegistration,
     Read,
@@ -528,3 +529,43 @@ def test_queue_items_are_delivered_as_contract_frames():
     assert frames.delivery(delivered)["kind"] == "delivered"
     assert frames.delivery(read, ids=("m0", "m1", "m2"))["ids"] == ["m0", "m1", "m2"]
     cbor2.dumps(frames.delivery(read))  # every value is encodable as it stands
+
+
+# -- groups --------------------------------------------------------------------------------
+
+
+def test_send_with_group_is_a_group_send(parser):
+    frame = {"t": "send", "id": "g1", "group": "g" * 128, "body": b"x", "urgent": False}
+    assert parser.parse(frame) == GroupSend("g1", "g" * 128, b"x", False, MAX_TTL)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"group": "team", "to": "bob", "body": b"x"},
+        {"body": b"x"},
+        {"group": "g" * 129, "body": b"x"},
+        {"group": "team", "bodies": {"phone": b"x"}},
+        {"group": "team", "body": b"x", "ttl": MAX_TTL + 1},
+        {"group": "team"},
+    ],
+)
+def test_group_send_mistakes_are_bad_fields_that_name_the_message(parser, fields):
+    assert bad_field(parser, {"t": "send", "id": "g1", **fields}).ref == "g1"
+
+
+def test_a_group_message_is_delivered_as_msg_with_group():
+    item = QueueItem(7, ItemKind.MESSAGE, "g1", "alice", "phone", 5, True, b"x", (), "team")
+    assert frames.delivery(item) == {
+        "t": "msg", "sid": 7, "id": "g1", "from": "alice", "dev": "phone", "ts": 5,
+        "body": b"x", "urgent": True, "group": "team",
+    }  # fmt: skip
+    one_to_one = QueueItem(8, ItemKind.MESSAGE, "m1", "alice", "phone", 5, True, b"x")
+    assert "group" not in frames.delivery(one_to_one)
+
+
+def test_a_group_event_is_delivered_as_a_group_frame():
+    item = QueueItem(9, ItemKind.GROUP, "removed", "", "", 5, False, b"", ("bob",), "team")
+    assert frames.delivery(item) == {
+        "t": "group", "sid": 9, "group": "team", "event": "removed", "users": ["bob"], "ts": 5,
+    }  # fmt: skip

@@ -27,6 +27,16 @@ def test_receipts_of_one_origin_merge_at_the_place_of_the_last():
     assert merged == {3: (1,)}
 
 
+def test_group_events_are_never_merged():
+    events = [QueueItem(sid, ItemKind.GROUP, "added", "", "", 1000, False, b"", (f"u{sid}",),
+                        "team") for sid in (1, 2)]  # fmt: skip
+    frames, merged = coalesce(events)
+    assert [(f["t"], f["sid"], f["users"]) for f in frames] == [
+        ("group", 1, ["u1"]), ("group", 2, ["u2"]),
+    ]  # fmt: skip
+    assert merged == {}
+
+
 def test_a_merged_receipt_stays_within_the_id_limit():
     items = [receipt(i, "bob", tuple(f"{i}-{j}" for j in range(400))) for i in range(1, 6)]
     frames, merged = coalesce(items)

@@ -152,10 +152,16 @@ def test_a_wrong_type_names_the_file_and_the_key(config, text, key):
         ("[server]\nheartbeat = 0", "[server] heartbeat"),
         ("[server]\nmax_message_size = -5", "[server] max_message_size"),
         ("[presence]\nbatch_ms = -1", "[presence] batch_ms"),
+        ("[groups]\nmax_members = 0", "[groups] max_members"),
     ],
 )
 def test_out_of_range_values_name_the_key(config, text, key):
     assert key in config_error(config(text))
+
+
+def test_groups_allow_1024_members_unless_configured(config):
+    assert load_settings(env={}).groups.max_members == 1024
+    assert load_settings(config("[groups]\nmax_members = 5"), env={}).groups.max_members == 5
 
 
 def test_port_zero_is_allowed_for_tests(config):

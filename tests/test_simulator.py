@@ -248,3 +248,27 @@ def test_the_ledger_tells_lost_from_duplicated_and_from_still_queued() -> None:
     assert summary["latency_s"]["message_to_push"]["n"] == 3  # m1..m3 went to a sleeper
     assert failures(summary) == ["1 message(s) lost"]
     assert not ledger.settled()
+
+
+async def test_a_scenario_with_groups_delivers_every_members_copy(tmp_path: Path) -> None:
+    status, summary, text = await simulate(tmp_path, "--groups", "2", "--group-size", "5")
+    assert status == 0, text
+    m, r = summary["messages"], summary["receipts"]
+    assert m["group_sends"] > 0 and m["group_copies"] == 4 * m["group_sends"]
+    assert m["delivered"] == m["sent"] and m["lost"] == 0
+    assert r["delivered_arrived"] == r["delivered_expected"] == m["delivered"]
+    assert summary["undrained_devices"] == {}
+    assert summary["scenario"]["groups"] == 2
+
+
+def test_the_ledger_follows_each_members_copy_of_a_group_message() -> None:
+    ledger = Ledger()
+    ledger.note_group_send("g1", "alice", "team", [("bob", False), ("carol", True)], True)
+    ledger.note_stored("g1")  # one `sent` for every copy
+    ledger.note_message("bob", "g1@bob")
+    ledger.note_receipt("alice", "delivered", ["g1"], by="bob")
+    summary = ledger.summary()
+    m = summary["messages"]
+    assert (m["sent"], m["delivered"], m["group_sends"], m["group_copies"]) == (2, 1, 1, 2)
+    assert summary["receipts"]["delivered_arrived"] == 1
+    assert failures(summary) == ["1 message(s) lost"]  # carol's copy never arrived

@@ -18,7 +18,14 @@ import pytest
 import trio
 
 from gateway.errors import StoreClosed, StoreError
-from gateway.store import Envelope, ItemKind, MessageStore, PushToken, QueueItem
+from gateway.store import (
+    Envelope,
+    GroupEnvelope,
+    ItemKind,
+    MessageStore,
+    PushToken,
+    QueueItem,
+)
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SqliteStore
@@ -862,3 +869,386 @@ async def test_a_file_from_before_read_checking_gains_the_recipient_column(tmp_p
         )
         [receipt] = await fetch_all(store, "alice", "phone")
     assert receipt.ids == ("new",)  # an id stored before the column names no recipient
+
+
+# -- groups --------------------------------------------------------------------------------
+
+GROUP_LIMIT = 1024
+
+
+def group_envelope(
+    msg_id: str = "g1",
+    *,
+    sender: str = "alice",
+    device: str = "phone",
+    group: str = "team",
+    body: bytes = b"sender-key ciphertext",
+    urgent: bool = True,
+    ts: int = T0,
+    ttl_ms: int = DAY_MS,
+) -> GroupEnvelope:
+    return GroupEnvelope(sender, device, msg_id, group, body, urgent, ts, ts + ttl_ms)
+
+
+async def group_send(store: MessageStore, env: GroupEnvelope) -> Any:
+    return await (await store.submit_group_send(env)).result()
+
+
+def events(items: list[QueueItem]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The (group, event, users) of the `group` items among `items`, in order."""
+    return [(i.group, i.msg_id, i.ids) for i in items if i.kind is ItemKind.GROUP]
+
+
+async def stored_bodies(store: MessageStore, backend: str, db_path: Any) -> int:
+    """How many group-message bodies the backend holds."""
+    if backend == "sqlite":
+        conn = sqlite3.connect(db_path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM bodies").fetchone()[0])
+        finally:
+            conn.close()
+    assert isinstance(store, RedisStore)
+    return len([key async for key in store.client.scan_iter(match="gwg:{*}:b:*")])
+
+
+async def test_a_group_is_created_read_replaced_and_deleted(store):
+    assert await store.group_members("team") is None
+
+    change = await store.set_group("team", ("carol", "alice", "alice"), T0, GROUP_LIMIT)
+    assert (change.created, change.found, change.members) == (True, True, ("alice", "carol"))
+    assert await store.group_members("team") == ("alice", "carol")
+
+    change = await store.set_group("team", ("bob",), T0, GROUP_LIMIT)
+    assert (change.created, change.members) == (False, ("bob",))
+    assert await store.group_members("team") == ("bob",)
+
+    assert await store.delete_group("team", T0) is True
+    assert await store.delete_group("team", T0) is False
+    assert await store.group_members("team") is None
+
+
+async def test_an_empty_group_exists(store):
+    change = await store.set_group("quiet", (), T0, GROUP_LIMIT)
+    assert change.created and change.members == ()
+    assert await store.group_members("quiet") == ()
+
+
+async def test_members_are_added_and_removed_only_in_an_existing_group(store):
+    assert not (await store.add_group_members("team", ("bob",), T0, GROUP_LIMIT)).found
+    assert not (await store.remove_group_member("team", "bob", T0)).found
+    await store.set_group("team", ("alice",), T0, GROUP_LIMIT)
+
+    added = await store.add_group_members("team", ("bob", "alice"), T0, GROUP_LIMIT)
+    assert added.members == ("alice", "bob")
+    removed = await store.remove_group_member("team", "alice", T0)
+    assert (removed.found, removed.members) == (True, ("bob",))
+    assert not (await store.remove_group_member("team", "alice", T0)).found
+    assert await store.group_members("team") == ("bob",)
+
+
+async def test_a_group_over_the_limit_changes_nothing(store):
+    assert (await store.set_group("team", ("a", "b", "c"), T0, 2)).over_limit
+    assert await store.group_members("team") is None
+
+    await store.set_group("team", ("a", "b"), T0, 2)
+    assert (await store.add_group_members("team", ("c",), T0, 2)).over_limit
+    assert (await store.set_group("team", ("a", "b", "c"), T0, 2)).over_limit
+    assert await store.group_members("team") == ("a", "b")
+    assert not (await store.add_group_members("team", ("a",), T0, 2)).over_limit  # no change
+
+
+async def test_every_membership_change_queues_a_group_event_to_every_device_involved(store, rings):
+    await register(store, "alice", "phone", "laptop")
+    await register(store, "bob", "phone")
+    await register(store, "carol", "phone")
+
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    for user, device in (("alice", "phone"), ("alice", "laptop"), ("bob", "phone")):
+        assert events(await fetch_all(store, user, device)) == [("team", "added", ("alice", "bob"))]
+    assert events(await fetch_all(store, "carol", "phone")) == []
+
+    rings.clear()
+    await store.set_group("team", ("alice", "carol"), T0 + 1, GROUP_LIMIT)  # +carol -bob
+    # The removed user is told too, so that clients can rotate their group keys.
+    for user, device in (("alice", "phone"), ("bob", "phone"), ("carol", "phone")):
+        assert events(await fetch_all(store, user, device))[-2:] == [
+            ("team", "added", ("carol",)),
+            ("team", "removed", ("bob",)),
+        ]
+    assert all(not urgent for _, _, urgent in rings)  # events never cause an alert
+    assert {(u, d) for u, d, _ in rings} == {
+        ("alice", "phone"), ("alice", "laptop"), ("bob", "phone"), ("carol", "phone"),
+    }  # fmt: skip
+
+    await store.remove_group_member("team", "carol", T0 + 2)
+    assert events(await fetch_all(store, "carol", "phone"))[-1] == ("team", "removed", ("carol",))
+    await store.add_group_members("team", ("bob",), T0 + 3, GROUP_LIMIT)
+    assert events(await fetch_all(store, "bob", "phone"))[-1] == ("team", "added", ("bob",))
+    await store.delete_group("team", T0 + 4)
+    assert events(await fetch_all(store, "alice", "laptop"))[-1] == (
+        "team", "deleted", ("alice", "bob"),
+    )  # fmt: skip
+    [event] = [i for i in await fetch_all(store, "bob", "phone") if i.msg_id == "deleted"]
+    assert (event.ts, event.urgent) == (T0 + 4, False)
+
+
+async def test_a_change_that_changes_nothing_queues_nothing(store):
+    await register(store, "alice", "phone")
+    await store.set_group("team", ("alice",), T0, GROUP_LIMIT)
+    await store.set_group("team", ("alice",), T0, GROUP_LIMIT)
+    await store.add_group_members("team", ("alice",), T0, GROUP_LIMIT)
+    assert len(await fetch_all(store, "alice", "phone")) == 1
+
+
+async def test_a_group_message_reaches_every_member_device_but_the_sending_one(store, rings):
+    await register(store, "alice", "phone", "laptop")
+    await register(store, "bob", "phone", "tablet")
+    await register(store, "carol", "phone")
+    await register(store, "dave", "phone")  # not a member
+    await store.set_group("team", ("alice", "bob", "carol"), T0, GROUP_LIMIT)
+    for user, device in (("alice", "phone"), ("alice", "laptop"), ("bob", "phone"),
+                         ("bob", "tablet"), ("carol", "phone")):  # fmt: skip
+        for item in await fetch_all(store, user, device):
+            await (await store.submit_ack(user, device, (item.sid,), T0)).result()
+    rings.clear()
+
+    outcome = await group_send(store, group_envelope(body=b"once", ts=T0 + 5))
+
+    assert (outcome.ts, outcome.devices, outcome.duplicate, outcome.not_member) == (
+        T0 + 5, 4, False, False,
+    )  # fmt: skip
+    assert sorted((u, d) for u, d, _ in rings) == [
+        ("alice", "laptop"), ("bob", "phone"), ("bob", "tablet"), ("carol", "phone"),
+    ]  # fmt: skip
+    assert await fetch_all(store, "alice", "phone") == []
+    assert await fetch_all(store, "dave", "phone") == []
+    for user, device in (("alice", "laptop"), ("bob", "tablet"), ("carol", "phone")):
+        [item] = await fetch_all(store, user, device)
+        assert (item.kind, item.msg_id, item.sender, item.sender_device) == (
+            ItemKind.MESSAGE, "g1", "alice", "phone",
+        )  # fmt: skip
+        assert (item.body, item.group, item.ts, item.urgent) == (b"once", "team", T0 + 5, True)
+    opening = await store.open_session("bob", "phone", issued_at=None, now=T0 + 6, limit=10)
+    assert [(i.body, i.group) for i in opening.items] == [(b"once", "team")]
+
+
+async def test_a_group_message_from_a_non_member_or_to_no_group_is_refused(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("bob",), T0, GROUP_LIMIT)
+
+    assert (await group_send(store, group_envelope())).not_member
+    assert (await group_send(store, group_envelope(group="nowhere"))).not_member
+    assert [i for i in await fetch_all(store, "bob", "phone") if i.kind is ItemKind.MESSAGE] == []
+
+    # Refused is not remembered: once a member, the same id is stored.
+    await store.add_group_members("team", ("alice",), T0, GROUP_LIMIT)
+    outcome = await group_send(store, group_envelope())
+    assert (outcome.not_member, outcome.duplicate, outcome.devices) == (False, False, 1)
+
+
+async def test_a_group_message_resent_with_the_same_id_is_stored_once(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+
+    first = await group_send(store, group_envelope(ts=T0))
+    again = await group_send(store, group_envelope(ts=T0 + 50))
+
+    assert (again.duplicate, again.ts) == (True, first.ts)
+    assert [i.msg_id for i in await fetch_all(store, "bob", "phone")] == ["added", "g1"]
+
+
+async def test_acking_a_group_message_sends_delivered_and_read_works_as_for_one_to_one(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope())
+    [_, item] = await fetch_all(store, "bob", "phone")
+
+    assert await (await store.submit_ack("bob", "phone", (item.sid,), T0 + 1)).result() == 1
+    read = await (
+        await store.submit_read("bob", "phone", "alice", ("g1", "other"), T0 + 2, T0 + DAY_MS)
+    ).result()
+
+    assert read == 1
+    receipts = [i for i in await fetch_all(store, "alice", "phone") if i.kind is not ItemKind.GROUP]
+    assert [(r.kind, r.ids, r.sender) for r in receipts] == [
+        (ItemKind.DELIVERED, ("g1",), "bob"),
+        (ItemKind.READ, ("g1",), "bob"),
+    ]
+
+
+async def test_a_group_body_is_stored_once_and_freed_by_the_last_ack(store, backend, db_path):
+    if backend == "memory":
+        pytest.skip("the memory backend shares one bytes object; nothing to count")
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet")
+    await register(store, "carol", "phone")
+    await store.set_group("team", ("alice", "bob", "carol"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope())
+    assert await stored_bodies(store, backend, db_path) == 1
+
+    holders = (("bob", "phone"), ("bob", "tablet"), ("carol", "phone"))
+    for n, (user, device) in enumerate(holders):
+        items = await fetch_all(store, user, device)
+        [message] = [i for i in items if i.kind is ItemKind.MESSAGE]
+        sids = (message.sid, message.sid)  # a repeated sid releases the body once
+        await (await store.submit_ack(user, device, sids, T0 + 1)).result()
+        await (await store.submit_ack(user, device, (message.sid,), T0 + 1)).result()
+        assert await stored_bodies(store, backend, db_path) == (1 if n < 2 else 0)
+
+
+async def test_an_expired_group_body_is_swept(store, backend, db_path):
+    if backend != "sqlite":
+        pytest.skip("Redis lets a body key expire by its own TTL; memory holds none")
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope(ttl_ms=1000))
+
+    assert await store.sweep_expired(T0 + 1000) >= 1
+    assert await stored_bodies(store, backend, db_path) == 0
+    assert [i.kind for i in await fetch_all(store, "bob", "phone", T0 + 1000)] == [ItemKind.GROUP]
+
+
+async def test_a_group_body_key_expires_with_its_message_on_redis(store, backend):
+    if backend not in ("redis", "redis-cluster"):
+        pytest.skip("a Redis key TTL")
+    assert isinstance(store, RedisStore)
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope(ttl_ms=60_000))
+    [key] = [key async for key in store.client.scan_iter(match="gwg:{*}:b:*")]
+    assert 0 < await store.client.pttl(key) <= 60_000 + 3_600_000
+
+
+async def test_sixteen_kib_to_two_hundred_members_grows_the_store_by_about_one_body(
+    store, backend, db_path
+):
+    if backend == "memory":
+        pytest.skip("the memory backend shares one bytes object; nothing to measure")
+    body = bytes(range(256)) * 64  # 16 KiB
+    members = tuple(f"user{n:03}" for n in range(200))
+    for user in members:
+        await register(store, user, "phone", "tablet")
+    await store.set_group("big", members, T0, GROUP_LIMIT)
+    for _ in range(2):  # settle the allocator and the file on group-event items first
+        await group_send(store, group_envelope("warm", sender="user000", group="big", body=b"x"))
+
+    before = await store_size(store, backend, db_path)
+    outcome = await group_send(store, group_envelope(sender="user000", group="big", body=body))
+    grown = await store_size(store, backend, db_path) - before
+
+    assert outcome.devices == 399
+    assert grown < 400 * len(body) / 20, grown  # 400 copies would be 6.4 MiB
+
+
+async def store_size(store: MessageStore, backend: str, db_path: Any) -> int:
+    """Bytes the store holds: the SQLite file's pages (WAL included), or the sum of what
+    Redis says each of the gateway's keys uses (on every node of a cluster)."""
+    if backend == "sqlite":
+        conn = sqlite3.connect(db_path)
+        try:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+            return int((pages - free) * size)
+        finally:
+            conn.close()
+    assert isinstance(store, RedisStore)
+    total = 0
+    async for key in store.client.scan_iter(match="gw*"):
+        total += await store.client.memory_usage(key, samples=0) or 0
+    return total
+
+
+async def test_a_file_from_before_groups_gains_the_body_and_group_columns(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE devices (did INTEGER PRIMARY KEY, user TEXT NOT NULL, device TEXT NOT NULL,"
+        " created INTEGER NOT NULL, last_seen INTEGER, push_provider TEXT, push_token TEXT,"
+        " push_topic TEXT, push_sandbox INTEGER NOT NULL DEFAULT 0, push_registered_at INTEGER,"
+        " UNIQUE (user, device));"
+        "CREATE TABLE queue (sid INTEGER PRIMARY KEY AUTOINCREMENT, did INTEGER NOT NULL,"
+        " kind INTEGER NOT NULL, msg_id TEXT NOT NULL, sender TEXT NOT NULL,"
+        " sender_device TEXT NOT NULL, ts INTEGER NOT NULL, expires INTEGER NOT NULL,"
+        " urgent INTEGER NOT NULL, body BLOB NOT NULL);"
+        f"INSERT INTO devices (did, user, device, created) VALUES (1, 'bob', 'phone', {T0});"
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
+        f" VALUES (1, 0, 'old', 'alice', 'phone', {T0}, {T0 + DAY_MS}, 1, x'6f6c64');"
+    )
+    old.close()
+
+    async with open_backend("sqlite", path, lambda *a: None) as store:
+        await register(store, "alice", "phone")
+        await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+        await group_send(store, group_envelope("new", body=b"new"))
+        items = await fetch_all(store, "bob", "phone")
+    assert [(i.msg_id, i.body, i.group) for i in items if i.kind is ItemKind.MESSAGE] == [
+        ("old", b"old", ""),
+        ("new", b"new", "team"),
+    ]
+
+
+async def test_a_group_send_retried_after_failing_half_way_fills_in_only_what_is_missing(
+    store, backend
+):
+    if backend not in ("redis", "redis-cluster"):
+        pytest.skip("on SQLite and in memory a group send is one transaction")
+    from gateway.store.redis import _group_send_steps
+
+    assert isinstance(store, RedisStore)
+    for user in ("alice", "bob", "carol"):
+        await register(store, user, "phone")
+    await store.set_group("team", ("alice", "bob", "carol"), T0, GROUP_LIMIT)
+    env = group_envelope(body=b"first attempt")
+    # The first attempt stores the body and queues for alice and bob, then Redis fails:
+    # the client got no `sent`.
+    steps = _group_send_steps(env, "")
+    begin = await store.run_scripts(next(steps))
+    members = steps.send(begin)
+    await store.run_scripts(members[:2])
+    steps.close()
+
+    outcome = await group_send(store, group_envelope(body=b"first attempt"))
+
+    assert (outcome.duplicate, outcome.devices) == (False, 1)  # carol's, the one missing
+    for user in ("bob", "carol"):
+        [item] = [i for i in await fetch_all(store, user, "phone") if i.kind is ItemKind.MESSAGE]
+        assert (item.msg_id, item.body) == ("g1", b"first attempt")
+    again = await group_send(store, group_envelope(ts=T0 + 1))
+    assert (again.duplicate, again.ts) == (True, T0)
+
+
+async def test_group_events_lost_to_a_failure_half_way_are_queued_by_the_next_change(
+    store, backend
+):
+    if backend not in ("redis", "redis-cluster"):
+        pytest.skip("on SQLite and in memory a change and its events are one transaction")
+    from gateway.store.redis import _group_change_steps
+
+    assert isinstance(store, RedisStore)
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    # The change is made in the group's slot, then Redis fails before the events are
+    # queued in the members' slots: the API answered 503.
+    steps = _group_change_steps("team", "set", ("alice", "bob"), T0, GROUP_LIMIT, DAY_MS, "")
+    await store.run_scripts(next(steps))
+    steps.close()
+    assert await store.group_members("team") == ("alice", "bob")
+    assert events(await fetch_all(store, "bob", "phone")) == []
+
+    retry = await store.set_group("team", ("alice", "bob"), T0 + 5, GROUP_LIMIT)  # no change
+
+    assert (retry.created, retry.members) == (False, ("alice", "bob"))
+    for user in ("alice", "bob"):
+        [event] = [i for i in await fetch_all(store, user, "phone") if i.kind is ItemKind.GROUP]
+        assert (event.msg_id, event.ids, event.ts) == ("added", ("alice", "bob"), T0)
+    await store.delete_group("team", T0 + 6)  # nothing pending is queued twice
+    assert events(await fetch_all(store, "bob", "phone")) == [
+        ("team", "added", ("alice", "bob")),
+        ("team", "deleted", ("alice", "bob")),
+    ]

@@ -14,11 +14,15 @@ from gateway.store.base import (
     SessionOpening,
     Ticket,
 )
+from gateway.store.groups import GroupChange, GroupEnvelope, GroupEvent
 
 __all__ = [
     "DeviceRecord",
     "Doorbell",
     "Envelope",
+    "GroupChange",
+    "GroupEnvelope",
+    "GroupEvent",
     "ItemKind",
     "MessageStore",
     "PushToken",

@@ -19,6 +19,7 @@ import trio
 from prometheus_client import Histogram
 
 from gateway.errors import StoreError
+from gateway.store.groups import GroupChange, GroupEnvelope
 from push.store import ItemKind as ItemKind
 from push.store import PushToken as PushToken
 
@@ -33,7 +34,12 @@ Doorbell = Callable[[str, str, bool, "QueueItem"], None]
 
 @dataclass(frozen=True, slots=True)
 class QueueItem:
-    """One item in a device's queue, as delivered in a `msg` or `receipt` frame."""
+    """One item in a device's queue, as delivered in a `msg`, `receipt` or `group` frame.
+
+    A message sent to a group carries the group's id in `group`. A `group` event
+    (kind GROUP) carries the group in `group`, the event (``added``, ``removed``,
+    ``deleted``) in `msg_id` and the users it is about in `ids`.
+    """
 
     sid: int
     kind: ItemKind
@@ -44,6 +50,7 @@ class QueueItem:
     urgent: bool
     body: bytes
     ids: tuple[str, ...] = ()
+    group: str = ""
 
 
 def decode_item(
@@ -55,15 +62,20 @@ def decode_item(
     ts: int,
     urgent: bool,
     payload: bytes | Sequence[str],
+    group: str = "",
 ) -> QueueItem:
     """A stored item back into a `QueueItem`: `payload` is a message's body, or the ids
-    a receipt carries."""
+    a receipt carries (the users, for a `group` event); `group` the group it belongs to."""
     item_kind = ItemKind(kind)
     if item_kind is ItemKind.MESSAGE:
         assert isinstance(payload, bytes)
-        return QueueItem(sid, item_kind, msg_id, sender, sender_device, ts, bool(urgent), payload)
+        return QueueItem(
+            sid, item_kind, msg_id, sender, sender_device, ts, bool(urgent), payload, (), group
+        )
     assert not isinstance(payload, bytes)
-    return QueueItem(sid, item_kind, msg_id, sender, sender_device, ts, False, b"", tuple(payload))
+    return QueueItem(
+        sid, item_kind, msg_id, sender, sender_device, ts, False, b"", tuple(payload), group
+    )
 
 
 def delivered_by_sender(acked: Iterable[tuple[int, str, str]]) -> dict[str, tuple[str, ...]]:
@@ -100,6 +112,7 @@ class SendOutcome:
     duplicate: bool = False
     unknown_recipient: bool = False
     skipped: tuple[str, ...] = ()
+    not_member: bool = False  # a group send from a non-member, or to no such group
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +316,45 @@ class MessageStore(abc.ABC):
         """Queue a read receipt for every device of `to`, carrying those of `ids` that
         `to` sent to `reader` (and that have not expired); other ids are dropped, so no
         one can mark as read what they were never sent. Returns the receipts queued."""
+
+    # -- groups (see `gateway.store.groups`) --
+
+    @abc.abstractmethod
+    async def submit_group_send(self, envelope: GroupEnvelope) -> Ticket[SendOutcome]:
+        """Store a group message for every device of every member of its group, the
+        sending device excluded, its body once; idempotently by (sender device, id).
+
+        The outcome is `not_member` when the group does not exist or the sender is not
+        one of its members; nothing is stored then.
+        """
+
+    @abc.abstractmethod
+    async def set_group(
+        self, group: str, members: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        """Create a group, or replace its member list, durably; queue the `group` events
+        of the change (`membership_events`). More than `limit` members changes nothing
+        and answers `over_limit`."""
+
+    @abc.abstractmethod
+    async def add_group_members(
+        self, group: str, users: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        """Add users to an existing group (`found` False if there is none), durably, with
+        the events of the change; past `limit` members nothing changes (`over_limit`)."""
+
+    @abc.abstractmethod
+    async def remove_group_member(self, group: str, user: str, now: int) -> GroupChange:
+        """Remove one member, durably, with its `removed` event; `found` is False if the
+        group does not exist or `user` is not a member."""
+
+    @abc.abstractmethod
+    async def delete_group(self, group: str, now: int) -> bool:
+        """Delete a group, durably, queueing `deleted` to its members; True if it existed."""
+
+    @abc.abstractmethod
+    async def group_members(self, group: str) -> tuple[str, ...] | None:
+        """The sorted members of a group, or None if it does not exist."""
 
     @abc.abstractmethod
     async def sync(self) -> None:

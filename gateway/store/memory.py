@@ -31,6 +31,13 @@ from gateway.store.base import (
     delivered_by_sender,
 )
 from gateway.store.group_commit import GroupCommitStore, Outcome, Ring
+from gateway.store.groups import (
+    GroupChange,
+    GroupEnvelope,
+    GroupEvent,
+    deletion_events,
+    membership_events,
+)
 
 OpResult = tuple[Any, list[Ring]]
 MAX_SID = 2**63 - 1  # what SQLite and Redis can hold
@@ -77,6 +84,7 @@ class MemoryStore(GroupCommitStore[_Op]):
         # (recipient, sender) -> {id: expires}: what a `read` may name.
         self._received: dict[tuple[str, str], dict[str, int]] = {}
         self._revoked: dict[tuple[str, str], int] = {}
+        self._groups: dict[str, set[str]] = {}
         self._last_sid = 0
 
     @asynccontextmanager
@@ -174,6 +182,115 @@ class MemoryStore(GroupCommitStore[_Op]):
                 )
             )  # fmt: skip
         return SendOutcome(ts=env.ts, devices=len(targets), skipped=skipped), rings
+
+    async def submit_group_send(self, envelope: GroupEnvelope) -> Ticket[SendOutcome]:
+        return await self._submit(lambda: self._group_send(envelope))
+
+    def _group_send(self, env: GroupEnvelope) -> OpResult:
+        """Every member device but the sender's gets an item; they share one bytes object,
+        which is this backend's way of storing the body once."""
+        key = (env.sender, env.sender_device, env.msg_id)
+        earlier = self._sent.get(key)
+        if earlier is not None and earlier.expires > env.ts:
+            return SendOutcome(ts=earlier.ts, duplicate=True), []
+        members = self._groups.get(env.group)
+        if members is None or env.sender not in members:
+            return SendOutcome(ts=env.ts, not_member=True), []
+        self._sent[key] = _Sent(env.ts, env.expires, "")
+        rings: list[Ring] = []
+        for member in sorted(members):
+            self._received.setdefault((member, env.sender), {})[env.msg_id] = env.expires
+            for name, record in self._users.get(member, {}).items():
+                if member == env.sender and name == env.sender_device:
+                    continue
+                rings.append(
+                    self._queue_item(
+                        member, name, record, env.expires, env.urgent,
+                        lambda sid: QueueItem(
+                            sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device,
+                            env.ts, env.urgent, env.body, (), env.group,
+                        ),
+                    )
+                )  # fmt: skip
+        return SendOutcome(ts=env.ts, devices=len(rings)), rings
+
+    def _group_events(self, group: str, events: list[GroupEvent], now: int) -> list[Ring]:
+        """Queue each event to every device of its recipients."""
+        expires = now + self._receipt_ttl_ms
+        rings: list[Ring] = []
+        for event in events:
+            for user in event.recipients:
+                for name, record in self._users.get(user, {}).items():
+                    rings.append(
+                        self._queue_item(
+                            user, name, record, expires, False,
+                            lambda sid, e=event: QueueItem(
+                                sid, ItemKind.GROUP, e.event, "", "", now, False, b"",
+                                e.users, group,
+                            ),
+                        )
+                    )  # fmt: skip
+        return rings
+
+    async def set_group(
+        self, group: str, members: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        def apply() -> OpResult:
+            new = set(members)
+            if len(new) > limit:
+                return GroupChange(over_limit=True), []
+            old = self._groups.get(group)
+            self._groups[group] = new
+            rings = self._group_events(group, membership_events(old or (), new), now)
+            return GroupChange(tuple(sorted(new)), created=old is None), rings
+
+        result: GroupChange = await self._run(apply)
+        return result
+
+    async def add_group_members(
+        self, group: str, users: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        def apply() -> OpResult:
+            old = self._groups.get(group)
+            if old is None:
+                return GroupChange(found=False), []
+            new = old | set(users)
+            if len(new) > limit:
+                return GroupChange(tuple(sorted(old)), over_limit=True), []
+            self._groups[group] = new
+            rings = self._group_events(group, membership_events(old, new), now)
+            return GroupChange(tuple(sorted(new))), rings
+
+        result: GroupChange = await self._run(apply)
+        return result
+
+    async def remove_group_member(self, group: str, user: str, now: int) -> GroupChange:
+        def apply() -> OpResult:
+            old = self._groups.get(group)
+            if old is None or user not in old:
+                return GroupChange(found=False), []
+            new = old - {user}
+            self._groups[group] = new
+            rings = self._group_events(group, membership_events(old, new), now)
+            return GroupChange(tuple(sorted(new))), rings
+
+        result: GroupChange = await self._run(apply)
+        return result
+
+    async def delete_group(self, group: str, now: int) -> bool:
+        def apply() -> OpResult:
+            old = self._groups.pop(group, None)
+            if old is None:
+                return False, []
+            return True, self._group_events(group, deletion_events(old), now)
+
+        result: bool = await self._run(apply)
+        return result
+
+    async def group_members(self, group: str) -> tuple[str, ...] | None:
+        await trio.lowlevel.checkpoint()
+        members = self._groups.get(group)
+        return None if members is None else tuple(sorted(members))
 
     async def submit_ack(
         self, user: str, device: str, sids: tuple[int, ...], now: int

@@ -27,7 +27,9 @@ itself once Redis is back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
@@ -59,7 +61,14 @@ from gateway.store.base import (
     delivered_by_sender,
 )
 from gateway.store.group_commit import GroupCommitStore, Outcome, Ring
-from gateway.store.redis_scripts import SCRIPTS, prefix
+from gateway.store.groups import (
+    GroupChange,
+    GroupEnvelope,
+    GroupEvent,
+    deletion_events,
+    membership_events,
+)
+from gateway.store.redis_scripts import SCRIPTS, group_prefix, prefix
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,8 @@ CONNECT_TIMEOUT = 2.0
 STARTUP_RETRY_MAX = 5.0
 
 Call = tuple[str, Sequence[str], Sequence[str | int | bytes]]
+#: Where a group message's body is stored: (group, body id).
+BodyRef = tuple[str, int]
 
 
 class RemoteDoorbell(NamedTuple):
@@ -396,6 +407,47 @@ class RedisStore(GroupCommitStore[_Op]):
 
         return await self._submit(steps)
 
+    async def submit_group_send(self, envelope: GroupEnvelope) -> Ticket[SendOutcome]:
+        return await self._submit(lambda: _group_send_steps(envelope, self.node_id))
+
+    async def _group_change(
+        self, group: str, mode: str, users: Sequence[str], now: int, limit: int
+    ) -> Any:
+        ttl, node = self._receipt_ttl_ms, self.node_id
+        ticket = await self._submit(
+            lambda: _group_change_steps(group, mode, users, now, limit, ttl, node)
+        )
+        return await ticket.result()
+
+    async def set_group(
+        self, group: str, members: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        if len(set(members)) > limit:
+            return GroupChange(over_limit=True)
+        result: GroupChange = await self._group_change(group, "set", members, now, limit)
+        return result
+
+    async def add_group_members(
+        self, group: str, users: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        result: GroupChange = await self._group_change(group, "add", users, now, limit)
+        return result
+
+    async def remove_group_member(self, group: str, user: str, now: int) -> GroupChange:
+        result: GroupChange = await self._group_change(group, "remove", (user,), now, 0)
+        return result
+
+    async def delete_group(self, group: str, now: int) -> bool:
+        result: bool = await self._group_change(group, "delete", (), now, 0)
+        return result
+
+    async def group_members(self, group: str) -> tuple[str, ...] | None:
+        g = group_prefix(group)
+        answer = await self._call("group_members", [f"{g}:meta", f"{g}:members"], [])
+        if answer[0] == 0:
+            return None
+        return tuple(sorted(user.decode() for user in answer[1:]))
+
     async def sync(self) -> None:
         await (await self._submit(_no_steps, one_step=True)).result()
 
@@ -420,12 +472,16 @@ class RedisStore(GroupCommitStore[_Op]):
             [answer] = yield [("open", keys, args)]
             if answer[0] == 1:
                 return SessionOpening(refused=True), []
-            items = tuple(decode_member(m) for m in answer[2:])
+            stored[:] = [decode_stored(m) for m in answer[2:]]
+            items = tuple(item for item, _ in stored)
             return SessionOpening(refused=False, items=items, queued=int(answer[1])), []
 
+        stored: list[tuple[QueueItem, BodyRef | None]] = []
         opening: SessionOpening = await (
             await self._submit(steps, one_step=True, ordered=True)
         ).result()
+        if any(ref is not None for _, ref in stored):  # group messages: bodies apart
+            opening = dataclasses.replace(opening, items=tuple(await self._with_bodies(stored)))
         return opening
 
     async def register_device(self, user: str, device: str, now: int) -> bool:
@@ -543,7 +599,33 @@ class RedisStore(GroupCommitStore[_Op]):
     ) -> list[QueueItem]:
         key = f"{prefix(user)}:q:{device}"
         members = await self._call("fetch", [key], [after_sid, now, limit])
-        return [decode_member(m) for m in members]
+        return await self._with_bodies([decode_stored(m) for m in members])
+
+    async def _with_bodies(self, stored: list[tuple[QueueItem, BodyRef | None]]) -> list[QueueItem]:
+        """`items` with the bodies of group messages read from their groups' slots (one
+        call per distinct body, in one pipeline). An item whose body is gone has expired
+        (its body lives as long as it, plus slack) and is left out.
+
+        Raises:
+            StoreError: Redis did not answer, or refused a call.
+        """
+        refs = list(dict.fromkeys(ref for _, ref in stored if ref is not None))
+        if not refs:
+            return [item for item, _ in stored]
+        answers = await self.run_scripts([("body", [_body_key(ref)], []) for ref in refs])
+        bodies: dict[BodyRef, bytes] = {}
+        for key, answer in zip(refs, answers, strict=True):
+            if isinstance(answer, Exception):
+                raise StoreError(f"read failed: {answer}")
+            if isinstance(answer, bytes):
+                bodies[key] = answer
+        out: list[QueueItem] = []
+        for item, where in stored:
+            if where is None:
+                out.append(item)
+            elif where in bodies:
+                out.append(dataclasses.replace(item, body=bodies[where]))
+        return out
 
     async def count(self, user: str, device: str, now: int) -> int:
         return int(await self._call("count", [f"{prefix(user)}:q:{device}"], [now]))
@@ -695,8 +777,8 @@ def _ack_steps(
     [members] = yield [("peek", [queue], list(sids))]
     if not members:
         return 0, []
-    acked = (decode_member(member) for member in members)
-    by_sender = delivered_by_sender((item.kind, item.msg_id, item.sender) for item in acked)
+    acked = [decode_stored(member) for member in members]
+    by_sender = delivered_by_sender((item.kind, item.msg_id, item.sender) for item, _ in acked)
     rings: list[Placed] = []
     if by_sender:
         # Receipts first: if deleting fails after this, the items are delivered again and
@@ -709,8 +791,136 @@ def _ack_steps(
         for (sender, ids), placed in zip(by_sender.items(), answers, strict=True):
             make = _receipt_ring(ItemKind.DELIVERED, sender, user, device, now, ids)
             rings += _placed(placed, make)
-    [deleted] = yield [("remove_members", [queue], members)]
-    return int(deleted), rings
+    refs = [ref for _, ref in acked]
+    if not any(refs):
+        [deleted] = yield [("remove_members", [queue], members)]
+        return int(deleted), rings
+    # Group messages: only the items this call deletes release their bodies, after the
+    # delete (a failure in between keeps a body until it expires, never loses one).
+    [flags] = yield [("remove_each", [queue], members)]
+    released = Counter(ref for ref, flag in zip(refs, flags, strict=True) if ref and flag == 1)
+    if released:
+        yield [("body_release", [_body_key(ref)], [n]) for ref, n in released.items()]
+    return sum(int(flag) for flag in flags), rings
+
+
+def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
+    """Three steps, each call on one slot: in the group's, check the id and the sender's
+    membership and store the body with the send's hold on it; in each member's, queue an
+    item naming the body for each device (idempotently, as a 1:1 send, so a retry after a
+    failure half-way fills in only what is missing); in the group's, exchange the hold for
+    the number of items queued and record the id."""
+    g = group_prefix(env.group)
+    idem = f"{g}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
+    begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body]
+    [begin] = yield [("group_begin", [f"{g}:members", idem, f"{g}:bseq"], begin_args)]
+    if begin[0] == 0:
+        return SendOutcome(ts=int(begin[1]), duplicate=True), []
+    if begin[0] == -1:
+        return SendOutcome(ts=env.ts, not_member=True), []
+    bid = int(begin[1])
+    members = sorted(user.decode() for user in begin[2:])
+    head = [int(ItemKind.MESSAGE), env.msg_id, env.sender, env.sender_device, env.ts, env.urgent]
+    stored_payload = cbor2.dumps([*head, None, env.group, bid])
+    rung_payload = cbor2.dumps([*head, env.body, env.group])
+    calls: list[Call] = []
+    for member in members:
+        p = prefix(member)
+        own = env.sender_device if member == env.sender else ""
+        keys = [
+            f"{p}:devs",
+            f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}",
+            f"{p}:rx:{env.sender}\0{env.msg_id}",
+        ]
+        args: list[str | int | bytes] = [
+            p, env.ts, env.expires, int(env.urgent), own, "g", member, node,
+            stored_payload, rung_payload,
+        ]  # fmt: skip
+        calls.append(("send", keys, args))
+    answers = yield calls
+    rings: list[Placed] = []
+    for member, answer in zip(members, answers, strict=True):
+        if answer[0] != 1:  # stored by an earlier attempt, or no device
+            continue
+
+        def make(device: str, sid: int, member: str = member) -> Ring:
+            item = QueueItem(
+                sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+                env.urgent, env.body, (), env.group,
+            )  # fmt: skip
+            return member, device, env.urgent, item
+
+        rings += _placed(answer[2 + answer[1] :], make)
+    yield [("group_settle", [f"{g}:b:{bid}", idem], [len(rings), env.ts, env.expires])]
+    return SendOutcome(ts=env.ts, devices=len(rings)), rings
+
+
+def _group_change_steps(
+    group: str,
+    mode: str,
+    users: Sequence[str],
+    now: int,
+    limit: int,
+    receipt_ttl_ms: int,
+    node: str,
+) -> Steps:
+    """Change the member list in the group's slot (recording the change as pending), then
+    queue the events of every pending change in each recipient's slot, then clear what
+    was queued. A change whose events were never queued (Redis failed in between) is
+    queued with the next change of the group, so events are at least once. A delete
+    answers True or False; the others a `GroupChange`."""
+    g = group_prefix(group)
+    keys = [f"{g}:meta", f"{g}:members", f"{g}:pending"]
+    [answer] = yield [("group_change", keys, [mode, now, limit, *users])]
+    status, created, count = int(answer[0]), answer[1] == 1, int(answer[2])
+    members = tuple(sorted(user.decode() for user in answer[3 : 3 + count]))
+    pending = list(answer[3 + count :])
+    rings: list[Placed] = []
+    for entry in pending:
+        kind, at, old, new = json.loads(entry)
+        old, new = (value or [] for value in (old, new))  # Lua's cjson writes [] as {}
+        events = deletion_events(old) if kind == "delete" else membership_events(old, new)
+        rings += yield from _group_event_steps(
+            group, events, int(at), int(at) + receipt_ttl_ms, node
+        )
+    if pending:
+        yield [("group_settled", [f"{g}:pending"], pending)]
+    if mode == "delete":
+        return status == 1, rings
+    if status == -1:
+        return GroupChange(over_limit=True), rings
+    if status == 0:
+        return GroupChange(found=False), rings
+    return GroupChange(members, created=created), rings
+
+
+def _group_event_steps(
+    group: str, events: list[GroupEvent], now: int, expires: int, node: str
+) -> Generator[list[Call], list[Any], list[Placed]]:
+    """Queue each event to every device of its recipients: one call per recipient."""
+    calls: list[Call] = []
+    makes: list[Callable[[str, int], Ring]] = []
+    for event in events:
+        payload = cbor2.dumps(
+            [int(ItemKind.GROUP), event.event, "", "", now, False, list(event.users), group]
+        )
+        for user in event.recipients:
+            p = prefix(user)
+            calls.append(("receipts", [f"{p}:devs"], [p, now, expires, payload, user, node]))
+
+            def make(device: str, sid: int, user: str = user, e: GroupEvent = event) -> Ring:
+                item = QueueItem(sid, ItemKind.GROUP, e.event, "", "", now, False, b"", e.users,
+                                 group)  # fmt: skip
+                return user, device, False, item
+
+            makes.append(make)
+    if not calls:
+        return []
+    answers = yield calls
+    rings: list[Placed] = []
+    for queue_event, placed in zip(makes, answers, strict=True):
+        rings += _placed(placed, queue_event)
+    return rings
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -723,9 +933,25 @@ def _payload(kind: ItemKind, env: Envelope, body: bytes) -> bytes:
 
 
 def decode_member(member: bytes) -> QueueItem:
-    """A queue member ``EXPIRES|SID|PAYLOAD`` back into the item it stores."""
+    """A queue member ``EXPIRES|SID|PAYLOAD`` (or a doorbell's) back into the item it
+    stores. A stored group message names its body instead of carrying it: it comes back
+    with an empty body (`decode_stored` says where the body is)."""
+    return decode_stored(member)[0]
+
+
+def decode_stored(member: bytes) -> tuple[QueueItem, BodyRef | None]:
+    """A queue member back into its item, and where its body is stored if apart."""
     _, sid, payload = member.split(b"|", 2)
-    return decode_item(int(sid), *cbor2.loads(payload))
+    fields = cbor2.loads(payload)
+    if len(fields) == 9:  # a group message naming its body: [..., None, group, bid]
+        kind, msg_id, sender, device, ts, urgent, _, group, bid = fields
+        item = decode_item(int(sid), kind, msg_id, sender, device, ts, urgent, b"", group)
+        return item, (group, int(bid))
+    return decode_item(int(sid), *fields), None
+
+
+def _body_key(ref: BodyRef) -> str:
+    return f"{group_prefix(ref[0])}:b:{ref[1]}"
 
 
 def _fields(flat: Any) -> dict[str, bytes]:

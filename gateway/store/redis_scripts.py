@@ -25,6 +25,28 @@ Layout, with ``P = "gw:{" + user + "}"``:
 - ``P:seen``, ``P:grace``, ``P:hidden``: the user's last-seen time, a key that lives for
   the offline grace period after the last disconnect, and the hidden flag (presence).
 
+A group's keys carry the hash tag ``{group}`` after a prefix of their own, so that no
+group key can be mistaken for a user's; with ``G = "gwg:{" + group + "}"``:
+
+- ``G:meta``: when the group was created (ms); its existence is the group's;
+- ``G:members``: set of the member user ids;
+- ``G:bseq``: the group's body counter; never deleted;
+- ``G:b:BID``: hash with ``b`` (a group message's body, stored once) and ``r`` (how many
+  queue items still point to it, plus one while its send is in progress); deleted when
+  ``r`` reaches 0, and with a Redis TTL as long as the message's, plus slack;
+- ``G:id:SENDER\0SENDER_DEVICE\0ID``: ``TS|EXPIRES`` of a group message stored for
+  every member, with a TTL: the group-wide idempotency record;
+- ``G:pending``: list of membership changes whose `group` events are not known to be
+  queued yet (see `GROUP_CHANGE`); it outlives the group's deletion.
+
+A group message's queue items live in each member's own slot (``P:q:DEVICE``), written
+by the `SEND` script one member at a time with a payload that names ``(group, BID)``
+instead of carrying the body; the body is read from the group's slot at delivery. So
+every script call touches one slot: a group send is three steps (the group's slot:
+check and store the body; each member's slot: queue; the group's slot: settle the
+count and record the id), and an ack of group items releases their bodies in a step of
+its own after the items are deleted.
+
 Channels (classic pub/sub): ``gw:node:NODE`` carries doorbells (``b``), kicks (``k``)
 and revocations (``r``, published by the admin API) to one node; ``gw:events`` tells
 every node of connects (``c``), disconnects (``d``) and hidden changes (``h``). A device
@@ -57,7 +79,9 @@ end
 """
 
 # ARGV: P, ts, expires, urgent-flag, own device ("" for none), mode ("a" all / "p" per
-# device), user, node, then the payload (mode a) or pairs device, payload (mode p).
+# device / "g" all, for a group), user, node, then the payload (modes a and g) or pairs
+# device, payload (mode p); mode g adds the payload that doorbells carry (a group item is
+# stored naming its body, and rung with the body in it, so that no node reads it back).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
 # {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
 SEND = (
@@ -82,7 +106,7 @@ local known = {}
 for _, d in ipairs(devs) do known[d] = true end
 local targets = {}
 local skipped = {}
-if mode == 'a' then
+if mode ~= 'p' then
   for _, d in ipairs(devs) do
     if d ~= own then targets[#targets + 1] = {d, ARGV[9]} end
   end
@@ -107,9 +131,11 @@ for _, t in ipairs(targets) do
   local member = expires .. '|' .. sid .. '|' .. t[2]
   redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
+  local rung = member
+  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[10] end
   out[#out + 1] = t[1]
   out[#out + 1] = sid
-  out[#out + 1] = ring(prefix, user, t[1], node, urgent, member)
+  out[#out + 1] = ring(prefix, user, t[1], node, urgent, rung)
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
@@ -374,6 +400,140 @@ redis.call('PUBLISH', 'gw:events', 'h' .. ARGV[2])
 return 1
 """
 
+# -- groups -------------------------------------------------------------------------------
+
+# Change a group's member list. KEYS: G:meta, G:members, G:pending. ARGV: mode ("set",
+# "add", "remove", "delete"), now, limit, users... Returns {status, created, n, the n
+# members after..., pending changes...}: status 1 done, 0 no such group (or, for remove,
+# not a member), -1 over the limit (nothing changed). A change done is also appended to
+# G:pending as JSON [mode, now, old members, new members], so that its `group` events,
+# queued in the members' slots by later calls, are queued again by the next change of
+# the group (a retry included) if those calls never ran; every pending change is
+# returned, the one just made last.
+GROUP_CHANGE = """
+local mode, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local function answer(status, created, old)
+  local new = {}
+  if status == 1 then
+    new = redis.call('SMEMBERS', KEYS[2])
+    redis.call('RPUSH', KEYS[3], cjson.encode({mode, now, old, new}))
+  end
+  local out = {status, created, #new}
+  for _, u in ipairs(new) do out[#out + 1] = u end
+  for _, e in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do out[#out + 1] = e end
+  return out
+end
+if mode ~= 'set' and not exists then return answer(0, 0) end
+local old = redis.call('SMEMBERS', KEYS[2])
+if mode == 'set' then
+  local seen, n = {}, 0
+  for i = 4, #ARGV do
+    if not seen[ARGV[i]] then seen[ARGV[i]] = true; n = n + 1 end
+  end
+  if n > limit then return answer(-1, 0) end
+  redis.call('DEL', KEYS[2])
+  for i = 4, #ARGV, 500 do
+    redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  end
+  if exists then return answer(1, 0, old) end
+  redis.call('SET', KEYS[1], now)
+  return answer(1, 1, old)
+elseif mode == 'add' then
+  local n = #old
+  for i = 4, #ARGV do
+    if redis.call('SISMEMBER', KEYS[2], ARGV[i]) == 0 then n = n + 1 end
+  end
+  if n > limit then return answer(-1, 0) end
+  for i = 4, #ARGV, 500 do
+    redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  end
+  return answer(1, 0, old)
+elseif mode == 'remove' then
+  if redis.call('SREM', KEYS[2], ARGV[4]) == 0 then return answer(0, 0) end
+  return answer(1, 0, old)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return answer(1, 0, old)
+"""
+
+# The changes whose events are queued: removed from G:pending. KEYS: G:pending. ARGV:
+# the changes, as GROUP_CHANGE returned them.
+GROUP_SETTLED = """
+for _, e in ipairs(ARGV) do redis.call('LREM', KEYS[1], 1, e) end
+return 1
+"""
+
+# The members of a group. KEYS: G:meta, G:members. Returns {exists, members...}.
+GROUP_MEMBERS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local out = {1}
+for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = u end
+return out
+"""
+
+# Begin a group send. KEYS: G:members, G:id:..., G:bseq. ARGV: G, sender, ts, expires,
+# body. Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
+# group), else {1, bid, members...}: the body is stored under G:b:BID with a count of 1,
+# the send's own hold, which `GROUP_SETTLE` exchanges for the number of items queued.
+GROUP_BEGIN = """
+local g, sender, ts, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local prev = redis.call('GET', KEYS[2])
+if prev then
+  local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
+  if tonumber(pexp) > tonumber(ts) then return {0, pts} end
+end
+if redis.call('SISMEMBER', KEYS[1], sender) == 0 then return {-1} end
+local ttl = tonumber(expires) - tonumber(ts)
+if ttl < 1 then ttl = 1 end
+local bid = redis.call('INCR', KEYS[3])
+local b = g .. ':b:' .. bid
+redis.call('HSET', b, 'b', ARGV[5], 'r', 1)
+redis.call('PEXPIRE', b, ttl + KEY_TTL_SLACK)
+local out = {1, bid}
+for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do out[#out + 1] = u end
+return out
+""".replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+
+# Finish a group send. KEYS: G:b:BID, G:id:... ARGV: items queued, ts, expires. Replaces
+# the send's hold on the body by the items queued (deleting it if none point to it) and
+# records the id.
+GROUP_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[1], 'r', tonumber(ARGV[1]) - 1) <= 0 then
+    redis.call('DEL', KEYS[1])
+  end
+end
+local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
+if ttl < 1 then ttl = 1 end
+redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[3], 'PX', ttl)
+return 1
+"""
+
+# Release acked items' hold on a body. KEYS: G:b:BID. ARGV: how many. Returns 1 if the
+# body was deleted.
+BODY_RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], 'r', -tonumber(ARGV[1])) <= 0 then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# A group message's body. KEYS: G:b:BID. Returns it, or false once deleted.
+BODY = """
+return redis.call('HGET', KEYS[1], 'b')
+"""
+
+# Delete each of these members (as read by PEEK) from a queue; returns a 1 or 0 per member,
+# so that only the items this call deleted release their bodies.
+REMOVE_EACH = """
+local out = {}
+for i = 1, #ARGV do out[i] = redis.call('ZREM', KEYS[1], ARGV[i]) end
+return out
+"""
+
 SCRIPTS: dict[str, str] = {
     "send": SEND,
     "receipts": RECEIPTS,
@@ -395,12 +555,26 @@ SCRIPTS: dict[str, str] = {
     "release": RELEASE,
     "presence": PRESENCE,
     "hide": HIDE,
+    "group_change": GROUP_CHANGE,
+    "group_settled": GROUP_SETTLED,
+    "group_members": GROUP_MEMBERS,
+    "group_begin": GROUP_BEGIN,
+    "group_settle": GROUP_SETTLE,
+    "body_release": BODY_RELEASE,
+    "body": BODY,
+    "remove_each": REMOVE_EACH,
 }
 
 
 def prefix(user: str) -> str:
     """The key prefix (with the hash tag) of every key of `user`."""
     return "gw:{" + user + "}"
+
+
+def group_prefix(group: str) -> str:
+    """The key prefix (with the hash tag) of every key of `group`; its own ``gwg:``
+    beginning keeps it apart from every user's keys."""
+    return "gwg:{" + group + "}"
 
 
 def wire_device(user: str, device: str) -> bytes:

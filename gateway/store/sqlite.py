@@ -37,6 +37,13 @@ from gateway.store.base import (
     delivered_by_sender,
 )
 from gateway.store.group_commit import GroupCommitStore, Outcome, Ring
+from gateway.store.groups import (
+    GroupChange,
+    GroupEnvelope,
+    GroupEvent,
+    deletion_events,
+    membership_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +72,38 @@ CREATE TABLE IF NOT EXISTS queue (
     ts INTEGER NOT NULL,
     expires INTEGER NOT NULL,
     urgent INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    bid INTEGER,
+    grp TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS queue_by_device ON queue (did, sid);
 CREATE INDEX IF NOT EXISTS queue_by_expiry ON queue (expires);
+-- A group message's body, stored once; its queue items point to it by `bid` (their own
+-- `body` is empty). Deleted with the last item that points to it, or when it expires.
+CREATE TABLE IF NOT EXISTS bodies (
+    bid INTEGER PRIMARY KEY AUTOINCREMENT,
+    expires INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bodies_by_expiry ON bodies (expires);
+CREATE TABLE IF NOT EXISTS groups (
+    grp TEXT PRIMARY KEY,
+    created INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    grp TEXT NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (grp, user)
+) WITHOUT ROWID;
+-- Group messages, one row each whatever the member count: what a member's `read` may name.
+CREATE TABLE IF NOT EXISTS group_sent (
+    sender TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (sender, msg_id, grp)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS group_sent_by_expiry ON group_sent (expires);
 CREATE TABLE IF NOT EXISTS sent_ids (
     sender TEXT NOT NULL,
     sender_device TEXT NOT NULL,
@@ -87,14 +122,21 @@ CREATE TABLE IF NOT EXISTS revoked (
     PRIMARY KEY (user, device)
 ) WITHOUT ROWID;
 """
-# `recipient` came later: a file made before it gains the column (older ids match no reader).
+# `recipient` came later: a file made before it gains the column (older ids match no reader);
+# so did groups: the queue's body reference and group columns.
 MIGRATIONS = (
     ("sent_ids", "recipient", "ALTER TABLE sent_ids ADD COLUMN recipient TEXT NOT NULL DEFAULT ''"),
+    ("queue", "bid", "ALTER TABLE queue ADD COLUMN bid INTEGER"),
+    ("queue", "grp", "ALTER TABLE queue ADD COLUMN grp TEXT NOT NULL DEFAULT ''"),
 )
-# A `read` may name only ids the reader's user was sent by `to`; this finds them.
+# A `read` may name only ids the reader's user was sent by `to`; the first finds them. The
+# second finds whether any item still points to a group message's body.
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS sent_ids_by_recipient ON sent_ids (recipient, sender, msg_id);"
+    "CREATE INDEX IF NOT EXISTS queue_by_body ON queue (bid) WHERE bid IS NOT NULL;"
 )
+# Queue rows inserted per statement: (rows x columns) stays under SQLite's variable limit.
+INSERT_ROWS = 1000
 
 # Sweeps delete in slices so one sweep never holds the write lock for long.
 SWEEP_SLICE = 5000
@@ -365,6 +407,90 @@ class SqliteStore(GroupCommitStore[_Op]):
 
         return await self._submit(apply)
 
+    async def submit_group_send(self, envelope: GroupEnvelope) -> Ticket[SendOutcome]:
+        return await self._submit(lambda tx: _apply_group_send(tx, envelope))
+
+    async def set_group(
+        self, group: str, members: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        expires = now + self._receipt_ttl_ms
+
+        def apply(tx: _Tx) -> OpResult:
+            new = set(members)
+            if len(new) > limit:
+                return GroupChange(over_limit=True), []
+            old = _members(tx.conn, group)
+            if old is None:
+                tx.conn.execute("INSERT INTO groups (grp, created) VALUES (?,?)", (group, now))
+            tx.conn.execute("DELETE FROM group_members WHERE grp=?", (group,))
+            _add_members(tx.conn, group, new)
+            events = membership_events(old or (), new)
+            rings = _insert_group_events(tx, group, events, now, expires)
+            return GroupChange(tuple(sorted(new)), created=old is None), rings
+
+        result: GroupChange = await (await self._submit(apply)).result()
+        return result
+
+    async def add_group_members(
+        self, group: str, users: tuple[str, ...], now: int, limit: int
+    ) -> GroupChange:
+        expires = now + self._receipt_ttl_ms
+
+        def apply(tx: _Tx) -> OpResult:
+            old = _members(tx.conn, group)
+            if old is None:
+                return GroupChange(found=False), []
+            new = old | set(users)
+            if len(new) > limit:
+                return GroupChange(tuple(sorted(old)), over_limit=True), []
+            _add_members(tx.conn, group, new - old)
+            events = membership_events(old, new)
+            return GroupChange(tuple(sorted(new))), _insert_group_events(
+                tx, group, events, now, expires
+            )
+
+        result: GroupChange = await (await self._submit(apply)).result()
+        return result
+
+    async def remove_group_member(self, group: str, user: str, now: int) -> GroupChange:
+        expires = now + self._receipt_ttl_ms
+
+        def apply(tx: _Tx) -> OpResult:
+            old = _members(tx.conn, group)
+            if old is None or user not in old:
+                return GroupChange(found=False), []
+            tx.conn.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
+            new = old - {user}
+            events = membership_events(old, new)
+            return GroupChange(tuple(sorted(new))), _insert_group_events(
+                tx, group, events, now, expires
+            )
+
+        result: GroupChange = await (await self._submit(apply)).result()
+        return result
+
+    async def delete_group(self, group: str, now: int) -> bool:
+        expires = now + self._receipt_ttl_ms
+
+        def apply(tx: _Tx) -> OpResult:
+            old = _members(tx.conn, group)
+            if old is None:
+                return False, []
+            tx.conn.execute("DELETE FROM group_members WHERE grp=?", (group,))
+            tx.conn.execute("DELETE FROM groups WHERE grp=?", (group,))
+            return True, _insert_group_events(tx, group, deletion_events(old), now, expires)
+
+        result: bool = await (await self._submit(apply)).result()
+        return result
+
+    async def group_members(self, group: str) -> tuple[str, ...] | None:
+        def query(conn: sqlite3.Connection) -> tuple[str, ...] | None:
+            members = _members(conn, group)
+            return None if members is None else tuple(sorted(members))
+
+        result: tuple[str, ...] | None = await self._read(query)
+        return result
+
     async def sync(self) -> None:
         await (await self._submit(lambda tx: (None, []))).result()
 
@@ -510,6 +636,16 @@ class SqliteStore(GroupCommitStore[_Op]):
                 " (SELECT sender, sender_device, msg_id FROM sent_ids WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
             ).rowcount
+            # A body expires with its items (they share the message's expiry).
+            ids += tx.conn.execute(
+                "DELETE FROM bodies WHERE bid IN (SELECT bid FROM bodies WHERE expires<=? LIMIT ?)",
+                (now, SWEEP_SLICE),
+            ).rowcount
+            ids += tx.conn.execute(
+                "DELETE FROM group_sent WHERE (sender, msg_id, grp) IN"
+                " (SELECT sender, msg_id, grp FROM group_sent WHERE expires<=? LIMIT ?)",
+                (now, SWEEP_SLICE),
+            ).rowcount
             return (items, ids), []
 
         total = 0
@@ -583,8 +719,21 @@ def _delete_device(tx: _Tx, user: str, device: str) -> bool:
     ).fetchone()
     tx.forget(user)
     if row is not None:
-        tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
+        bids = tx.conn.execute("DELETE FROM queue WHERE did=? RETURNING bid", (row[0],)).fetchall()
+        _free_bodies(tx.conn, {bid for (bid,) in bids if bid is not None})
     return row is not None
+
+
+def _free_bodies(conn: sqlite3.Connection, bids: set[int]) -> None:
+    """Delete those group-message bodies of `bids` that no queue item points to any more."""
+    if not bids:
+        return
+    marks = ",".join("?" * len(bids))
+    conn.execute(
+        f"DELETE FROM bodies WHERE bid IN ({marks})"
+        " AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.bid = bodies.bid)",
+        tuple(bids),
+    )
 
 
 def _apply_open(
@@ -627,7 +776,8 @@ def _fetch_items(
     """Up to `limit` unexpired items of a device with sid > `after_sid`, in sid order."""
     rows = conn.execute(
         "SELECT q.sid, q.kind, q.msg_id, q.sender, q.sender_device, q.ts, q.urgent,"
-        " q.body FROM devices d JOIN queue q ON q.did = d.did"
+        " coalesce(b.body, q.body), q.grp FROM devices d JOIN queue q ON q.did = d.did"
+        " LEFT JOIN bodies b ON b.bid = q.bid"
         " WHERE d.user=? AND d.device=? AND q.sid>? AND q.expires>?"
         " ORDER BY q.sid LIMIT ?",
         (user, device, after_sid, now, limit),
@@ -682,7 +832,7 @@ def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
         conn,
         [
             (did, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
-             env.expires, int(env.urgent), body)
+             env.expires, int(env.urgent), body, None, "")
             for (did, _), body in zip(targets, bodies, strict=True)
         ],
     )  # fmt: skip
@@ -693,6 +843,102 @@ def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
         for (_, dev), sid, body in zip(targets, sids, bodies, strict=True)
     ]  # fmt: skip
     return SendOutcome(ts=env.ts, devices=len(targets), skipped=skipped), rings
+
+
+def _members(conn: sqlite3.Connection, group: str) -> set[str] | None:
+    """The members of a group, or None if it does not exist."""
+    rows = conn.execute(
+        "SELECT m.user FROM groups g LEFT JOIN group_members m ON m.grp = g.grp WHERE g.grp=?",
+        (group,),
+    ).fetchall()
+    if not rows:
+        return None
+    return {user for (user,) in rows if user is not None}
+
+
+def _add_members(conn: sqlite3.Connection, group: str, users: set[str]) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO group_members (grp, user) VALUES (?,?)",
+        [(group, user) for user in sorted(users)],
+    )
+
+
+def _insert_group_events(
+    tx: _Tx, group: str, events: list[GroupEvent], now: int, expires: int
+) -> list[Ring]:
+    """Queue each `group` event to every device of its recipients."""
+    rows: list[tuple[Any, ...]] = []
+    targets: list[tuple[str, str, GroupEvent]] = []
+    for event in events:
+        body = cbor2.dumps(list(event.users))
+        for user in event.recipients:
+            for did, dev in tx.devices(user):
+                rows.append((did, ItemKind.GROUP, event.event, "", "", now, expires, 0, body,
+                             None, group))  # fmt: skip
+                targets.append((user, dev, event))
+    sids = _insert_items(tx.conn, rows)
+    return [
+        (user, dev, False,
+         QueueItem(sid, ItemKind.GROUP, e.event, "", "", now, False, b"", e.users, group))
+        for (user, dev, e), sid in zip(targets, sids, strict=True)
+    ]  # fmt: skip
+
+
+def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
+    """Claim the id, check membership, store the body once and one item per member device
+    pointing to it, in the batch's transaction."""
+    conn = tx.conn
+    claimed = conn.execute(
+        "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires, recipient)"
+        " VALUES (?,?,?,?,?,'') ON CONFLICT DO UPDATE SET ts=excluded.ts,"
+        " expires=excluded.expires, recipient=excluded.recipient"
+        " WHERE sent_ids.expires <= excluded.ts",
+        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
+    ).rowcount
+    if not claimed:
+        row = conn.execute(
+            "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+            (env.sender, env.sender_device, env.msg_id),
+        ).fetchone()
+        return SendOutcome(ts=row[0], duplicate=True), []
+    members = _members(conn, env.group)
+    if members is None or env.sender not in members:
+        conn.execute(
+            "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+            (env.sender, env.sender_device, env.msg_id),
+        )
+        return SendOutcome(ts=env.ts, not_member=True), []
+    conn.execute(
+        "INSERT INTO group_sent (sender, msg_id, grp, expires) VALUES (?,?,?,?)"
+        " ON CONFLICT DO UPDATE SET expires=excluded.expires",
+        (env.sender, env.msg_id, env.group, env.expires),
+    )
+    targets = [
+        (user, did, dev)
+        for user in sorted(members)
+        for did, dev in tx.devices(user)
+        if not (user == env.sender and dev == env.sender_device)
+    ]
+    if not targets:
+        return SendOutcome(ts=env.ts), []
+    bid = conn.execute(
+        "INSERT INTO bodies (expires, body) VALUES (?,?) RETURNING bid", (env.expires, env.body)
+    ).fetchone()[0]
+    sids = _insert_items(
+        conn,
+        [
+            (did, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+             env.expires, int(env.urgent), b"", bid, env.group)
+            for _, did, _ in targets
+        ],
+    )  # fmt: skip
+    rings = [
+        (user, dev, env.urgent,
+         QueueItem(sid, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
+                   env.urgent, env.body, (), env.group))
+        for (user, _, dev), sid in zip(targets, sids, strict=True)
+    ]  # fmt: skip
+    return SendOutcome(ts=env.ts, devices=len(targets)), rings
 
 
 def _apply_ack(
@@ -710,11 +956,12 @@ def _apply_ack(
         return 0, []
     marks = ",".join("?" * len(sids))
     deleted = tx.conn.execute(
-        f"DELETE FROM queue WHERE did=? AND sid IN ({marks}) RETURNING kind, msg_id, sender",
+        f"DELETE FROM queue WHERE did=? AND sid IN ({marks}) RETURNING kind, msg_id, sender, bid",
         (did, *sids),
     ).fetchall()
+    _free_bodies(tx.conn, {row[3] for row in deleted if row[3] is not None})
     rings: list[Ring] = []
-    for sender, ids in delivered_by_sender(deleted).items():
+    for sender, ids in delivered_by_sender(row[:3] for row in deleted).items():
         rings += _insert_receipts(tx, ItemKind.DELIVERED, sender, user, device, ids, now, expires)
     return len(deleted), rings
 
@@ -730,8 +977,11 @@ def _received_ids(
         msg_id
         for (msg_id,) in conn.execute(
             "SELECT msg_id FROM sent_ids WHERE recipient=? AND sender=? AND expires>?"
-            f" AND msg_id IN ({marks})",
-            (reader, sender, now, *ids),
+            f" AND msg_id IN ({marks})"
+            " UNION SELECT s.msg_id FROM group_sent s JOIN group_members m"
+            " ON m.grp = s.grp AND m.user=? WHERE s.sender=? AND s.expires>?"
+            f" AND s.msg_id IN ({marks})",
+            (reader, sender, now, *ids, reader, sender, now, *ids),
         )
     }
     return tuple(dict.fromkeys(i for i in ids if i in found))
@@ -753,7 +1003,8 @@ def _insert_receipts(
     known = tx.devices(to)
     body = cbor2.dumps(list(ids))
     sids = _insert_items(
-        tx.conn, [(did, kind, "", by, by_device, now, expires, 0, body) for did, _ in known]
+        tx.conn,
+        [(did, kind, "", by, by_device, now, expires, 0, body, None, "") for did, _ in known],
     )
     return [
         (to, dev, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids))
@@ -762,19 +1013,19 @@ def _insert_receipts(
 
 
 def _insert_items(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
-    """Insert queue rows with one statement; return their sids in order."""
-    if not rows:
-        return []
-    values = ",".join(["(?,?,?,?,?,?,?,?,?)"] * len(rows))
-    cursor = conn.execute(
-        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent, body)"
-        f" VALUES {values} RETURNING sid",
-        [value for row in rows for value in row],
-    )
-    sids = [sid for (sid,) in cursor.fetchall()]
-    # SQLite does not promise RETURNING order; one writer and AUTOINCREMENT make the
-    # sids consecutive in insertion order, so sorting restores it.
-    sids.sort()
+    """Insert queue rows with one statement per `INSERT_ROWS`; return their sids in order."""
+    sids: list[int] = []
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[start : start + INSERT_ROWS]
+        values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+        cursor = conn.execute(
+            "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent,"
+            f" body, bid, grp) VALUES {values} RETURNING sid",
+            [value for row in chunk for value in row],
+        )
+        # SQLite does not promise RETURNING order; one writer and AUTOINCREMENT make the
+        # sids consecutive in insertion order, so sorting restores it.
+        sids += sorted(sid for (sid,) in cursor.fetchall())
     return sids
 
 
@@ -793,10 +1044,10 @@ def _unwritable(path: Path) -> str:
 
 def _item(row: tuple[Any, ...]) -> QueueItem:
     """A queue row back into its item (a receipt's ids are stored as a CBOR list)."""
-    sid, kind, msg_id, sender, sender_device, ts, urgent, body = row
+    sid, kind, msg_id, sender, sender_device, ts, urgent, body, group = row
     return decode_item(
         sid, kind, msg_id, sender, sender_device, ts, urgent,
-        body if kind == ItemKind.MESSAGE else cbor2.loads(body),
+        body if kind == ItemKind.MESSAGE else cbor2.loads(body), group,
     )  # fmt: skip
 
 

@@ -73,6 +73,10 @@ def print_summary(console: Console, summary: dict[str, Any], failures: list[str]
     counts.add_column("count", justify="right")
     counts.add_row("messages sent (answered `sent`)", str(m["sent"]))
     counts.add_row("  to recipients that were asleep", str(m["to_idle_phones"]))
+    if m["group_sends"]:
+        counts.add_row(
+            "  of which group copies", f"{m['group_copies']} (from {m['group_sends']} sends)"
+        )
     counts.add_row("messages delivered", str(m["delivered"]))
     counts.add_row("  first delivered by the final drain", str(m["by_final_drain"]))
     counts.add_row("messages lost", _flag(m["lost"]))

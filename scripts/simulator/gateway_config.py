@@ -16,9 +16,19 @@ from scripts.simulator.knobs import PushRules
 
 
 def scenario_config(
-    path: Path, *, port: int, database: Path, jwt_secret: str, rules: PushRules, push_toml: str
+    path: Path,
+    *,
+    port: int,
+    database: Path,
+    jwt_secret: str,
+    rules: PushRules,
+    push_toml: str,
+    admin_port: int = 0,
+    api_key: str | None = None,
 ) -> Path:
-    """Write the configuration of a gateway started by the simulator; return its path."""
+    """Write the configuration of a gateway started by the simulator; return its path.
+    With `api_key`, the backend API (on `admin_port`) is on, for setting up groups."""
+    admin = f"port = {admin_port}\n" + (f'api_key = "{api_key}"\n' if api_key else "")
     path.write_text(
         "# Written by scripts/simulate_idle_devices.py for one run.\n"
         "[server]\n"
@@ -27,7 +37,7 @@ def scenario_config(
         "drain_seconds = 0.5\n"
         "shutdown_timeout = 5.0\n"
         "\n[admin]\n"
-        "port = 0\n"  # any free port: never in the way of a gateway already running
+        f"{admin}"  # port 0 by default: any free port, never in the way of another gateway
         "\n[auth]\n"
         f'jwt_secret = "{jwt_secret}"\n'
         "\n[store]\n"

@@ -95,6 +95,9 @@ class Scenario:
     final_drain: bool = True
     seed: int = 1
     body_bytes: int = 160
+    groups: int = 0  # groups, each of `group_size` phones with at least one active phone
+    group_size: int = 0
+    group_share: float = 0.3  # of the traffic, sends to a group the sender is in
 
     def rng(self, stream: str) -> random.Random:
         """An independent, reproducible random stream for one part of the scenario."""

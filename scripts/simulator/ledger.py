@@ -19,9 +19,16 @@ def now() -> float:
     return time.monotonic()
 
 
+def member_key(msg_id: str, recipient: str) -> str:
+    """The ledger's key for one member's copy of a group message: each is followed as a
+    message of its own (delivery, receipts), all answered by one `sent`."""
+    return f"{msg_id}@{recipient}"
+
+
 @dataclass(slots=True)
 class MessageRecord:
-    """One message, from the sender's `send` to the receipts coming back."""
+    """One message (or one member's copy of a group message), from the sender's `send` to
+    the receipts coming back."""
 
     id: str
     sender: str
@@ -39,6 +46,7 @@ class MessageRecord:
     read_sent: bool = False
     delivered_receipt_at: float | None = None
     read_receipt_at: float | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class Ledger:
     undrained: dict[str, int] = field(default_factory=dict)
     traffic_started: float | None = None
     final_drain_started: float | None = None
+    _group_sends: dict[str, list[str]] = field(default_factory=dict)  # id -> member keys
     _awaiting_push: dict[str, list[MessageRecord]] = field(default_factory=dict)
     _open_wakes: dict[str, Wake] = field(default_factory=dict)
     _outstanding: int = 0  # items stored or expected and not yet arrived
@@ -131,15 +140,32 @@ class Ledger:
             self._awaiting_push.setdefault(recipient, []).append(record)
         return record
 
+    def note_group_send(
+        self, msg_id: str, sender: str, group: str, recipients: Sequence[tuple[str, bool]],
+        urgent: bool,
+    ) -> list[MessageRecord]:  # fmt: skip
+        """A sender wrote a `send` to a group whose other members are `recipients`
+        ((user, idle) pairs): one record per member, keyed by `member_key`."""
+        records = []
+        for recipient, idle in recipients:
+            record = self.note_send(member_key(msg_id, recipient), sender, recipient, urgent, idle)
+            record.group = group
+            records.append(record)
+        self._group_sends[msg_id] = [r.id for r in records]
+        return records
+
     def note_stored(self, msg_id: str) -> None:
-        """The sender got `sent`: the message is durable; a delivery is now owed."""
-        record = self.messages.get(msg_id)
-        if record is not None and record.stored_at is None:
-            record.stored_at = now()
-            self._outstanding += 1
+        """The sender got `sent`: the message is durable (for every member of a group);
+        a delivery is now owed."""
+        for key in self._group_sends.get(msg_id, [msg_id]):
+            record = self.messages.get(key)
+            if record is not None and record.stored_at is None:
+                record.stored_at = now()
+                self._outstanding += 1
 
     def note_message(self, recipient: str, msg_id: str) -> None:
-        """A `msg` arrived at its recipient (the first time, or again)."""
+        """A `msg` arrived at its recipient (the first time, or again); a group
+        message's `msg_id` is its `member_key`."""
         record = self.messages.get(msg_id)
         if record is None:
             self.errors["msg with an unknown id"] += 1
@@ -167,10 +193,10 @@ class Ledger:
             record.read_sent = True
             self._outstanding += 1
 
-    def note_receipt(self, sender: str, kind: str, ids: Iterable[str]) -> None:
-        """A receipt arrived at a message's sender."""
+    def note_receipt(self, sender: str, kind: str, ids: Iterable[str], by: str = "") -> None:
+        """A receipt from `by` arrived at a message's sender."""
         for msg_id in ids:
-            record = self.messages.get(msg_id)
+            record = self.messages.get(msg_id) or self.messages.get(member_key(msg_id, by))
             if record is None or record.sender != sender:
                 self.errors["receipt for an unknown message"] += 1
                 continue
@@ -219,7 +245,7 @@ class Ledger:
 
     def note_found_at_end(self, user: str, msg_id: str) -> None:
         """The end-of-run check found this item still queued for `user`."""
-        record = self.messages.get(msg_id)
+        record = self.messages.get(msg_id) or self.messages.get(member_key(msg_id, user))
         if record is not None and record.recipient == user and record.delivered_at is None:
             record.found_at_end = True
 
@@ -280,6 +306,8 @@ class Ledger:
                 "lost": len(lost),
                 "duplicated": self.duplicates,
                 "to_idle_phones": sum(m.recipient_idle for m in stored),
+                "group_sends": len(self._group_sends),
+                "group_copies": sum(m.group is not None for m in stored),
                 "by_final_drain": sum(m.by_final_drain for m in delivered),
                 "still_queued_at_end": len(stranded),
             },

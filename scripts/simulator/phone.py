@@ -32,7 +32,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from scripts.kit.lean_client import LeanClient
 from scripts.simulator.knobs import Scenario
-from scripts.simulator.ledger import Ledger, now
+from scripts.simulator.ledger import Ledger, member_key, now
 
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
@@ -139,6 +139,22 @@ class Phone:
         frame = {"t": "send", "id": msg_id, "to": to.user, "body": body, "urgent": urgent}
         record = self.ctx.ledger.note_send(msg_id, self.user, to.user, urgent, not to.online)
         record.read_planned = read_planned
+        self._pending[msg_id] = frame
+        await self._write([frame])
+
+    async def send_group_message(
+        self, group: str, members: list[Phone], *, urgent: bool, read_share: float
+    ) -> None:
+        """Send one message to `group` (of which `members` are the other phones); each
+        member marks it read with probability `read_share`."""
+        self._sent_count += 1
+        msg_id = f"{self.user}-{self.ctx.run_tag}-{self._sent_count}"
+        body = self.rng.randbytes(self.ctx.scenario.body_bytes)
+        frame = {"t": "send", "id": msg_id, "group": group, "body": body, "urgent": urgent}
+        recipients = [(m.user, not m.online) for m in members]
+        records = self.ctx.ledger.note_group_send(msg_id, self.user, group, recipients, urgent)
+        for record in records:
+            record.read_planned = self.rng.random() < read_share
         self._pending[msg_id] = frame
         await self._write([frame])
 
@@ -305,7 +321,9 @@ class Phone:
                         self._on_message(frame, reads)
                     elif kind == "receipt":
                         acks.append(frame["sid"])
-                        ledger.note_receipt(self.user, frame["kind"], frame["ids"])
+                        ledger.note_receipt(self.user, frame["kind"], frame["ids"], frame["by"])
+                    elif kind == "group":  # a membership change: stored, so acked
+                        acks.append(frame["sid"])
                     elif kind == "sent":
                         self._pending.pop(frame["id"], None)
                         ledger.note_stored(frame["id"])
@@ -358,15 +376,16 @@ class Phone:
 
     def _on_message(self, frame: dict[str, Any], reads: dict[str, list[str]]) -> None:
         msg_id: str = frame["id"]
-        self.ctx.ledger.note_message(self.user, msg_id)
-        if msg_id in self._seen:
+        key = msg_id if "group" not in frame else member_key(msg_id, self.user)
+        self.ctx.ledger.note_message(self.user, key)
+        if key in self._seen:
             return
-        self._seen.add(msg_id)
+        self._seen.add(key)
         sender: str = frame["from"]
         self._last_senders = [*self._last_senders[-3:], sender]
-        record = self.ctx.ledger.messages.get(msg_id)
+        record = self.ctx.ledger.messages.get(key)
         if record is not None and record.read_planned:
-            self.ctx.ledger.note_read(msg_id)
+            self.ctx.ledger.note_read(key)
             reads.setdefault(sender, []).append(msg_id)
 
 

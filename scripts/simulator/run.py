@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
+import httpx
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
+from gateway.errors import GatewayError
 from scripts.kit.lean_client import LeanClient
 from scripts.simulator.knobs import Scenario
 from scripts.simulator.ledger import Ledger, Sample, now
@@ -42,6 +44,7 @@ class Run:
     phase: str = "starting"
     phase_started: float = field(default_factory=now)
     faults: list[str] = field(default_factory=list)
+    groups: list[list[int]] = field(default_factory=list)  # phone indexes of each group
 
     def enter(self, phase: str) -> None:
         """Move to the next phase."""
@@ -72,17 +75,49 @@ def build_fleet(ctx: FleetContext) -> list[Phone]:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """One scheduled message."""
+    """One scheduled message: to a phone, or (with `group`) to a group the sender is in."""
 
     at: float  # seconds after the traffic phase starts
     sender: int
     recipient: int
     urgent: bool
     read: bool
+    group: int | None = None
 
 
-def traffic_schedule(scenario: Scenario, phones: Sequence[Phone]) -> list[Send]:
-    """The messages the active phones send: Poisson arrivals at `rate` for `duration`."""
+@dataclass(frozen=True, slots=True)
+class AdminAccess:
+    """The gateway's backend API, where the simulator sets up its groups."""
+
+    url: str
+    api_key: str
+
+
+def group_name(index: int) -> str:
+    """The id of the scenario's group `index`."""
+    return f"sim-group-{index:03d}"
+
+
+def build_groups(scenario: Scenario, phones: Sequence[Phone]) -> list[list[int]]:
+    """The scenario's groups, as phone indexes drawn from the seed; each holds at least one
+    active phone, so that some member sends to it."""
+    rng = scenario.rng("groups")
+    size = min(scenario.group_size, len(phones))
+    active = [p.index for p in phones if not p.cycles]
+    groups = []
+    for _ in range(scenario.groups if size >= 2 else 0):
+        members = rng.sample(range(len(phones)), size)
+        if not any(not phones[i].cycles for i in members):
+            members[0] = rng.choice([i for i in active if i not in members])
+        groups.append(sorted(members))
+    return groups
+
+
+def traffic_schedule(
+    scenario: Scenario, phones: Sequence[Phone], groups: Sequence[Sequence[int]] = ()
+) -> list[Send]:
+    """The messages the active phones send: Poisson arrivals at `rate` for `duration`; a
+    share `group_share` of them go to one of the sender's groups, if it has any."""
     rng = scenario.rng("traffic")
     senders = [p.index for p in phones if not p.cycles]
     sends: list[Send] = []
@@ -94,16 +129,31 @@ def traffic_schedule(scenario: Scenario, phones: Sequence[Phone]) -> list[Send]:
         sender = rng.choice(senders)
         recipient = rng.randrange(len(phones) - 1)
         recipient += recipient >= sender  # anyone but the sender
-        sends.append(
-            Send(
-                at,
-                sender,
-                recipient,
-                rng.random() < scenario.urgent_share,
-                rng.random() < scenario.read_share,
-            )
-        )
+        urgent, read = rng.random() < scenario.urgent_share, rng.random() < scenario.read_share
+        mine = [g for g, members in enumerate(groups) if sender in members]
+        group = rng.choice(mine) if mine and rng.random() < scenario.group_share else None
+        sends.append(Send(at, sender, recipient, urgent, read, group))
     return sends
+
+
+async def set_up_groups(
+    admin: AdminAccess, phones: Sequence[Phone], groups: Sequence[Sequence[int]]
+) -> None:
+    """Create (or replace) the scenario's groups through the backend API.
+
+    Raises:
+        GatewayError: The API refused a group.
+    """
+    headers = {"authorization": f"Bearer {admin.api_key}"}
+    async with httpx.AsyncClient(base_url=admin.url, timeout=10) as http:
+        for index, members in enumerate(groups):
+            body = {"members": [phones[i].user for i in members]}
+            response = await http.put(f"/v1/groups/{group_name(index)}", json=body, headers=headers)
+            if response.status_code not in (200, 201):
+                raise GatewayError(
+                    f"the backend API refused group {group_name(index)}: "
+                    f"{response.status_code} {response.text[:200]}"
+                )
 
 
 async def simulate(
@@ -114,14 +164,20 @@ async def simulate(
     *,
     database: Path | None = None,
     fault: str | None = None,
+    admin: AdminAccess | None = None,
 ) -> None:
     """Run the scenario against the gateway at `url`, whose pushes reach `relay`.
 
-    The fake providers and the gateway must already be serving. Fills `run.ledger`.
+    The fake providers and the gateway must already be serving. Fills `run.ledger`. With
+    groups in the scenario, `admin` is where they are set up, once every phone has
+    registered (so the `group` events reach the phones, asleep or not).
     """
     scenario, ledger = run.scenario, run.ledger
     ctx = FleetContext(url, token, scenario, ledger)
     run.phones = phones = build_fleet(ctx)
+    run.groups = build_groups(scenario, phones)
+    if run.groups and admin is None:
+        raise GatewayError("groups need the gateway's backend API ([admin] api_key)")
     for phone in phones:
         relay.add(phone)
     async with trio.open_nursery() as nursery:
@@ -137,6 +193,9 @@ async def simulate(
                 ledger.errors["phones that could not register"] += sum(
                     not p.ready.is_set() for p in phones
                 )
+            if run.groups and admin is not None:
+                run.enter("setting up groups")
+                await set_up_groups(admin, phones, run.groups)
             run.enter("traffic")
             ledger.traffic_started = now()
             async with trio.open_nursery() as traffic:
@@ -178,11 +237,19 @@ def _quiet(phones: Sequence[Phone], scenario: Scenario) -> bool:
 async def _send_traffic(run: Run) -> None:
     start = trio.current_time()
     phones = run.phones
-    for send in traffic_schedule(run.scenario, phones):
+    for send in traffic_schedule(run.scenario, phones, run.groups):
         await trio.sleep_until(start + send.at)
-        await phones[send.sender].send_message(
-            phones[send.recipient], urgent=send.urgent, read_planned=send.read
-        )
+        sender = phones[send.sender]
+        if send.group is not None:
+            members = [phones[i] for i in run.groups[send.group] if i != send.sender]
+            await sender.send_group_message(
+                group_name(send.group), members, urgent=send.urgent,
+                read_share=run.scenario.read_share,
+            )  # fmt: skip
+        else:
+            await sender.send_message(
+                phones[send.recipient], urgent=send.urgent, read_planned=send.read
+            )
 
 
 async def _drops(run: Run) -> None:
@@ -286,8 +353,8 @@ async def _read_queue(ctx: FleetContext, user: str) -> list[str] | None:
                     item = cbor2.loads(await client.get_message())
                     frames = item if isinstance(item, list) else [item]
                     for frame in frames:
-                        if frame.get("t") in ("msg", "receipt"):
-                            found.append(frame["id"] if frame["t"] == "msg" else "receipt")
+                        if frame.get("t") in ("msg", "receipt", "group"):
+                            found.append(frame["id"] if frame["t"] == "msg" else frame["t"])
                     if any(f.get("t") == "drained" for f in frames):
                         return found
             finally:
