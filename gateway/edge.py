@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 from websockets.http11 import Request
-from websockets.protocol import Protocol, State
+from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -252,15 +252,14 @@ async def _refuse_after_upgrade(
     retry_ms = (refusal.retry_after or 0) * 1000
     proto.send_close(code, f"{refusal.reason}; {HINT}{retry_ms}")
     await stream.send_all(b"".join(proto.data_to_send()))
-    # Wait for the client's close frame (the rest of the handshake), within the
-    # caller's deadline, so that closing does not reset a socket with the frame unread.
+    # Wait for the client's close frame (the rest of the handshake), then close TCP, as
+    # the server does first (RFC 6455, 7.1.1): the client's close event fires then.
     with trio.move_on_after(CLOSE_TIMEOUT):
-        while proto.state is not State.CLOSED:
+        while proto.close_rcvd is None:
             chunk = await stream.receive_some(RECEIVE_SIZE)
             if not chunk:
                 break
             proto.receive_data(chunk)
-            await stream.send_all(b"".join(proto.data_to_send()))
 
 
 def _forget_request(proto: ServerProtocol) -> None:

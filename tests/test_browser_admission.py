@@ -115,3 +115,30 @@ async def test_a_refused_origin_is_logged_once_per_interval_with_the_count_held_
     assert len(lines) == 1, lines
     assert repr(long_origin[:ORIGIN_LOG_CHARS]) in lines[0]
     assert "x" * 490 not in lines[0]
+
+
+async def test_the_refused_browser_socket_is_closed_by_the_server_once_the_client_answers(
+    tmp_path,
+):
+    settings = make_settings(tmp_path, limits={"max_connections": 1})
+    async with running_server(settings) as server, raw_ws(server.url):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stream.send_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Origin: https://web.example.com\r\n\r\n"
+        )
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.split(b"\r\n\r\n", 1)[1]) < 4:
+            received += await stream.receive_some(4096)
+        head, frame = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert frame[0] == 0x88  # FIN + close
+        assert int.from_bytes(frame[2:4], "big") == 1013
+        # The client's close frame (masked with a zero key), then the server closes TCP
+        # at once: well before its 2 s wait for a client that never answers.
+        await stream.send_all(bytes([0x88, 0x82, 0, 0, 0, 0]) + (1013).to_bytes(2, "big"))
+        with trio.fail_after(1.0):
+            while await stream.receive_some(4096):
+                pass
+        await stream.aclose()
