@@ -11,7 +11,8 @@
 // - `send` resolves on `sent`; an unanswered send is re-sent, same id, after a reconnect,
 //   which the server's idempotency makes safe;
 // - messages, receipts and group events are acked automatically once the listeners have
-//   run without throwing, or by the application (`autoAck: false`);
+//   run without throwing (never when no listener is attached), or by the application
+//   (`autoAck: false`);
 // - presence subscriptions, client state and the last push registration are restored on
 //   every new connection;
 // - everything written in one turn of the event loop goes out as one WebSocket message
@@ -344,8 +345,10 @@ export class GatewayClient {
 
   _onStored (type, frame) {
     const item = { ...frame, ack: () => this.ack([frame.sid]) }
+    // An item that no listener saw is not acked: it comes again on the next connection.
+    const heard = (this._listeners.get(type)?.size ?? 0) > 0
     const ok = this._emit(type, item)
-    if (this.autoAck && ok) this.ack([frame.sid])
+    if (this.autoAck && heard && ok) this.ack([frame.sid])
   }
 
   // -- outgoing -----------------------------------------------------------------------

@@ -85,7 +85,7 @@ export interface ClientOptions {
   token: string | (() => string | Promise<string>)
   /** The client state sent in `hello` (default true). */
   active?: boolean
-  /** Ack messages, receipts and group events once every listener ran without throwing (default true). */
+  /** Ack messages, receipts and group events once the listeners ran without throwing; never one no listener saw (default true). */
   autoAck?: boolean
   /** Outgoing batches are split to stay within this (the gateway's `max_message_size`, default 65536). */
   maxMessageSize?: number

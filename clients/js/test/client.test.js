@@ -165,6 +165,8 @@ test('auto-ack: items are acked in one frame after the listeners ran, not when o
   const { client, ws } = await connected()
   const seen = []
   client.on('message', (m) => { seen.push(m.id); if (m.id === 'bad') throw new Error('listener failed') })
+  client.on('receipt', (r) => seen.push(r.kind))
+  client.on('group', (g) => seen.push(g.event))
   const original = console.error
   console.error = () => {}
   try {
@@ -177,8 +179,20 @@ test('auto-ack: items are acked in one frame after the listeners ran, not when o
   } finally {
     console.error = original
   }
-  assert.deepEqual(seen, ['a', 'bad'])
+  assert.deepEqual(seen, ['a', 'bad', 'read', 'added'])
   assert.deepEqual(ws.frames.slice(1), [{ t: 'ack', sids: [7, 2n ** 60n, 10] }])
+  await client.close()
+})
+
+test('auto-ack acks nothing that no listener saw: it comes again on the next connection', async () => {
+  const { client, ws } = await connected()
+  ws.deliver({ t: 'msg', sid: 1, id: 'a', from: 'b', dev: 'p', ts: 1, body: new Uint8Array(), urgent: true })
+  const receipts = []
+  client.on('receipt', (r) => receipts.push(r.sid))
+  ws.deliver({ t: 'receipt', sid: 2, kind: 'read', ids: ['x'], by: 'b', dev: 'p', ts: 1 })
+  await turn()
+  assert.deepEqual(receipts, [2])
+  assert.deepEqual(ws.frames.slice(1), [{ t: 'ack', sids: [2] }])
   await client.close()
 })
 

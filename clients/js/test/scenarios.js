@@ -53,11 +53,6 @@ async function open (sdk, env, device, options = {}) {
   return client
 }
 
-/** Why the client stopped, as the error it stopped with. */
-async function stopError (client) {
-  return client.state === 'stopped' ? client._stopError : client.next('stopped', WAIT)
-}
-
 export const scenarios = {
   // Two users, alice on two devices: a message, its delivered and read receipts on both
   // of the sender's devices, and a note to self that reaches the other device only.
