@@ -79,6 +79,7 @@ export class GatewayClient {
     this._active = options.active ?? true
     this.autoAck = options.autoAck ?? true
     this.maxMessageSize = options.maxMessageSize ?? 65536
+    this.openTimeoutMs = options.openTimeoutMs ?? 20000
     this.backoff = { initialMs: 500, maxMs: 30000, ...options.backoff }
     this._random = options.random ?? Math.random
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket
@@ -99,6 +100,7 @@ export class GatewayClient {
     this._running = false
     this._attempt = 0
     this._wake = null // ends the wait between two connections early
+    this._openTimer = null
     this._pending = new Map() // send id -> {frame, resolve, reject}
     this._queue = [] // frames to write on the next flush
     this._held = [] // frames (read, push, privacy) waiting for a connection
@@ -271,6 +273,28 @@ export class GatewayClient {
       }
       ws.binaryType = 'arraybuffer'
       this._ws = ws
+      let finished = false
+      // Ends this attempt once: at the close event, at an error (Node 20's WebSocket
+      // reports a refused connection with an error event and never a close event), or
+      // when no welcome came within openTimeoutMs (a black-holed or stalled connection).
+      const finish = (code, reason) => {
+        if (finished) return
+        finished = true
+        clearTimeout(this._openTimer)
+        if (this._ws === ws) {
+          this._ws = null
+          this._ready = false
+          this._queue = []
+        }
+        resolve({ code, reason })
+      }
+      const abandon = (reason) => {
+        finish(1006, reason)
+        try {
+          ws.close()
+        } catch {}
+      }
+      this._openTimer = setTimeout(() => abandon('no welcome in time'), this.openTimeoutMs)
       ws.onopen = () => {
         const hello = { t: 'hello', v: 1, token, active: this._active }
         ws.send(encodeFrame(hello))
@@ -287,15 +311,10 @@ export class GatewayClient {
         }
         for (const frame of frames) this._handle(frame)
       }
-      ws.onerror = () => {} // a close event follows, with the code
-      ws.onclose = (event) => {
-        if (this._ws === ws) {
-          this._ws = null
-          this._ready = false
-          this._queue = []
-        }
-        resolve({ code: event.code, reason: event.reason ?? '' })
-      }
+      // An error event means the connection failed (WHATWG: a close with 1006 follows,
+      // where the platform sends one at all); a clean close never fires one.
+      ws.onerror = () => abandon('')
+      ws.onclose = (event) => finish(event.code, event.reason ?? '')
     })
   }
 
@@ -308,6 +327,7 @@ export class GatewayClient {
   }
 
   _onWelcome (frame) {
+    clearTimeout(this._openTimer)
     this.welcome = frame
     this._ready = true
     this._attempt = 0

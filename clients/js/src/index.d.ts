@@ -87,6 +87,8 @@ export interface ClientOptions {
   active?: boolean
   /** Ack messages, receipts and group events once the listeners ran without throwing; never one no listener saw (default true). */
   autoAck?: boolean
+  /** A connection that has no welcome this long after it was opened is given up and retried (default 20000). */
+  openTimeoutMs?: number
   /** Outgoing batches are split to stay within this (the gateway's `max_message_size`, default 65536). */
   maxMessageSize?: number
   backoff?: Backoff

@@ -27,7 +27,8 @@ const PAGE = `<!doctype html>
 <script type="module">
   import * as sdk from '/src/index.js'
   import { scenarios } from '/test/scenarios.js'
-  window.run = (name, env) => scenarios[name].run(sdk, env)
+  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it.
+  window.run = (name, env) => scenarios[name].run(sdk, { ...env, control: (action) => window.gatewayControl(action) })
   window.ready = true
 </script>`
 const TYPES = { '.js': 'text/javascript', '.html': 'text/html', '.json': 'application/json' }
@@ -125,6 +126,18 @@ test('in Chromium: rateLimit', async (t) => {
   t.after(() => gateway.dispose())
   await gateway.start()
   await play(await openPage(t), gateway, 'rateLimit')
+})
+
+test('in Chromium: restart, with 1012, backoff while down, and a send re-sent after', async (t) => {
+  const gateway = new Gateway({})
+  t.after(() => gateway.dispose())
+  await gateway.start()
+  const page = await openPage(t)
+  await page.exposeFunction('gatewayControl', async (action) => {
+    if (action === 'stop') await gateway.stop()
+    else await gateway.start()
+  })
+  await play(page, gateway, 'restart')
 })
 
 test('in Chromium: overCapacity, where the page sees 1013 and its hint, not a failed 503', async (t) => {

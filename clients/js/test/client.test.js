@@ -148,6 +148,39 @@ test('other closes reconnect; unanswered sends are written again, same id, after
   await client.close()
 })
 
+test('a connection that fails with an error event and no close event is retried', async () => {
+  const { client, ws } = await connected()
+  const next = FakeSocket.next()
+  ws.serverClose(1012, 'restarting; reconnect_after_ms=0')
+  const refused = await next
+  const retried = FakeSocket.next()
+  const disconnected = client.next('disconnect')
+  refused.onerror?.({}) // what Node 20's WebSocket does for a refused connection
+  assert.equal((await disconnected).code, 1006)
+  const again = await retried
+  again.open()
+  again.welcome()
+  await client.close()
+})
+
+test('a connection with no welcome within openTimeoutMs is given up and retried', async () => {
+  FakeSocket.reset()
+  const client = new GatewayClient({ url: 'ws://gw/ws', token: 'T', WebSocket: FakeSocket, random: () => 0, openTimeoutMs: 20 })
+  const first = FakeSocket.next()
+  const welcomed = client.connect()
+  const stalled = await first
+  stalled.open() // upgraded, but the welcome never comes
+  const retried = FakeSocket.next()
+  const disconnected = client.next('disconnect')
+  assert.deepEqual(await disconnected, { code: 1006, reason: 'no welcome in time', delayMs: 0 })
+  assert.equal(stalled.readyState, 3) // closed by the client
+  const again = await retried
+  again.open()
+  again.welcome()
+  await welcomed
+  await client.close()
+})
+
 test('an error frame rejects its send with the frame; others become error events', async () => {
   const { client, ws } = await connected()
   const sending = client.send('x', new Uint8Array(), { id: 's1' })

@@ -337,6 +337,50 @@ export const scenarios = {
     }
   },
 
+  // A gateway restart: the drain's 1012 and its hint are honoured, connections refused
+  // while it is down back off with full jitter, and a send made meanwhile is written and
+  // answered after the reconnect. `env.control` stops and starts the gateway.
+  restart: {
+    devices: ['pat/web', 'quinn/web'],
+    async run (sdk, env) {
+      const quinn = await open(sdk, env, 'quinn/web')
+      await quinn.close()
+      let calls = 0
+      const pat = new sdk.GatewayClient({
+        url: env.url,
+        token: () => { calls += 1; return env.tokens['pat/web'] }, // one call per connection
+        backoff: { initialMs: 100, maxMs: 400 }
+      })
+      await pat.connect()
+      const disconnects = collect(pat, 'disconnect')
+      const drained = pat.next('disconnect', WAIT)
+      await env.control('stop') // SIGTERM: the gateway drains with 1012
+      const first = await drained
+      like(first.code, 1012, 'close code of the drain')
+      const hint = sdk.parseRetryHint(first.reason)
+      if (hint === null || first.delayMs < hint) fail(`waits ${first.delayMs} ms for the hint ${hint}`)
+
+      const sending = pat.send('quinn', bytes('while down'), { id: 'during-restart' })
+      if (pat.state === 'open') fail('open while the gateway is down')
+      const welcomed = pat.next('welcome', { timeoutMs: 30000 })
+      await env.control('start')
+      await welcomed
+      like(await sending, { t: 'sent', id: 'during-restart' }, 'sent after the restart')
+      if (calls < 2) fail(`the token function was called ${calls} times`)
+      for (const d of disconnects.slice(1)) {
+        like(d.code, 1006, 'a refused connection')
+        if (!(d.delayMs >= 0 && d.delayMs <= 400)) fail(`delay ${d.delayMs} outside full jitter`)
+      }
+      await pat.close()
+
+      const back = new sdk.GatewayClient({ url: env.url, token: env.tokens['quinn/web'] })
+      const message = back.next('message', WAIT)
+      await back.connect()
+      like(await message, { id: 'during-restart', body: bytes('while down') }, 'delivered')
+      await back.close()
+    }
+  },
+
   // 1013 with a retry hint: a browser over the connection cap (a gateway whose cap is
   // one connection; the harness holds it). The client waits the hint before retrying.
   overCapacity: {
