@@ -26,11 +26,12 @@ const PAGE = `<!doctype html>
 <script type="importmap">{"imports": {"cbor-x": "/node_modules/cbor-x/index.js"}}</script>
 <script type="module">
   import * as sdk from '/src/index.js'
-  import { scenarios } from '/test/scenarios.js'
+  import { play } from '/test/scenarios.js'
   // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it.
-  window.run = (name, env) => scenarios[name].run(sdk, { ...env, control: (action) => window.gatewayControl(action) })
+  window.run = (name, env) => play(sdk, name, { ...env, control: (action) => window.gatewayControl(action) })
   window.ready = true
 </script>`
+const LIMIT = 60000 // bounds a hang; every scenario takes a few seconds at most
 const TYPES = { '.js': 'text/javascript', '.html': 'text/html', '.json': 'application/json' }
 
 /** Serve the page, the SDK, the scenarios and node_modules from this package, read-only. */
@@ -108,7 +109,7 @@ describe('in Chromium, against one gateway', () => {
   before(() => gateway.start())
   after(() => gateway.dispose())
 
-  test('the page is a real browser with the platform WebSocket', async (t) => {
+  test('the page is a real browser with the platform WebSocket', { timeout: LIMIT }, async (t) => {
     const page = await openPage(t)
     const agent = await page.evaluate(() => [navigator.userAgent, typeof WebSocket, typeof Buffer])
     if (!/Chrome\//.test(agent[0]) || agent[1] !== 'function' || agent[2] !== 'undefined') {
@@ -117,18 +118,18 @@ describe('in Chromium, against one gateway', () => {
   })
 
   for (const name of ['conversation', 'presence', 'offline', 'batches', 'bigSids', 'closeCodes']) {
-    test(name, async (t) => play(await openPage(t), gateway, name))
+    test(name, { timeout: LIMIT }, async (t) => play(await openPage(t), gateway, name))
   }
 })
 
-test('in Chromium: rateLimit', async (t) => {
+test('in Chromium: rateLimit', { timeout: LIMIT }, async (t) => {
   const gateway = new Gateway({ limits: { send_rate: 0.001, send_burst: 2, rate_limit_strikes: 3 } })
   t.after(() => gateway.dispose())
   await gateway.start()
   await play(await openPage(t), gateway, 'rateLimit')
 })
 
-test('in Chromium: restart, with 1012, backoff while down, and a send re-sent after', async (t) => {
+test('in Chromium: restart, with 1012, backoff while down, and a send re-sent after', { timeout: LIMIT }, async (t) => {
   const gateway = new Gateway({})
   t.after(() => gateway.dispose())
   await gateway.start()
@@ -140,7 +141,7 @@ test('in Chromium: restart, with 1012, backoff while down, and a send re-sent af
   await play(page, gateway, 'restart')
 })
 
-test('in Chromium: overCapacity, where the page sees 1013 and its hint, not a failed 503', async (t) => {
+test('in Chromium: overCapacity, where the page sees 1013 and its hint, not a failed 503', { timeout: LIMIT }, async (t) => {
   const gateway = new Gateway({ limits: { max_connections: 1, retry_after: 3 } })
   t.after(() => gateway.dispose())
   await gateway.start()

@@ -4,8 +4,10 @@
 import { after, before, describe, test } from 'node:test'
 
 import * as sdk from '../src/index.js'
-import { scenarios } from './scenarios.js'
+import { play as run, scenarios } from './scenarios.js'
 import { Gateway, startGateway } from './support/gateway.js'
+
+const LIMIT = 60000 // bounds a hang; every scenario takes a few seconds at most
 
 function tokensFor (gateway, devices) {
   return Object.fromEntries(devices.map((name) => {
@@ -18,7 +20,7 @@ async function play (gateway, name, extra = {}) {
   const scenario = scenarios[name]
   if (scenario.nextSid !== undefined) gateway.setNextSid(scenario.nextSid)
   const env = { url: gateway.url, tokens: tokensFor(gateway, scenario.devices), nextSid: scenario.nextSid, ...extra }
-  await scenario.run(sdk, env)
+  await run(sdk, name, env)
 }
 
 describe('against one gateway', () => {
@@ -27,16 +29,16 @@ describe('against one gateway', () => {
   after(() => gateway.dispose())
 
   for (const name of ['conversation', 'presence', 'offline', 'batches', 'bigSids', 'closeCodes']) {
-    test(name, () => play(gateway, name))
+    test(name, { timeout: LIMIT }, () => play(gateway, name))
   }
 })
 
-test('rateLimit: sends past rate_limited close with 1008', async (t) => {
+test('rateLimit: sends past rate_limited close with 1008', { timeout: LIMIT }, async (t) => {
   const gateway = await startGateway(t, { limits: { send_rate: 0.001, send_burst: 2, rate_limit_strikes: 3 } })
   await play(gateway, 'rateLimit')
 })
 
-test('overCapacity: an upgrade with an Origin is closed 1013 with the hint, which the client waits', async (t) => {
+test('overCapacity: an upgrade with an Origin is closed 1013 with the hint, which the client waits', { timeout: LIMIT }, async (t) => {
   const gateway = await startGateway(t, { limits: { max_connections: 1, retry_after: 3 } })
   const holder = new sdk.GatewayClient({ url: gateway.url, token: gateway.token('holder', 'x') })
   await holder.connect()
@@ -45,7 +47,7 @@ test('overCapacity: an upgrade with an Origin is closed 1013 with the hint, whic
   await play(gateway, 'overCapacity', { clientOptions: { socketOptions: { headers: { Origin: 'https://web.example' } } } })
 })
 
-test('restart: 1012 and its hint, backoff while down, a send re-sent after the reconnect', async (t) => {
+test('restart: 1012 and its hint, backoff while down, a send re-sent after the reconnect', { timeout: LIMIT }, async (t) => {
   const gateway = await startGateway(t, {})
   await play(gateway, 'restart', { control: (action) => action === 'stop' ? gateway.stop() : gateway.start() })
 })

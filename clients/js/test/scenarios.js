@@ -53,6 +53,25 @@ async function open (sdk, env, device, options = {}) {
   return client
 }
 
+/**
+ * Run scenario `name` with the SDK module `sdk`; every client it creates is closed
+ * afterwards, failed or not, so that no client goes on reconnecting.
+ */
+export async function play (sdk, name, env) {
+  const created = []
+  class Tracked extends sdk.GatewayClient {
+    constructor (options) {
+      super(options)
+      created.push(this)
+    }
+  }
+  try {
+    await scenarios[name].run({ ...sdk, GatewayClient: Tracked }, env)
+  } finally {
+    await Promise.all(created.map((client) => client.close({ timeoutMs: 0 })))
+  }
+}
+
 export const scenarios = {
   // Two users, alice on two devices: a message, its delivered and read receipts on both
   // of the sender's devices, and a note to self that reaches the other device only.
@@ -306,6 +325,19 @@ export const scenarios = {
         like((await closed).code, code, 'close code')
         await welcomed
       }
+      // An unknown frame type is an error event and the connection stays; bad frames are
+      // error events too, and past the gateway's limit (10) the connection closes 1008.
+      const unknown = lee.next('error', WAIT)
+      lee.sendFrame({ t: 'from-the-future' })
+      like((await unknown).frame, { t: 'error', code: 'unknown_type' }, 'unknown type')
+      const errors = collect(lee, 'error')
+      const policy = lee.next('disconnect', WAIT)
+      const back = lee.next('welcome', WAIT)
+      for (let i = 0; i < 11; i++) lee.sendFrame({ t: 'ack', sids: 'not a list' })
+      like(await policy, { code: 1008, reason: 'too many bad frames' }, '1008')
+      like(errors.map((e) => e.code), Array(11).fill('bad_field'), 'the errors, the last one written before the close')
+      await back
+
       // A send queued while disconnected is written after the reconnect.
       const closed = lee.next('disconnect', WAIT)
       lee.sendRaw('text again')
