@@ -26,6 +26,7 @@ const HINT = /reconnect_after_ms=(\d+)/
 const MAX_LIST = 1000 // the gateway's bound on `sids`, `ids` and `users` lists
 const NORMAL = 1000
 const SUBPROTOCOL = 'gateway.v1'
+const CLOSE_WAIT_MS = 5000 // how long close() waits for the server's close frame
 
 /**
  * How long to wait before reconnecting after a close.
@@ -101,6 +102,7 @@ export class GatewayClient {
     this._attempt = 0
     this._wake = null // ends the wait between two connections early
     this._openTimer = null
+    this._endAttempt = null // ends the current attempt, as if its socket had closed
     this._pending = new Map() // send id -> {frame, resolve, reject}
     this._queue = [] // frames to write on the next flush
     this._held = [] // frames (read, push, privacy) waiting for a connection
@@ -211,12 +213,17 @@ export class GatewayClient {
       ])
     }
     this._stop(new CloseError(NORMAL, 'closed by the client'))
+    let unanswered = null
     if (this._ws) {
       this._flush()
       this._ws.close(NORMAL)
+      // A server that never answers the close frame does not hold close() up.
+      const end = this._endAttempt
+      unanswered = setTimeout(() => end?.(1006, 'close not answered'), CLOSE_WAIT_MS)
     }
     this._wake?.()
     await this._stopped
+    clearTimeout(unanswered)
   }
 
   _stop (error) {
@@ -295,6 +302,7 @@ export class GatewayClient {
         } catch {}
       }
       this._openTimer = setTimeout(() => abandon('no welcome in time'), this.openTimeoutMs)
+      this._endAttempt = finish
       ws.onopen = () => {
         const hello = { t: 'hello', v: 1, token, active: this._active }
         ws.send(encodeFrame(hello))

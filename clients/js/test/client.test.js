@@ -326,6 +326,18 @@ test('a turn bigger than maxMessageSize is split; a send that alone is too big i
   for (const sending of sends) await assert.rejects(sending, CloseError)
 })
 
+test('close() does not wait for ever for a server that never answers its close frame', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout'] })
+  const { client, ws } = await connected()
+  ws.close = (code) => { ws.closedWith = code } // the close event never comes
+  const closing = client.close({ timeoutMs: 0 })
+  await turn()
+  assert.equal(ws.closedWith, 1000)
+  t.mock.timers.tick(5000)
+  await closing
+  assert.equal(client.state, 'stopped')
+})
+
 test('close() closes with 1000, stops, and rejects what is left with a CloseError', async () => {
   const { client, ws } = await connected()
   const sending = client.send('bob', new Uint8Array(), { id: 's' })
