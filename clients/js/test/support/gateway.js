@@ -5,7 +5,7 @@
 
 import { spawn, spawnSync } from 'node:child_process'
 import { createHmac, randomBytes } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
@@ -85,11 +85,11 @@ export class Gateway {
     const configPath = join(this.dir, 'gateway.toml')
     writeFileSync(configPath, toml(merged))
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('GATEWAY__')))
-    const { openSync } = await import('node:fs')
     const log = openSync(this.logPath, 'a')
     this.process = spawn(python(), ['-m', 'gateway.cli', 'serve', '--config', configPath], {
       cwd: REPO, env, stdio: ['ignore', log, log]
     })
+    closeSync(log) // the child has its own copy
     const exited = new Promise((resolve) => this.process.once('exit', resolve))
     this.exited = exited
     const deadline = Date.now() + START_TIMEOUT_MS
