@@ -369,6 +369,41 @@ export const scenarios = {
     }
   },
 
+  // A send whose connection drops right after it was written is written again, same id,
+  // after the reconnect; the gateway answers with the original ts and stores one copy.
+  resend: {
+    devices: ['rae/web', 'sam/web'],
+    async run (sdk, env) {
+      const sam = await open(sdk, env, 'sam/web')
+      await sam.close()
+      let drops = 0
+      class Dropping extends globalThis.WebSocket {
+        send (data) {
+          super.send(data)
+          const frames = sdk.decodeMessage(data)
+          if (drops === 0 && frames.some((f) => f.t === 'send')) {
+            drops += 1
+            this.close(3000, 'dropped by the test') // before `sent` can be read
+          }
+        }
+      }
+      const rae = await open(sdk, env, 'rae/web', { WebSocket: Dropping, backoff: { initialMs: 50, maxMs: 100 } })
+      const disconnected = rae.next('disconnect', WAIT)
+      const sending = rae.send('sam', bytes('once'), { id: 'once-1' })
+      like((await disconnected).code, 3000, 'the dropped connection')
+      const sent = await sending
+      like(sent, { t: 'sent', id: 'once-1' }, 'sent after the reconnect')
+
+      const back = new sdk.GatewayClient({ url: env.url, token: env.tokens['sam/web'] })
+      const messages = collect(back, 'message')
+      const drained = back.next('drained', WAIT)
+      like(await back.connect(), { queued: 1 }, 'one copy stored')
+      await drained
+      like(messages.map((m) => [m.id, m.ts]), [['once-1', sent.ts]], 'delivered once, with the ts of sent')
+      await Promise.all([back.close(), rae.close()])
+    }
+  },
+
   // A gateway restart: the drain's 1012 and its hint are honoured, connections refused
   // while it is down back off with full jitter, and a send made meanwhile is written and
   // answered after the reconnect. `env.control` stops and starts the gateway.
