@@ -117,7 +117,7 @@ describe('in Chromium, against one gateway', () => {
     }
   })
 
-  for (const name of ['conversation', 'presence', 'offline', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
     test(name, { timeout: LIMIT }, async (t) => play(await openPage(t), gateway, name))
   }
 })

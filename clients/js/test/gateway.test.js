@@ -28,7 +28,7 @@ describe('against one gateway', () => {
   before(() => gateway.start())
   after(() => gateway.dispose())
 
-  for (const name of ['conversation', 'presence', 'offline', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
     test(name, { timeout: LIMIT }, () => play(gateway, name))
   }
 })

@@ -369,6 +369,26 @@ export const scenarios = {
     }
   },
 
+  // Push registration: a native token is taken without a word, and so is its removal; a
+  // malformed one comes back as an error event (the send after each is the sync point:
+  // the gateway handles one connection's frames in order).
+  push: {
+    devices: ['tia/phone'],
+    async run (sdk, env) {
+      const tia = await open(sdk, env, 'tia/phone')
+      const errors = collect(tia, 'error')
+      tia.registerPush({ provider: 'apns', token: 'a1b2c3', topic: 'com.example.app', sandbox: true })
+      await tia.send('tia', bytes('sync'), { id: 'push-1' })
+      tia.unregisterPush()
+      await tia.send('tia', bytes('sync'), { id: 'push-2' })
+      like(errors.length, 0, 'errors after a valid registration and its removal')
+      tia.registerPush({ provider: 'apns', token: '' })
+      await tia.send('tia', bytes('sync'), { id: 'push-3' })
+      like(errors.map((e) => e.code), ['bad_field'], 'an empty token')
+      await tia.close()
+    }
+  },
+
   // A send whose connection drops right after it was written is written again, same id,
   // after the reconnect; the gateway answers with the original ts and stores one copy.
   resend: {
