@@ -8,6 +8,14 @@ rate), and otherwise accepts it and becomes the `Connection`'s task. The whole u
 bounded by `[server] handshake_timeout`, TLS included, so a slowloris client holds its
 socket for no longer.
 
+A browser cannot read an HTTP 503 or its `Retry-After` (page scripts see only a failed
+socket, 1006), so a 503 refusal of an upgrade that carries an `Origin` header is
+delivered the way a browser can see it: the upgrade is accepted and at once closed with
+1013 (1012 while draining) and a reason that carries the same hint, as
+``<why>; reconnect_after_ms=N``. No place is taken for such a connection and nothing is
+read from it but the close handshake. A refused `Origin` is logged, at most once per
+`ORIGIN_LOG_INTERVAL`.
+
 `Edge` also keeps the table of live connections (for the drain, `/metrics` and presence)
 and what tests and the admin API wait on: the close code of a device's next close, and
 the end of the drain.
@@ -28,12 +36,19 @@ from websockets.typing import Subprotocol
 from gateway.admission import Admission, Refusal
 from gateway.connection import CLOSE_TIMEOUT, RECEIVE_SIZE, Connection, EdgeContext
 from gateway.drain import drain_plan
+from gateway.logthrottle import LogThrottle
 from gateway.session import CloseCode
 
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("gateway.v1")
 WS_PATH = "/ws"
+# A misconfigured web app refuses every one of its users: one line per minute says so
+# without one line per attempt. The logged Origin is cut to this many characters.
+ORIGIN_LOG_INTERVAL = 60.0
+ORIGIN_LOG_CHARS = 200
+# The close reason's hint, as in a drain's 1012 (see docs/protocol.md, close codes).
+HINT = "reconnect_after_ms="
 
 # The Sans-I/O core logs every opened and closed connection at INFO; the gateway keeps
 # its own (one line per session), so the core's go to a logger that shows warnings only.
@@ -51,6 +66,7 @@ class Edge:
         self.draining = False
         self.drained = trio.Event()  # set once draining and every connection has ended
         self._close_waiters: dict[tuple[str, str], list[tuple[trio.Event, list[int]]]] = {}
+        self._origin_log = LogThrottle(ORIGIN_LOG_INTERVAL)
 
     async def serve(
         self,
@@ -139,6 +155,9 @@ class Edge:
         if request is None:
             return None, False
         refusal = self._refusal(request, ip)
+        if refusal is not None and refusal.status == 503 and "Origin" in request.headers:
+            await _refuse_after_upgrade(stream, proto, request, refusal)
+            return None, False
         if refusal is None:
             response = proto.accept(request)
         else:
@@ -167,7 +186,18 @@ class Edge:
             return self._admission.refuse("draining")
         origins = request.headers.get_all("Origin")
         origin = origins[0] if origins else None
-        return self._admission.admit(ip, origin, trio.current_time())
+        now = trio.current_time()
+        refusal = self._admission.admit(ip, origin, now)
+        if refusal is not None and refusal.status == 403:
+            held = self._origin_log.take(now)
+            if held is not None:
+                log.warning(
+                    "refused an upgrade from Origin %r: not in [limits] allowed_origins"
+                    " (%d more refused since the last line)",
+                    (origin or "")[:ORIGIN_LOG_CHARS],
+                    held,
+                )
+        return refusal
 
     async def _run(self, conn: Connection) -> None:
         self._ctx.counters.connections_opened += 1
@@ -206,6 +236,30 @@ async def _read_request(
         if answer:
             await stream.send_all(b"".join(answer))
             return None, False
+
+
+async def _refuse_after_upgrade(
+    stream: trio.abc.Stream, proto: ServerProtocol, request: Request, refusal: Refusal
+) -> None:
+    """Accept the upgrade, then close it at once with the refusal's retry hint: 1012 while
+    draining, else 1013. A request that is not a valid upgrade gets its HTTP error."""
+    response = proto.accept(request)
+    proto.send_response(response)
+    if response.status_code != 101:
+        await stream.send_all(b"".join(proto.data_to_send()))
+        return
+    code = CloseCode.RESTARTING if refusal.reason == "draining" else CloseCode.OVERLOADED
+    retry_ms = (refusal.retry_after or 0) * 1000
+    proto.send_close(code, f"{refusal.reason}; {HINT}{retry_ms}")
+    await stream.send_all(b"".join(proto.data_to_send()))
+    # Wait for the client's close frame (the rest of the handshake), then close TCP, as
+    # the server does first (RFC 6455, 7.1.1): the client's close event fires then.
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        while proto.close_rcvd is None:
+            chunk = await stream.receive_some(RECEIVE_SIZE)
+            if not chunk:
+                break
+            proto.receive_data(chunk)
 
 
 def _forget_request(proto: ServerProtocol) -> None:

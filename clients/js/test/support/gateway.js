@@ -1,0 +1,159 @@
+// A real `gateway serve` process for the tests, on a free loopback port with its own
+// SQLite file, and HS256 tokens signed with the secret it is configured with.
+//
+// The interpreter is $GATEWAY_PYTHON, else the repository's .venv, else python3.
+
+import { spawn, spawnSync } from 'node:child_process'
+import { createHmac, randomBytes } from 'node:crypto'
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { connect, createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../../..')
+const START_TIMEOUT_MS = 30000
+
+export function python () {
+  if (process.env.GATEWAY_PYTHON) return process.env.GATEWAY_PYTHON
+  const venv = join(REPO, '.venv', 'bin', 'python')
+  return existsSync(venv) ? venv : 'python3'
+}
+
+export function freePort () {
+  return new Promise((resolve, reject) => {
+    const server = createServer()
+    server.on('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address()
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+function toml (sections) {
+  const value = (v) => typeof v === 'string' ? JSON.stringify(v) : String(v)
+  return Object.entries(sections)
+    .map(([name, keys]) => `[${name}]\n` + Object.entries(keys).map(([k, v]) => `${k} = ${value(v)}`).join('\n'))
+    .join('\n\n') + '\n'
+}
+
+function accepts (port) {
+  return new Promise((resolve) => {
+    const socket = connect(port, '127.0.0.1')
+    socket.once('connect', () => { socket.destroy(); resolve(true) })
+    socket.once('error', () => resolve(false))
+  })
+}
+
+function base64url (data) {
+  return Buffer.from(data).toString('base64url')
+}
+
+export class Gateway {
+  /**
+   * @param {Record<string, Record<string, unknown>>} sections TOML sections merged over
+   *   the test defaults, e.g. {limits: {max_connections: 2}}
+   */
+  constructor (sections = {}) {
+    this.dir = mkdtempSync(join(tmpdir(), 'gateway-js-'))
+    this.secret = randomBytes(32).toString('hex')
+    this.dbPath = join(this.dir, 'gateway.db')
+    this.logPath = join(this.dir, 'gateway.log')
+    this.sections = sections
+    this.process = null
+    this.port = 0
+  }
+
+  get url () {
+    return `ws://127.0.0.1:${this.port}/ws`
+  }
+
+  /** Start (or start again, on the same port and store) and wait until it accepts. */
+  async start () {
+    if (!this.port) this.port = await freePort()
+    const defaults = {
+      server: { host: '127.0.0.1', port: this.port, drain_seconds: 0.2, shutdown_timeout: 5 },
+      admin: { host: '127.0.0.1', port: 0 },
+      store: { path: this.dbPath },
+      auth: { jwt_secret: this.secret },
+      presence: { offline_grace: 0.2, batch_ms: 50 },
+      log: { level: 'info' }
+    }
+    const merged = { ...defaults }
+    for (const [name, keys] of Object.entries(this.sections)) merged[name] = { ...merged[name], ...keys }
+    const configPath = join(this.dir, 'gateway.toml')
+    writeFileSync(configPath, toml(merged))
+    const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('GATEWAY__')))
+    const log = openSync(this.logPath, 'a')
+    this.process = spawn(python(), ['-m', 'gateway.cli', 'serve', '--config', configPath], {
+      cwd: REPO, env, stdio: ['ignore', log, log]
+    })
+    closeSync(log) // the child has its own copy
+    const exited = new Promise((resolve) => this.process.once('exit', resolve))
+    this.exited = exited
+    const deadline = Date.now() + START_TIMEOUT_MS
+    while (!(await accepts(this.port))) {
+      if (this.process.exitCode !== null || Date.now() > deadline) {
+        throw new Error(`the gateway did not start:\n${this.log()}`)
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+    return this
+  }
+
+  /** SIGTERM: the gateway drains (1012 with a reconnect hint) and exits; wait for that. */
+  async stop () {
+    if (!this.process || this.process.exitCode !== null) return
+    this.process.kill('SIGTERM')
+    await this.exited
+  }
+
+  /** Stop, and remove the work directory. */
+  async dispose () {
+    if (this.process && this.process.exitCode === null) {
+      this.process.kill('SIGKILL')
+      await this.exited
+    }
+    rmSync(this.dir, { recursive: true, force: true })
+  }
+
+  log () {
+    return existsSync(this.logPath) ? readFileSync(this.logPath, 'utf8') : ''
+  }
+
+  /** An HS256 token for (user, device), as `gateway token` mints it. */
+  token (user, device, { ttl = 3600, secret = this.secret } = {}) {
+    const now = Math.floor(Date.now() / 1000)
+    const head = base64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }))
+    const body = base64url(JSON.stringify({ sub: user, dev: device, iat: now, exp: now + ttl }))
+    const signature = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url')
+    return `${head}.${body}.${signature}`
+  }
+
+  /** Make the store's next sid `next` (SQLite's AUTOINCREMENT sequence, set directly). */
+  setNextSid (next) {
+    const code = [
+      'import sqlite3, sys',
+      'db = sqlite3.connect(sys.argv[1], timeout=10)',
+      'seq = int(sys.argv[2]) - 1',
+      "cur = db.execute(\"UPDATE sqlite_sequence SET seq = ? WHERE name = 'queue'\", (seq,))",
+      "cur.rowcount or db.execute(\"INSERT INTO sqlite_sequence (name, seq) VALUES ('queue', ?)\", (seq,))",
+      'db.commit()'
+    ].join('\n')
+    const done = spawnSync(python(), ['-c', code, this.dbPath, String(next)], { encoding: 'utf8' })
+    if (done.status !== 0) throw new Error(`setting the sid failed: ${done.stderr}`)
+  }
+}
+
+/** Start a gateway with `sections`; the test's `after` hook disposes of it. */
+export async function startGateway (t, sections) {
+  const gateway = new Gateway(sections)
+  t.after(() => gateway.dispose())
+  try {
+    return await gateway.start()
+  } catch (error) {
+    await gateway.dispose()
+    throw error
+  }
+}
