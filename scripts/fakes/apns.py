@@ -29,8 +29,9 @@ import jwt
 import trio
 
 from scripts.fakes.credentials import CertificateAuthority, make_p8
-from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.http import HttpRequest, HttpResponse
 from scripts.fakes.script import Reply, Script
+from scripts.fakes.service import FakeService
 
 MAX_PAYLOAD = 4096
 TOKEN_MAX_AGE = 3600
@@ -51,7 +52,7 @@ class ApnsRecord:
     provider_token: str | None
 
 
-class FakeApns:
+class FakeApns(FakeService[ApnsRecord]):
     """A scriptable APNs on loopback. Build it with `create`, then
     ``port = await nursery.start(fake.serve)``.
 
@@ -89,7 +90,6 @@ class FakeApns:
         self.port = 0
         self.files: dict[str, Path] = {}
         self.expire_before = 0.0  # provider tokens issued before this are "expired"
-        self.h2_window: int | None = 1 << 20  # None: HTTP/2's default 64 KiB windows
 
     @classmethod
     def create(
@@ -132,39 +132,9 @@ class FakeApns:
             keys["cert_file"] = self.files["cert_file"]
         return keys
 
-    async def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; reports the port."""
-        context: ssl.SSLContext | None = None
-        if self.tls:
-            context = self.ca.server_context(client_certs=True)
-
-        async def started(task_status: trio.TaskStatus[int]) -> None:
-            await serve_http(
-                self.handle,
-                host=host,
-                port=port,
-                ssl_context=context,
-                h2_window=self.h2_window,
-                task_status=task_status,
-            )
-
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(started)
-            task_status.started(self.port)
-
-    async def wait_requests(self, count: int) -> list[ApnsRecord]:
-        """Wait until at least `count` push requests have arrived; return them all."""
-        if len(self.records) < count:
-            event = trio.Event()
-            self._waiters.append((count, event))
-            await event.wait()
-        return list(self.records)
+    def server_context(self) -> ssl.SSLContext | None:
+        """TLS with client-certificate checks, unless made with ``tls=False``."""
+        return self.ca.server_context(client_certs=True) if self.tls else None
 
     # -- request handling -------------------------------------------------------------------
 
@@ -283,16 +253,6 @@ class FakeApns:
             return False, 0
         valid = header.get("kid") == self.key_id and claims.get("iss") == self.team_id
         return valid, int(claims["iat"])
-
-    def _record(self, record: ApnsRecord) -> None:
-        self.records.append(record)
-        still = []
-        for count, event in self._waiters:
-            if len(self.records) >= count:
-                event.set()
-            else:
-                still.append((count, event))
-        self._waiters = still
 
     def _control(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/_fake/arrivals":  # compact, for the benchmark

@@ -27,8 +27,9 @@ import jwt
 import trio
 
 from scripts.fakes.credentials import make_service_account
-from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.http import HttpRequest, HttpResponse
 from scripts.fakes.script import Reply, Script
+from scripts.fakes.service import FakeService
 
 # google-auth signs service-account assertions for Google's token endpoint whatever the
 # file's token_uri says; the real endpoint checks exactly this audience.
@@ -66,7 +67,7 @@ class FcmRecord:
     reason: str
 
 
-class FakeFcm:
+class FakeFcm(FakeService[FcmRecord]):
     """A scriptable FCM on loopback; build it with `create`, then
     ``port = await nursery.start(fake.serve)`` and `write_service_account`."""
 
@@ -106,35 +107,9 @@ class FakeFcm:
         assert self.service_account is not None, "write_service_account first"
         return {"service_account_file": self.service_account, "endpoint": self.url}
 
-    async def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; reports the port."""
-
-        async def started(task_status: trio.TaskStatus[int]) -> None:
-            await serve_http(
-                self.handle,
-                host=host,
-                port=port,
-                ssl_context=self.ssl_context,
-                task_status=task_status,
-            )
-
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(started)
-            task_status.started(self.port)
-
-    async def wait_requests(self, count: int) -> list[FcmRecord]:
-        """Wait until at least `count` send requests have arrived; return them all."""
-        if len(self.records) < count:
-            event = trio.Event()
-            self._waiters.append((count, event))
-            await event.wait()
-        return list(self.records)
+    def server_context(self) -> ssl.SSLContext | None:
+        """TLS when made with an `ssl_context`."""
+        return self.ssl_context
 
     # -- request handling -------------------------------------------------------------------
 
@@ -205,16 +180,6 @@ class FakeFcm:
         self._access_tokens.add(access)
         body = {"access_token": access, "expires_in": 3600, "token_type": "Bearer"}
         return HttpResponse(200, [("content-type", "application/json")], json.dumps(body).encode())
-
-    def _record(self, record: FcmRecord) -> None:
-        self.records.append(record)
-        still = []
-        for count, event in self._waiters:
-            if len(self.records) >= count:
-                event.set()
-            else:
-                still.append((count, event))
-        self._waiters = still
 
     def _control(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/_fake/requests":

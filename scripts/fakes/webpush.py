@@ -38,8 +38,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from push.ece import DecryptionError, decrypt
 from push.subscription import b64url, b64url_decode
-from scripts.fakes.http import HttpRequest, HttpResponse, serve_http
+from scripts.fakes.http import HttpRequest, HttpResponse
 from scripts.fakes.script import Reply, Script
+from scripts.fakes.service import FakeService
 
 MAX_VAPID_LIFETIME = 24 * 3600
 _PATH = re.compile(r"^/push/([A-Za-z0-9_-]+)$")
@@ -89,7 +90,7 @@ class WebPushRecord:
 
 
 @dataclass
-class FakeWebPush:
+class FakeWebPush(FakeService[WebPushRecord]):
     """A scriptable Web Push service on loopback: ``port = await nursery.start(fake.serve)``,
     then `subscribe`. Plain HTTP/1.1, or HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with
     `ssl_context`."""
@@ -120,35 +121,9 @@ class FakeWebPush:
         self.subscriptions[sid] = subscription
         return subscription
 
-    async def serve(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve until cancelled; reports the port."""
-
-        async def started(task_status: trio.TaskStatus[int]) -> None:
-            await serve_http(
-                self.handle,
-                host=host,
-                port=port,
-                ssl_context=self.ssl_context,
-                task_status=task_status,
-            )
-
-        async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(started)
-            task_status.started(self.port)
-
-    async def wait_requests(self, count: int) -> list[WebPushRecord]:
-        """Wait until at least `count` push requests have arrived; return them all."""
-        if len(self.records) < count:
-            event = trio.Event()
-            self._waiters.append((count, event))
-            await event.wait()
-        return list(self.records)
+    def server_context(self) -> ssl.SSLContext | None:
+        """TLS when made with an `ssl_context`."""
+        return self.ssl_context
 
     # -- request handling -------------------------------------------------------------------
 
@@ -247,16 +222,6 @@ class FakeWebPush:
         )
         return HttpResponse(status, [("content-type", "text/plain")], error.encode())
 
-    def _record(self, record: WebPushRecord) -> None:
-        self.records.append(record)
-        still = []
-        for count, event in self._waiters:
-            if len(self.records) >= count:
-                event.set()
-            else:
-                still.append((count, event))
-        self._waiters = still
-
     def _control(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/_fake/requests":
             body = json.dumps([asdict(r) for r in self.records]).encode()
@@ -272,8 +237,8 @@ class FakeWebPush:
             except (ValueError, AttributeError):
                 return HttpResponse(400, [], b"the body must be a JSON object")
             subscription = self.subscribe(key if isinstance(key, str) else None)
-            body = json.dumps({"id": subscription.id, "subscription": subscription.to_json()})
-            return HttpResponse(200, [("content-type", "application/json")], body.encode())
+            made = json.dumps({"id": subscription.id, "subscription": subscription.to_json()})
+            return HttpResponse(200, [("content-type", "application/json")], made.encode())
         if request.path == "/_fake/script" and request.method == "POST":
             data = json.loads(request.body or b"{}")
             self.script.add(
