@@ -25,7 +25,7 @@ from gateway.clock import now_ms
 from gateway.server import GatewayServer
 from gateway.settings import Settings
 from gateway.store import Envelope
-from gateway.store.redis import RedisStore
+from gateway.store.redis import RedisStore, doorbell_channel
 from gateway.store.redis_scripts import prefix
 from tests.conftest import make_settings, running_server
 from tests.rawws import close_code, hello, raw_ws
@@ -229,3 +229,24 @@ async def test_an_item_nobody_was_rung_for_is_not_jumped_over(tmp_path, redis_ur
         with trio.fail_after(DEADLINE):
             first, second = await bob.next_delivery(), await bob.next_delivery()
         assert [first.frame["body"], second.frame["body"]] == [b"unrung", b"rung"]
+
+
+async def test_on_redis_cluster_doorbells_go_on_the_nodes_sharded_channel(
+    tmp_path, redis_cluster
+):
+    redis_cluster.flush()
+    redis_cluster_url = redis_cluster.url
+    token = tokens(tmp_path)
+    async with two_nodes(tmp_path, (redis_cluster_url, True)) as (a, b):
+        async with coredis.RedisCluster.from_url(redis_cluster_url) as redis:
+            listening = await redis.pubsub_shardnumsub(doorbell_channel(a.node_id))
+        assert listening == {doorbell_channel(a.node_id).encode(): 1}
+        async with connect(a.url, token("bob", "phone")) as bob:
+            await bob.wait_drained()
+            async with connect(b.url, token("alice", "phone")) as alice:
+                await alice.send("bob", b"sharded")
+                with trio.fail_after(DEADLINE):
+                    delivery = await bob.next_delivery()
+                assert delivery.frame["body"] == b"sharded"
+        assert b.counters.redis["doorbells_published"] >= 1
+        assert a.counters.redis["doorbells_received"] >= 1

@@ -73,6 +73,8 @@ from gateway.store.redis_scripts import SCRIPTS, group_prefix, prefix
 log = logging.getLogger(__name__)
 
 SCAN_COUNT = 1000
+# This node's channel (doorbells, kicks, revocations); see gateway/store/redis_bus.py.
+NODE_CHANNEL = "gw:node:"
 # Held by the node that runs the expiry sweep (see `may_sweep`).
 SWEEP_LEASE = "gw:sweep-lease"
 MAX_SID = 2**63 - 1
@@ -88,11 +90,13 @@ BodyRef = tuple[str, int]
 
 
 class RemoteDoorbell(NamedTuple):
-    """A device connected to another node, whose doorbell the queueing script rang on
-    that node's channel: nothing to ring here."""
+    """A device connected to another node: `message` is its doorbell, published to that
+    node once the commit is answered."""
 
     user: str
     device: str
+    node: str
+    message: bytes
 
 
 Placed = Ring | RemoteDoorbell
@@ -275,20 +279,44 @@ class RedisStore(GroupCommitStore[_Op]):
                 outcomes[id(op)] = error
         else:
             self._available()
-        return [self._local(outcomes[id(op)]) for op in batch]
+        remote: list[RemoteDoorbell] = []
+        local = [self._local(outcomes[id(op)], remote) for op in batch]
+        if remote:
+            await self._publish(remote)
+        return local
 
-    def _local(self, outcome: Outcome | tuple[Any, list[Placed]]) -> Outcome:
-        """`outcome` with the doorbells rung on other nodes counted and left out."""
+    def _local(
+        self, outcome: Outcome | tuple[Any, list[Placed]], remote: list[RemoteDoorbell]
+    ) -> Outcome:
+        """`outcome` less the doorbells of devices on other nodes, added to `remote`."""
         if isinstance(outcome, BaseException):
             return outcome
         value, placed = outcome
         rings: list[Ring] = []
         for ring in placed:
             if isinstance(ring, RemoteDoorbell):
-                self.counters["doorbells_published"] += 1
+                remote.append(ring)
             else:
                 rings.append(ring)
         return value, rings
+
+    async def _publish(self, doorbells: list[RemoteDoorbell]) -> None:
+        """Ring devices connected to other nodes: on Redis Cluster through each node's
+        sharded channel (one shard carries it), else on the node's channel. A doorbell
+        is a hint: one that is lost costs its device a catch-up read at most."""
+        try:
+            with uncancelled():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for bell in doorbells:
+                        if self.cluster:
+                            pipe.spublish(doorbell_channel(bell.node), bell.message)
+                        else:
+                            pipe.publish(NODE_CHANNEL + bell.node, bell.message)
+        except REDIS_ERRORS as exc:
+            self.counters["doorbells_lost"] += len(doorbells)
+            log.warning("%d doorbells for other nodes not published: %s", len(doorbells), exc)
+            return
+        self.counters["doorbells_published"] += len(doorbells)
 
     @classmethod
     def _start(
@@ -679,16 +707,22 @@ def _update_steps(user: str, device: str, *changes: tuple[str, list[str | int]])
 
 
 def _placed(placed: list[Any], make: Callable[[str, int], Ring]) -> list[Placed]:
-    """Rings for the (device, sid, where) triples a queueing script returns; a device
-    connected to another node (where = 2) was rung there by the script."""
+    """Rings for the (device, sid, where) triples a queueing script returns; `where` is
+    [node, doorbell] for a device connected to another node (see `RING`)."""
     rings: list[Placed] = []
     for n in range(0, len(placed), 3):
-        device, sid = placed[n].decode(), int(placed[n + 1])
-        if placed[n + 2] == 2:
-            rings.append(RemoteDoorbell(make(device, sid)[0], device))
+        device, sid, where = placed[n].decode(), int(placed[n + 1]), placed[n + 2]
+        if isinstance(where, list):
+            node, message = where
+            rings.append(RemoteDoorbell(make(device, sid)[0], device, node.decode(), message))
         else:
             rings.append(make(device, sid))
     return rings
+
+
+def doorbell_channel(node: str) -> str:
+    """The sharded channel that carries doorbells to `node` on Redis Cluster."""
+    return "gw:{node:" + node + "}:bells"
 
 
 def _send_steps(env: Envelope, node: str) -> Steps:

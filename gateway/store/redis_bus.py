@@ -1,16 +1,23 @@
 """The cluster bus on Redis: claims, doorbells, kicks, revocations and presence events.
 
 A claim is ``P:node:DEVICE`` = ``NODE|CONNECTION`` with a TTL. Messages travel on pub/sub:
-each node listens on its own channel (``gw:node:NODE``: doorbells ``b``, kicks ``k``,
-revocations ``r``) and on ``gw:events`` (connected ``c``, disconnected ``d``, hidden
-changed ``h``). Every message starts with its kind and the device (see `wire_device`);
-most are published by the scripts that change the keys they announce, in the same call.
+each node listens on its own channel (``gw:node:NODE``: kicks ``k``, revocations ``r``,
+and doorbells ``b`` on a single Redis) and on ``gw:events`` (connected ``c``,
+disconnected ``d``, hidden changed ``h``). On Redis Cluster doorbells, the one message
+sent for every item queued for a device on another node, go on the node's sharded
+channel (``gw:{node:NODE}:bells``, `SPUBLISH`), which one shard carries, instead of a
+classic channel that every node of the cluster relays. Every message starts with its
+kind and the device (see `wire_device`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import coredis
+import trio
 
 from gateway.errors import StoreError
 from gateway.store.bus import (
@@ -24,13 +31,20 @@ from gateway.store.bus import (
     Renewal,
     Revocation,
 )
-from gateway.store.redis import REDIS_ERRORS, Call, RedisStore, decode_member, uncancelled
+from gateway.store.redis import (
+    NODE_CHANNEL,
+    REDIS_ERRORS,
+    Call,
+    RedisStore,
+    decode_member,
+    doorbell_channel,
+    uncancelled,
+)
 from gateway.store.redis_scripts import prefix, read_device, wire_device
 
 log = logging.getLogger(__name__)
 
 EVENTS = "gw:events"
-NODE_CHANNEL = "gw:node:"
 
 
 class RedisBus:
@@ -107,24 +121,48 @@ class RedisBus:
     async def listen(
         self, on_message: Callable[[BusMessage], None], on_listening: Callable[[], None]
     ) -> None:
-        """Subscribe to this node's channel and the events channel until the connection
-        is lost; malformed messages are logged and skipped."""
-        channel = NODE_CHANNEL + self.node_id
-        try:
-            async with self._store.client.pubsub(
-                channels=[channel, EVENTS], ignore_subscribe_messages=True, retry_policy=None
-            ) as pubsub:
-                on_listening()
+        """Subscribe to this node's channel and the events channel (and on Redis Cluster
+        to this node's sharded doorbell channel) until a subscription is lost; malformed
+        messages are logged and skipped."""
+        client = self._store.client
+        subscriptions: list[Any] = [
+            client.pubsub(
+                channels=[NODE_CHANNEL + self.node_id, EVENTS],
+                ignore_subscribe_messages=True,
+                retry_policy=None,
+            )
+        ]
+        if isinstance(client, coredis.RedisCluster):
+            subscriptions.append(
+                client.sharded_pubsub(
+                    channels=[doorbell_channel(self.node_id)],
+                    ignore_subscribe_messages=True,
+                    retry_policy=None,
+                )
+            )
+        pending = len(subscriptions)
+
+        async def consume(subscription: Any) -> None:
+            nonlocal pending
+            async with subscription as pubsub:
+                pending -= 1
+                if pending == 0:
+                    on_listening()
                 async for raw in pubsub:
                     message = parse_message(raw["channel"], raw["data"])
                     if message is not None:
                         on_message(message)
+            raise StoreError("cluster channel closed")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for subscription in subscriptions:
+                    nursery.start_soon(consume, subscription)
         except BaseException as exc:
             rest = _unless_connection_trouble(exc)
             if rest is not None:
                 raise rest from None
             raise StoreError(f"cluster channel lost: {exc}") from None
-        raise StoreError("cluster channel closed")
 
     async def set_hidden(self, changes: Sequence[tuple[str, bool]]) -> None:
         """Set or delete each user's hidden flag; the script announces it."""
@@ -177,9 +215,13 @@ def parse_message(channel: object, data: object) -> BusMessage | None:
     return None
 
 
+# A subscription lost: its connection, or its end (StoreError from `listen`'s consumer).
+LOST = (*REDIS_ERRORS, StoreError)
+
+
 def _unless_connection_trouble(exc: BaseException) -> BaseException | None:
-    """`exc` less the connection trouble in it (None if that was all of it)."""
+    """`exc` less the lost subscriptions in it (None if that was all of it)."""
     if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(REDIS_ERRORS)
+        _, rest = exc.split(LOST)
         return rest
-    return None if isinstance(exc, REDIS_ERRORS) else exc
+    return None if isinstance(exc, LOST) else exc

@@ -47,10 +47,12 @@ check and store the body; each member's slot: queue; the group's slot: settle th
 count and record the id), and an ack of group items releases their bodies in a step of
 its own after the items are deleted.
 
-Channels (classic pub/sub): ``gw:node:NODE`` carries doorbells (``b``), kicks (``k``)
-and revocations (``r``, published by the admin API) to one node; ``gw:events`` tells
-every node of connects (``c``), disconnects (``d``) and hidden changes (``h``). A device
-is written ``LEN:USERLEN:DEVICE`` in messages.
+Channels: ``gw:node:NODE`` carries kicks (``k``) and revocations (``r``, published by the
+admin API) to one node, and its doorbells (``b``) on a single Redis; on Redis Cluster the
+doorbells go on the node's sharded channel ``gw:{node:NODE}:bells``. Scripts return the
+doorbells, which the caller publishes (see `RING`). ``gw:events`` tells every node of
+connects (``c``), disconnects (``d``) and hidden changes (``h``). A device is written
+``LEN:USERLEN:DEVICE`` in messages.
 
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
@@ -63,18 +65,18 @@ from __future__ import annotations
 # expiry never removes an item before the gateway's clock says it expired.
 KEY_TTL_SLACK_MS = 3_600_000
 
-# Shared by the scripts that queue items: ring the doorbell of a device that is connected
-# to another node, on that node's channel; tell the caller where the device is (0:
-# nowhere, 1: on the calling node, 2: elsewhere, doorbell published).
+# Shared by the scripts that queue items: tell the caller where the device is (0:
+# nowhere, 1: on the calling node), or, for a device connected to another node, that
+# node's name and the doorbell to publish to it. The caller publishes it after the call:
+# a script may touch one slot only, and on Redis Cluster the doorbell goes to the shard of
+# the node's sharded channel, not through every node of the cluster.
 RING = """
 local function ring(prefix, user, d, node, urgent, member)
   local loc = redis.call('GET', prefix .. ':node:' .. d)
   if not loc then return 0 end
   local n = string.match(loc, '^([^|]*)|')
   if n == node then return 1 end
-  redis.call('PUBLISH', 'gw:node:' .. n,
-    'b' .. #user .. ':' .. user .. #d .. ':' .. d .. urgent .. member)
-  return 2
+  return {n, 'b' .. #user .. ':' .. user .. #d .. ':' .. d .. urgent .. member}
 end
 """
 
