@@ -27,8 +27,13 @@ const PAGE = `<!doctype html>
 <script type="module">
   import * as sdk from '/src/index.js'
   import { play } from '/test/scenarios.js'
-  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it.
-  window.run = (name, env) => play(sdk, name, { ...env, control: (action) => window.gatewayControl(action) })
+  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it, and
+  // gatewayAdmin(method, path, body), the backend API called from Node (no CORS there).
+  window.run = (name, env) => play(sdk, name, {
+    ...env,
+    control: (action) => window.gatewayControl(action),
+    admin: (method, path, body) => window.gatewayAdmin(method, path, body ?? null)
+  })
   window.ready = true
 </script>`
 const LIMIT = 60000 // bounds a hang; every scenario takes a few seconds at most
@@ -101,6 +106,7 @@ async function play (page, gateway, name) {
   const scenario = scenarios[name]
   if (scenario.nextSid !== undefined) gateway.setNextSid(scenario.nextSid)
   const env = { url: gateway.url, tokens: tokensFor(gateway, scenario.devices), nextSid: scenario.nextSid?.toString() }
+  await page.exposeFunction('gatewayAdmin', (method, path, body) => gateway.admin(method, path, body))
   await page.evaluate((n, e) => window.run(n, e), name, env)
 }
 
@@ -117,7 +123,7 @@ describe('in Chromium, against one gateway', () => {
     }
   })
 
-  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes', 'groups', 'webPush']) {
     test(name, { timeout: LIMIT }, async (t) => play(await openPage(t), gateway, name))
   }
 })

@@ -19,7 +19,13 @@ function tokensFor (gateway, devices) {
 async function play (gateway, name, extra = {}) {
   const scenario = scenarios[name]
   if (scenario.nextSid !== undefined) gateway.setNextSid(scenario.nextSid)
-  const env = { url: gateway.url, tokens: tokensFor(gateway, scenario.devices), nextSid: scenario.nextSid, ...extra }
+  const env = {
+    url: gateway.url,
+    tokens: tokensFor(gateway, scenario.devices),
+    nextSid: scenario.nextSid,
+    admin: (method, path, body) => gateway.admin(method, path, body),
+    ...extra
+  }
   await run(sdk, name, env)
 }
 
@@ -28,7 +34,7 @@ describe('against one gateway', () => {
   before(() => gateway.start())
   after(() => gateway.dispose())
 
-  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes', 'groups', 'webPush']) {
     test(name, { timeout: LIMIT }, () => play(gateway, name))
   }
 })
