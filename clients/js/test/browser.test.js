@@ -16,6 +16,7 @@ import puppeteer from 'puppeteer-core'
 
 import { GatewayClient } from '../src/index.js'
 import { scenarios } from './scenarios.js'
+import { FakePush } from './support/fakepush.js'
 import { Gateway } from './support/gateway.js'
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)))
@@ -27,12 +28,17 @@ const PAGE = `<!doctype html>
 <script type="module">
   import * as sdk from '/src/index.js'
   import { play } from '/test/scenarios.js'
-  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it, and
-  // gatewayAdmin(method, path, body), the backend API called from Node (no CORS there).
+  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it,
+  // gatewayAdmin(method, path, body), the backend API called from Node (no CORS there),
+  // and the fake Web Push service's controls.
   window.run = (name, env) => play(sdk, name, {
     ...env,
     control: (action) => window.gatewayControl(action),
-    admin: (method, path, body) => window.gatewayAdmin(method, path, body ?? null)
+    admin: (method, path, body) => window.gatewayAdmin(method, path, body ?? null),
+    fakePush: {
+      subscribe: (key) => window.fakePushSubscribe(key),
+      waitRequests: (count) => window.fakePushWaitRequests(count)
+    }
   })
   window.ready = true
 </script>`
@@ -155,4 +161,17 @@ test('in Chromium: overCapacity, where the page sees 1013 and its hint, not a fa
   await holder.connect()
   t.after(() => holder.close())
   await play(await openPage(t), gateway, 'overCapacity')
+})
+
+test('in Chromium: webPushWakeUp, a VAPID-signed, encrypted wake-up for the page\'s subscription', { timeout: LIMIT }, async (t) => {
+  const fake = new FakePush()
+  t.after(() => fake.dispose())
+  await fake.start()
+  const gateway = new Gateway({})
+  t.after(() => gateway.dispose())
+  await gateway.start()
+  const page = await openPage(t)
+  await page.exposeFunction('fakePushSubscribe', (key) => fake.subscribe(key))
+  await page.exposeFunction('fakePushWaitRequests', (count) => fake.waitRequests(count))
+  await play(page, gateway, 'webPushWakeUp')
 })

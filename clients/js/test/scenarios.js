@@ -548,6 +548,48 @@ export const scenarios = {
     }
   },
 
+  // A Web Push wake-up end to end, through the repository's fake Web Push service
+  // (`env.fakePush`, on loopback, which the harness's gateway lists in allowed_hosts): the
+  // page fetches the VAPID public key, subscribes with it (the fake plays the browser's
+  // push service), registers the subscription and goes away; a message for it makes the
+  // gateway post a signed, encrypted wake-up, which the fake verifies and decrypts.
+  webPushWakeUp: {
+    devices: ['zed/web', 'amy/phone'],
+    async run (sdk, env) {
+      const { public_key: applicationServerKey } = await admin(env, 'GET', '/v1/webpush/vapid-public-key', undefined, 200)
+      const { id, subscription } = await env.fakePush.subscribe(applicationServerKey)
+      if (!subscription.endpoint.startsWith('http://127.0.0.1:')) fail(`not a loopback endpoint: ${subscription.endpoint}`)
+
+      const amy = await open(sdk, env, 'amy/phone')
+      const zedOnline = later(amy.next('presence', { ...WAIT, filter: (p) => p.items.some((i) => i.user === 'zed' && i.online) }))
+      amy.subscribe(['zed'])
+      const zed = await open(sdk, env, 'zed/web')
+      const errors = collect(zed, 'error')
+      zed.registerWebPush(subscription)
+      await zed.send('zed', bytes('sync'), { id: 'wake-0' })
+      like(errors.length, 0, 'errors after registering')
+      await zedOnline
+      // zed is gone once the gateway says so (presence), not when the socket closes here.
+      const zedOffline = later(amy.next('presence', { ...WAIT, filter: (p) => p.items.some((i) => i.user === 'zed' && !i.online) }))
+      await zed.close()
+      await zedOffline
+
+      const sent = await amy.send('zed', bytes('wake up'), { id: 'wake-1', urgent: true })
+      like(sent, { id: 'wake-1' }, 'sent')
+      const [record] = await env.fakePush.waitRequests(1)
+      like(record, { subscription: id, status: 201, error: '', payload: { wake: 1 } }, 'the push request')
+      like(record.headers.urgency, 'high', 'urgency of an urgent message')
+      like(record.claims.sub, 'mailto:tests@example.com', 'VAPID subject')
+
+      // The woken page connects and gets the message.
+      const back = new sdk.GatewayClient({ url: env.url, token: env.tokens['zed/web'] })
+      const message = later(back.next('message', WAIT))
+      await back.connect()
+      like(await message, { id: 'wake-1', from: 'amy', body: bytes('wake up') }, 'the message after the wake-up')
+      await Promise.all([back.close(), amy.close()])
+    }
+  },
+
   // A send whose connection drops right after it was written is written again, same id,
   // after the reconnect; the gateway answers with the original ts and stores one copy.
   resend: {
