@@ -16,6 +16,7 @@ import puppeteer from 'puppeteer-core'
 
 import { GatewayClient } from '../src/index.js'
 import { scenarios } from './scenarios.js'
+import { FakePush } from './support/fakepush.js'
 import { Gateway } from './support/gateway.js'
 
 const ROOT = resolve(fileURLToPath(new URL('..', import.meta.url)))
@@ -27,8 +28,18 @@ const PAGE = `<!doctype html>
 <script type="module">
   import * as sdk from '/src/index.js'
   import { play } from '/test/scenarios.js'
-  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it.
-  window.run = (name, env) => play(sdk, name, { ...env, control: (action) => window.gatewayControl(action) })
+  // The harness exposes gatewayControl('stop' | 'start') to scenarios that need it,
+  // gatewayAdmin(method, path, body), the backend API called from Node (no CORS there),
+  // and the fake Web Push service's controls.
+  window.run = (name, env) => play(sdk, name, {
+    ...env,
+    control: (action) => window.gatewayControl(action),
+    admin: (method, path, body) => window.gatewayAdmin(method, path, body ?? null),
+    fakePush: {
+      subscribe: (key) => window.fakePushSubscribe(key),
+      waitRequests: (count) => window.fakePushWaitRequests(count)
+    }
+  })
   window.ready = true
 </script>`
 const LIMIT = 60000 // bounds a hang; every scenario takes a few seconds at most
@@ -101,6 +112,7 @@ async function play (page, gateway, name) {
   const scenario = scenarios[name]
   if (scenario.nextSid !== undefined) gateway.setNextSid(scenario.nextSid)
   const env = { url: gateway.url, tokens: tokensFor(gateway, scenario.devices), nextSid: scenario.nextSid?.toString() }
+  await page.exposeFunction('gatewayAdmin', (method, path, body) => gateway.admin(method, path, body))
   await page.evaluate((n, e) => window.run(n, e), name, env)
 }
 
@@ -117,7 +129,7 @@ describe('in Chromium, against one gateway', () => {
     }
   })
 
-  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes', 'groups', 'webPush']) {
     test(name, { timeout: LIMIT }, async (t) => play(await openPage(t), gateway, name))
   }
 })
@@ -149,4 +161,17 @@ test('in Chromium: overCapacity, where the page sees 1013 and its hint, not a fa
   await holder.connect()
   t.after(() => holder.close())
   await play(await openPage(t), gateway, 'overCapacity')
+})
+
+test('in Chromium: webPushWakeUp, a VAPID-signed, encrypted wake-up for the page\'s subscription', { timeout: LIMIT }, async (t) => {
+  const fake = new FakePush()
+  t.after(() => fake.dispose())
+  await fake.start()
+  const gateway = new Gateway({})
+  t.after(() => gateway.dispose())
+  await gateway.start()
+  const page = await openPage(t)
+  await page.exposeFunction('fakePushSubscribe', (key) => fake.subscribe(key))
+  await page.exposeFunction('fakePushWaitRequests', (count) => fake.waitRequests(count))
+  await play(page, gateway, 'webPushWakeUp')
 })

@@ -5,6 +5,7 @@ import { after, before, describe, test } from 'node:test'
 
 import * as sdk from '../src/index.js'
 import { play as run, scenarios } from './scenarios.js'
+import { FakePush } from './support/fakepush.js'
 import { Gateway, startGateway } from './support/gateway.js'
 
 const LIMIT = 60000 // bounds a hang; every scenario takes a few seconds at most
@@ -19,7 +20,13 @@ function tokensFor (gateway, devices) {
 async function play (gateway, name, extra = {}) {
   const scenario = scenarios[name]
   if (scenario.nextSid !== undefined) gateway.setNextSid(scenario.nextSid)
-  const env = { url: gateway.url, tokens: tokensFor(gateway, scenario.devices), nextSid: scenario.nextSid, ...extra }
+  const env = {
+    url: gateway.url,
+    tokens: tokensFor(gateway, scenario.devices),
+    nextSid: scenario.nextSid,
+    admin: (method, path, body) => gateway.admin(method, path, body),
+    ...extra
+  }
   await run(sdk, name, env)
 }
 
@@ -28,7 +35,7 @@ describe('against one gateway', () => {
   before(() => gateway.start())
   after(() => gateway.dispose())
 
-  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes']) {
+  for (const name of ['conversation', 'presence', 'offline', 'push', 'resend', 'batches', 'bigSids', 'closeCodes', 'groups', 'webPush']) {
     test(name, { timeout: LIMIT }, () => play(gateway, name))
   }
 })
@@ -50,4 +57,12 @@ test('overCapacity: an upgrade with an Origin is closed 1013 with the hint, whic
 test('restart: 1012 and its hint, backoff while down, a send re-sent after the reconnect', { timeout: LIMIT }, async (t) => {
   const gateway = await startGateway(t, {})
   await play(gateway, 'restart', { control: (action) => action === 'stop' ? gateway.stop() : gateway.start() })
+})
+
+test('webPushWakeUp: a registered subscription gets a VAPID-signed, encrypted wake-up from the gateway', { timeout: LIMIT }, async (t) => {
+  const fake = new FakePush()
+  t.after(() => fake.dispose())
+  await fake.start()
+  const gateway = await startGateway(t, {})
+  await play(gateway, 'webPushWakeUp', { fakePush: fake })
 })

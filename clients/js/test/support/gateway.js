@@ -1,10 +1,12 @@
 // A real `gateway serve` process for the tests, on a free loopback port with its own
-// SQLite file, and HS256 tokens signed with the secret it is configured with.
+// SQLite file, and HS256 tokens signed with the secret it is configured with. Its backend
+// API (admin port) has an API key, for `admin()`; Web Push is configured with a fresh
+// VAPID key and only 127.0.0.1 in `[push.webpush] allowed_hosts`.
 //
 // The interpreter is $GATEWAY_PYTHON, else the repository's .venv, else python3.
 
 import { spawn, spawnSync } from 'node:child_process'
-import { createHmac, randomBytes } from 'node:crypto'
+import { createHmac, generateKeyPairSync, randomBytes } from 'node:crypto'
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { connect, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -32,7 +34,7 @@ export function freePort () {
 }
 
 function toml (sections) {
-  const value = (v) => typeof v === 'string' ? JSON.stringify(v) : String(v)
+  const value = (v) => typeof v === 'string' || Array.isArray(v) ? JSON.stringify(v) : String(v)
   return Object.entries(sections)
     .map(([name, keys]) => `[${name}]\n` + Object.entries(keys).map(([k, v]) => `${k} = ${value(v)}`).join('\n'))
     .join('\n\n') + '\n'
@@ -63,6 +65,23 @@ export class Gateway {
     this.sections = sections
     this.process = null
     this.port = 0
+    this.adminPort = 0
+    this.apiKey = randomBytes(16).toString('hex')
+    this.vapidKeyPath = join(this.dir, 'vapid.pem')
+    const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' })
+    writeFileSync(this.vapidKeyPath, privateKey.export({ type: 'pkcs8', format: 'pem' }), { mode: 0o600 })
+  }
+
+  /** The backend API: `fetch` with the API key; resolves to {status, body} (body parsed). */
+  async admin (method, path, body) {
+    const response = await fetch(`http://127.0.0.1:${this.adminPort}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${this.apiKey}`, 'content-type': 'application/json' },
+      body: body == null ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(10000)
+    })
+    const text = await response.text()
+    return { status: response.status, body: text ? JSON.parse(text) : null }
   }
 
   get url () {
@@ -72,12 +91,14 @@ export class Gateway {
   /** Start (or start again, on the same port and store) and wait until it accepts. */
   async start () {
     if (!this.port) this.port = await freePort()
+    if (!this.adminPort) this.adminPort = await freePort()
     const defaults = {
       server: { host: '127.0.0.1', port: this.port, drain_seconds: 0.2, shutdown_timeout: 5 },
-      admin: { host: '127.0.0.1', port: 0 },
+      admin: { host: '127.0.0.1', port: this.adminPort, api_key: this.apiKey },
       store: { path: this.dbPath },
       auth: { jwt_secret: this.secret },
       presence: { offline_grace: 0.2, batch_ms: 50 },
+      'push.webpush': { vapid_private_key_file: this.vapidKeyPath, subject: 'mailto:tests@example.com', allowed_hosts: ['127.0.0.1'] },
       log: { level: 'info' }
     }
     const merged = { ...defaults }
@@ -93,7 +114,7 @@ export class Gateway {
     const exited = new Promise((resolve) => this.process.once('exit', resolve))
     this.exited = exited
     const deadline = Date.now() + START_TIMEOUT_MS
-    while (!(await accepts(this.port))) {
+    while (!(await accepts(this.port)) || !(await accepts(this.adminPort))) {
       if (this.process.exitCode !== null || Date.now() > deadline) {
         throw new Error(`the gateway did not start:\n${this.log()}`)
       }
