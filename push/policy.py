@@ -25,16 +25,17 @@ The rules (protocol v1, "Wake-up"):
   notifications of what was read: at most one per `clear_cooldown`, whatever connects
   happen in between, not held by the background cooldown, but counted against (and held
   back by) the background budget. A clear the budget holds back is not owed: the
-  notification stays until the device next wakes.
+  notification stays until the device next wakes. An alert older than `ALERT_MEMORY`
+  (a day) without a connection since is no longer cleared.
 - A connect forgets everything else about the device: pending wake-ups, retries, timers,
   cooldowns and whether it got an alert.
 - Nothing happens at start-up: a device is only ever woken because of an event.
 
 The policy holds state only for devices with a cooldown, a timer or a background budget
-running, plus the sets of connected device keys and of offline devices alerted since their
-last connection (each kept until that device connects), and drops a device's state as soon as
-nothing is left to enforce. Time comes from an injected clock in seconds (`trio.current_time` in the
-dispatcher, a plain float in unit tests).
+running, plus the set of connected device keys and the devices alerted since their last
+connection (each kept until that device connects, or for `ALERT_MEMORY`), and drops a
+device's state as soon as nothing is left to enforce. Time comes from an injected clock in
+seconds (`trio.current_time` in the dispatcher, a plain float in unit tests).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ from dataclasses import dataclass
 
 DeviceKey = tuple[str, str]
 HOUR = 3600.0
+# How long an alert is remembered for a clear when its device does not connect. Devices
+# that never connect (no push token, an uninstalled app) are alerted too; without a limit
+# their marks would pile up for the life of the process. A day matches the default
+# `[push] ttl`, beyond which an undelivered alert has expired anyway.
+ALERT_MEMORY = 24 * HOUR
 
 
 class WakeKind(enum.Enum):
@@ -149,7 +155,8 @@ class WakePolicy:
         self._clock = clock
         self._devices: dict[DeviceKey, _Device] = {}
         self._online: set[DeviceKey] = set()
-        self._alerted: set[DeviceKey] = set()  # offline, alerted since the last connection
+        # Devices alerted since their last connection, with when, oldest alert first.
+        self._alerted: dict[DeviceKey, float] = {}
         self._timers: list[tuple[float, int, DeviceKey]] = []
         self._seq = itertools.count()
 
@@ -222,9 +229,10 @@ class WakePolicy:
             background budget is spent (the clear is then dropped, not owed).
         """
         key = (user, device)
+        now = self._clock()
+        self._forget_old_alerts(now)
         if key in self._online or key not in self._alerted:
             return None
-        now = self._clock()
         state = self._devices.get(key)
         if state is None:
             state = self._devices[key] = _Device()
@@ -243,7 +251,7 @@ class WakePolicy:
         its cooldowns and alerts; only its background budget and last clear are kept."""
         key = (user, device)
         self._online.add(key)
-        self._alerted.discard(key)
+        self._alerted.pop(key, None)
         state = self._devices.get(key)
         if state is not None:
             state.reset()
@@ -321,6 +329,15 @@ class WakePolicy:
             return True
         return state.alert_at is not None and now - state.alert_at < self.rules.urgent_cooldown
 
+    def _forget_old_alerts(self, now: float) -> None:
+        """Drop the marks of alerts older than `ALERT_MEMORY` (the dict is in time order)."""
+        alerted = self._alerted
+        while alerted:
+            key, at = next(iter(alerted.items()))
+            if now - at < ALERT_MEMORY:
+                return
+            del alerted[key]
+
     def _budget_frees_at(self, state: _Device, now: float) -> float:
         """When the background budget next allows a wake-up (`now` if it does)."""
         per_hour = self.rules.background_per_hour
@@ -346,7 +363,9 @@ class WakePolicy:
         self, key: DeviceKey, state: _Device, kind: WakeKind, reason: str, now: float
     ) -> WakeUp:
         if kind is WakeKind.ALERT:
-            self._alerted.add(key)
+            self._alerted.pop(key, None)  # moves to the end: the newest alert
+            self._alerted[key] = now
+            self._forget_old_alerts(now)
             state.alert_at = now
             state.alert_due = None
             state.background_due = None

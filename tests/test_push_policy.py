@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from push.policy import LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
+from push.policy import ALERT_MEMORY, LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
 
 ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
 # The rules of protocol v1 before alert retries and the background budget: the tests
@@ -429,3 +429,14 @@ def test_a_clear_alone_is_forgotten_after_its_cooldown(full: WakePolicy, clock: 
 
     advance(policy, clock, rules.clear_cooldown)
     assert len(policy) == 0
+
+
+def test_an_alert_a_day_old_is_no_longer_cleared(full: WakePolicy, clock: Clock) -> None:
+    full.stored("bob", "phone", True)
+    full.stored("carol", "phone", True)
+    clock.now += ALERT_MEMORY - 1
+    full.stored("carol", "phone", True)  # carol's phone was alerted again since
+    clock.now += 1
+
+    assert full.cleared("bob", "phone") is None
+    assert full.cleared("carol", "phone") == WakeUp("carol", "phone", WakeKind.CLEAR, "clear")
