@@ -14,10 +14,9 @@ and put a job on a bounded queue, never wait.
 
 Resource handling: at most `queue_size` jobs wait and `workers` requests are in flight, so
 a push storm costs bounded memory and sockets. A job for a device that already has one
-queued is merged into it (an alert wins over a clear, a clear over a background
-wake-up); when the queue is full
-the wake-up is dropped and counted in `dropped` (the items stay in the store and the device
-gets them on its next connection).
+queued is merged into it (an alert wins over a clear, a clear over a background wake-up);
+when the queue is full the wake-up is dropped and counted in `dropped` (the items stay in
+the store and the device gets them on its next connection).
 
 Error handling: a failed request is retried on 429, 5xx, timeouts and lost connections with
 exponential backoff and jitter, never sooner than `Retry-After`, at most `max_attempts`
