@@ -275,6 +275,13 @@ class GatewayCollector(Collector):
             [((), stats["zombie_rescues"])],
         )
         yield _counter(
+            "gateway_push_clears",
+            "Clear wake-ups: a device alerted since its last connection whose user read on"
+            " another device.",
+            [],
+            [((), stats["clears"])],
+        )
+        yield _counter(
             "gateway_push_retries",
             "Alert wake-ups sent again: the device did not connect within [push] alert_retry.",
             [],

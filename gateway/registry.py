@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from gateway.peer import Peer
-from gateway.store.base import QueueItem
+from gateway.store.base import ItemKind, QueueItem
 from gateway.wake import Waker
 
 DeviceKey = tuple[str, str]
@@ -25,7 +25,8 @@ class Registry:
     """Live connections by (user, device), one per device, plus doorbell routing.
 
     `ring` is the store's doorbell: a connected device's writer is woken; a device
-    connected nowhere is handed to the push waker.
+    connected nowhere is handed to the push waker (a read its own user made on another
+    device as `read_elsewhere`, anything else as `stored`).
     """
 
     def __init__(self, waker: Waker) -> None:
@@ -107,5 +108,7 @@ class Registry:
         conn = self._by_device.get((user, device))
         if conn is not None:
             conn.deliver(item)
+        elif item.kind is ItemKind.READ and item.sender == user:
+            self.waker.read_elsewhere(user, device)
         else:
             self.waker.stored(user, device, urgent)

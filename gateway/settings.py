@@ -235,6 +235,7 @@ _POSITIVE = {
     "request_timeout",
     "alert_retry",
     "ack_timeout",
+    "clear_cooldown",
     "overload_lag",
     "max_watch",
     "node_ttl",

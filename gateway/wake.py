@@ -1,7 +1,8 @@
 """How the gateway tells the push side about devices it may have to wake.
 
-The registry tells a `Waker` three things: an item was stored for a device with no live
-connection, a device connected, and a device disconnected. What to send, and when, is the
+The registry tells a `Waker` what happens to devices: an item was stored for a device
+with no live connection (or, as a case of its own, a read its user made on another
+device), a device connected, and a device disconnected. What to send, and when, is the
 waker's decision; the push dispatcher is the one a served gateway uses.
 """
 
@@ -15,6 +16,11 @@ class Waker(Protocol):
 
     def stored(self, user: str, device: str, urgent: bool) -> None:
         """An item was committed for a device that is connected nowhere."""
+
+    def read_elsewhere(self, user: str, device: str) -> None:
+        """A read receipt by `user` was committed for their `device`, which is connected
+        nowhere: the user read on another device, and notifications shown on this one
+        may be stale. It is not a reason to wake the device for delivery."""
 
     def connected(self, user: str, device: str) -> None:
         """A device authenticated; whatever was pending for it is moot."""

@@ -132,9 +132,12 @@ def apns_request(notification: Notification, topic: str) -> NotificationRequest:
             push_type=PushType.ALERT,
             apns_topic=topic,
         )
+    message = {"aps": {"content-available": 1}}
+    if notification.kind is WakeKind.CLEAR:
+        message["clear"] = 1  # the app removes the notifications of what was read
     return NotificationRequest(
         device_token=notification.token.token,
-        message={"aps": {"content-available": 1}},
+        message=message,
         time_to_live=notification.ttl,
         priority=5,
         collapse_key=notification.collapse_id,

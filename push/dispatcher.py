@@ -8,15 +8,15 @@ PushDispatcher.run
    └─ `workers` workers: take a job, look up the token, send, retry, clean up
 ```
 
-The gateway calls `stored`, `connected` and `disconnected` synchronously from the store's
-doorbell (it is the gateway's `Waker`); those calls only consult the policy and put a job on
-a bounded queue, never wait.
+The gateway calls `stored`, `read_elsewhere`, `connected` and `disconnected` synchronously
+from the store's doorbell (it is the gateway's `Waker`); those calls only consult the policy
+and put a job on a bounded queue, never wait.
 
 Resource handling: at most `queue_size` jobs wait and `workers` requests are in flight, so
 a push storm costs bounded memory and sockets. A job for a device that already has one
-queued is merged into it (an alert wins over a background wake-up); when the queue is full
-the wake-up is dropped and counted in `dropped` (the items stay in the store and the device
-gets them on its next connection).
+queued is merged into it (an alert wins over a clear, a clear over a background wake-up);
+when the queue is full the wake-up is dropped and counted in `dropped` (the items stay in
+the store and the device gets them on its next connection).
 
 Error handling: a failed request is retried on 429, 5xx, timeouts and lost connections with
 exponential backoff and jitter, never sooner than `Retry-After`, at most `max_attempts`
@@ -60,6 +60,16 @@ TIMEOUT = PushResult(Outcome.RETRY, None, "timeout")
 # connect is not kept); the time limit covers changes made through the backend API.
 TOKEN_CACHE_SECONDS = 60.0
 TOKEN_CACHE_SIZE = 100_000
+
+
+# Which wake-up a queued job becomes when another is merged into it: an alert wakes the
+# device anyway, and a clear is a background wake-up that also says "notifications read".
+_MERGE_RANK: dict[WakeKind | None, int] = {
+    None: 0,  # a linger check
+    WakeKind.BACKGROUND: 1,
+    WakeKind.CLEAR: 2,
+    WakeKind.ALERT: 3,
+}
 
 
 def _wall_ms() -> int:
@@ -108,6 +118,7 @@ class PushDispatcher:
             alert_retry=settings.alert_retry,
             alert_retries=settings.alert_retries,
             background_per_hour=settings.background_per_hour,
+            clear_cooldown=settings.clear_cooldown,
         )
         self.policy = WakePolicy(rules, clock)
         self.counters: Counter[tuple[str, str]] = Counter()
@@ -118,6 +129,7 @@ class PushDispatcher:
         self.coalesced = 0
         self.alert_retries = 0  # alerts sent again because the device did not connect
         self.zombie_rescues = 0  # alerts to connected devices that stopped answering
+        self.clears = 0  # clear wake-ups: their user read on another device
         self.answers = WakeAnswers(clock)
         self._wall_ms = wall_ms
         self._rng = rng or random.Random()
@@ -145,6 +157,16 @@ class PushDispatcher:
         if decision is not None:
             self._enqueue(decision)
         self._poke_timer()  # a held-back wake-up, or the retry of one sent, is due later
+
+    def read_elsewhere(self, user: str, device: str) -> None:
+        """The user read on another device, and the read receipt was stored for this one,
+        connected nowhere: a clear wake-up if the policy allows one (see
+        `WakePolicy.cleared`)."""
+        decision = self.policy.cleared(user, device)
+        if decision is not None:
+            self.clears += 1
+            self._enqueue(decision)
+        self._poke_timer()  # the clear's cooldown, or its budget, ends later
 
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: whatever was pending for it is cancelled."""
@@ -216,6 +238,7 @@ class PushDispatcher:
             "coalesced": self.coalesced,
             "alert_retries": self.alert_retries,
             "zombie_rescues": self.zombie_rescues,
+            "clears": self.clears,
             "unanswered": {
                 f"{p}:{k}": n for (p, k), n in sorted(self.answers.unanswered().items())
             },
@@ -235,7 +258,7 @@ class PushDispatcher:
         job = self._queued.get(key)
         if job is not None:
             self.coalesced += 1
-            if kind is WakeKind.ALERT or (kind is not None and job.kind is None):
+            if kind is WakeKind.ALERT or _MERGE_RANK[kind] > _MERGE_RANK[job.kind]:
                 job.kind, job.reason = kind, reason
             return
         job = _Job(decision.user, decision.device, kind, reason)

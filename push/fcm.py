@@ -30,6 +30,7 @@ from firebase_admin._retry import HttpxRetry
 from push.errors import CredentialsError
 from push.island import AsyncioIsland
 from push.notification import SENT, Notification, Outcome, PushResult, parse_retry_after
+from push.policy import WakeKind
 from push.settings import FcmSettings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://fcm.googleapis.com"
 _apps = itertools.count()
 _BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+
+
+WAKE = {"wake": "1"}
+WAKE_CLEAR = {"wake": "1", "clear": "1"}  # the app removes the notifications of what was read
 
 
 def fcm_message(notification: Notification) -> messaging.Message:
@@ -52,7 +57,7 @@ def fcm_message(notification: Notification) -> messaging.Message:
 
 def _message(notification: Notification) -> messaging.Message:
     return messaging.Message(
-        data={"wake": "1"},
+        data=dict(WAKE_CLEAR if notification.kind is WakeKind.CLEAR else WAKE),
         token=notification.token.token,
         android=messaging.AndroidConfig(
             priority="high" if notification.urgent else "normal",

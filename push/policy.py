@@ -20,14 +20,22 @@ The rules (protocol v1, "Wake-up"):
 - No device gets more than `background_per_hour` background wake-ups in any rolling hour,
   whatever connects and disconnects happen in between: one the budget holds back is owed
   (coalesced) until the oldest of the hour's wake-ups is an hour old.
-- A connect forgets everything else about the device: pending wake-ups, retries, timers
-  and cooldowns.
+- When the user reads on another device, a device that is offline and got an alert since
+  its last connection gets a **clear** wake-up (`cleared`), so the app can remove the
+  notifications of what was read: at most one per `clear_cooldown`, whatever connects
+  happen in between, not held by the background cooldown, but counted against (and held
+  back by) the background budget. A clear the budget holds back is not owed: the
+  notification stays until the device next wakes. An alert older than `ALERT_MEMORY`
+  (a day) without a connection since is no longer cleared.
+- A connect forgets everything else about the device: pending wake-ups, retries, timers,
+  cooldowns and whether it got an alert.
 - Nothing happens at start-up: a device is only ever woken because of an event.
 
 The policy holds state only for devices with a cooldown, a timer or a background budget
-running, plus the set of connected device keys, and drops a device's state as soon as
-nothing is left to enforce. Time comes from an injected clock in seconds (`trio.current_time` in the
-dispatcher, a plain float in unit tests).
+running, plus the set of connected device keys and the devices alerted since their last
+connection (each kept until that device connects, or for `ALERT_MEMORY`), and drops a
+device's state as soon as nothing is left to enforce. Time comes from an injected clock in
+seconds (`trio.current_time` in the dispatcher, a plain float in unit tests).
 """
 
 from __future__ import annotations
@@ -41,13 +49,20 @@ from dataclasses import dataclass
 
 DeviceKey = tuple[str, str]
 HOUR = 3600.0
+# How long an alert is remembered for a clear when its device does not connect. Devices
+# that never connect (no push token, an uninstalled app) are alerted too; without a limit
+# their marks would pile up for the life of the process. A day matches the default
+# `[push] ttl`, beyond which an undelivered alert has expired anyway.
+ALERT_MEMORY = 24 * HOUR
 
 
 class WakeKind(enum.Enum):
-    """The two kinds of wake-up push."""
+    """The kinds of wake-up push: a visible alert, a silent background wake-up, and a
+    silent clear (a background wake-up telling the app that notifications were read)."""
 
     ALERT = "alert"
     BACKGROUND = "background"
+    CLEAR = "clear"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +99,7 @@ class WakeRules:
     alert_retry: float = 20.0
     alert_retries: int = 2
     background_per_hour: int = 3
+    clear_cooldown: float = 60.0
 
 
 class _Device:
@@ -96,6 +112,7 @@ class _Device:
         "background_due",
         "budget",
         "checking",
+        "clear_at",
         "linger_due",
         "retries_left",
         "retry_delay",
@@ -116,9 +133,10 @@ class _Device:
         self.timer_at: float | None = None  # the one live heap entry for this device
         # When each background wake-up of the last hour was sent; survives a connect.
         self.budget: deque[float] = deque()
+        self.clear_at: float | None = None  # when the last clear was sent; survives a connect
 
     def reset(self) -> None:
-        """The device connected: forget all but the background budget."""
+        """The device connected: forget all but the background budget and the last clear."""
         self.alert_at = self.background_at = None
         self.alert_due = self.background_due = self.linger_due = self.retry_due = None
         self.retries_left = 0
@@ -137,6 +155,8 @@ class WakePolicy:
         self._clock = clock
         self._devices: dict[DeviceKey, _Device] = {}
         self._online: set[DeviceKey] = set()
+        # Devices alerted since their last connection, with when, oldest alert first.
+        self._alerted: dict[DeviceKey, float] = {}
         self._timers: list[tuple[float, int, DeviceKey]] = []
         self._seq = itertools.count()
 
@@ -199,11 +219,39 @@ class WakePolicy:
         self._settle(key, state, now)
         return wake
 
+    def cleared(self, user: str, device: str) -> WakeUp | None:
+        """The user read on another device, and the read was stored for this device,
+        which has no live connection.
+
+        Returns:
+            A clear wake-up to send now, or None: the device is connected, got no alert
+            since its last connection, got a clear within `clear_cooldown`, or the
+            background budget is spent (the clear is then dropped, not owed).
+        """
+        key = (user, device)
+        now = self._clock()
+        self._forget_old_alerts(now)
+        if key in self._online or key not in self._alerted:
+            return None
+        state = self._devices.get(key)
+        if state is None:
+            state = self._devices[key] = _Device()
+        recent = state.clear_at is not None and now - state.clear_at < self.rules.clear_cooldown
+        if recent or self._budget_frees_at(state, now) > now:
+            self._settle(key, state, now)
+            return None
+        state.clear_at = now
+        if self.rules.background_per_hour > 0:
+            state.budget.append(now)
+        self._settle(key, state, now)
+        return WakeUp(user, device, WakeKind.CLEAR, "clear")
+
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: cancel everything pending (retries included) and forget
-        its cooldowns; only its background budget is kept."""
+        its cooldowns and alerts; only its background budget and last clear are kept."""
         key = (user, device)
         self._online.add(key)
+        self._alerted.pop(key, None)
         state = self._devices.get(key)
         if state is not None:
             state.reset()
@@ -281,6 +329,15 @@ class WakePolicy:
             return True
         return state.alert_at is not None and now - state.alert_at < self.rules.urgent_cooldown
 
+    def _forget_old_alerts(self, now: float) -> None:
+        """Drop the marks of alerts older than `ALERT_MEMORY` (the dict is in time order)."""
+        alerted = self._alerted
+        while alerted:
+            key, at = next(iter(alerted.items()))
+            if now - at < ALERT_MEMORY:
+                return
+            del alerted[key]
+
     def _budget_frees_at(self, state: _Device, now: float) -> float:
         """When the background budget next allows a wake-up (`now` if it does)."""
         per_hour = self.rules.background_per_hour
@@ -306,6 +363,9 @@ class WakePolicy:
         self, key: DeviceKey, state: _Device, kind: WakeKind, reason: str, now: float
     ) -> WakeUp:
         if kind is WakeKind.ALERT:
+            self._alerted.pop(key, None)  # moves to the end: the newest alert
+            self._alerted[key] = now
+            self._forget_old_alerts(now)
             state.alert_at = now
             state.alert_due = None
             state.background_due = None
@@ -364,6 +424,8 @@ class WakePolicy:
             budget.popleft()
         if budget:  # the state is kept until the oldest of the hour's wake-ups is an hour old
             times.append(budget[0] + HOUR)
+        if state.clear_at is not None and now < state.clear_at + self.rules.clear_cooldown:
+            times.append(state.clear_at + self.rules.clear_cooldown)
         if state.alert_at is not None and now < state.alert_at + self.rules.urgent_cooldown:
             times.append(state.alert_at + self.rules.urgent_cooldown)
         bg_end = (state.background_at or 0.0) + self.rules.background_cooldown

@@ -72,6 +72,7 @@ class PushSettings:
     alert_retry: float = 20.0
     alert_retries: int = 2
     background_per_hour: int = 3
+    clear_cooldown: float = 60.0
     ack_timeout: float = 15.0
     collapse_id: str = "incoming-message"
     alert_loc_key: str = "NEW_MESSAGE"

@@ -38,6 +38,7 @@ import trio
 from push.ece import encrypt
 from push.errors import CredentialsError
 from push.notification import SENT, Notification, Outcome, PushResult, parse_retry_after
+from push.policy import WakeKind
 from push.settings import WebPushSettings
 from push.subscription import HostPolicy, SubscriptionError, WebPushSubscription, b64url
 from push.vapid import VapidSigner, load_private_key
@@ -62,7 +63,7 @@ def topic_for(collapse_id: str) -> str:
 
 def wake_payload(notification: Notification) -> bytes:
     """The plaintext of a wake-up: ``{"wake":1}``, plus ``"clear":1`` for a clear."""
-    return WAKE_CLEAR if notification.kind.value == "clear" else WAKE
+    return WAKE_CLEAR if notification.kind is WakeKind.CLEAR else WAKE
 
 
 def origin(url: httpx.URL) -> str:

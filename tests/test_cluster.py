@@ -250,3 +250,36 @@ async def test_on_redis_cluster_doorbells_go_on_the_nodes_sharded_channel(
                 assert delivery.frame["body"] == b"sharded"
         assert b.counters.redis["doorbells_published"] >= 1
         assert a.counters.redis["doorbells_received"] >= 1
+
+
+async def test_a_read_reaches_the_readers_devices_on_both_nodes(tmp_path, shared_redis):
+    token = tokens(tmp_path)
+    cleared: list[tuple[str, str]] = []
+
+    class Recorder(LogWaker):
+        def read_elsewhere(self, user: str, device: str) -> None:
+            cleared.append((user, device))
+
+    async with two_nodes(tmp_path, shared_redis, waker_a=Recorder(), waker_b=Recorder()) as (
+        a,
+        b,
+    ):
+        async with connect(b.url, token("bob", "phone")):  # known, then connected nowhere
+            pass
+        async with (
+            connect(a.url, token("bob", "laptop")) as laptop,
+            connect(b.url, token("bob", "tablet")) as tablet,
+        ):
+            await laptop.wait_drained()
+            await tablet.wait_drained()
+            async with connect(a.url, token("alice", "phone")) as alice:
+                sent = await alice.send("bob", b"read me")
+                with trio.fail_after(DEADLINE):
+                    assert (await tablet.next_delivery()).frame["id"] == sent.id
+                    assert (await laptop.next_delivery()).frame["id"] == sent.id
+                    await tablet.read("alice", [sent.id])  # read on B
+                    receipt = (await laptop.next_delivery()).frame  # on A, at once
+        assert (receipt["t"], receipt["kind"], receipt["ids"]) == ("receipt", "read", [sent.id])
+        assert (receipt["by"], receipt["dev"]) == ("bob", "tablet")
+    # The phone, connected nowhere, is handed to a push waker as a read made elsewhere.
+    assert cleared == [("bob", "phone")]

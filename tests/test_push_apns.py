@@ -93,6 +93,16 @@ async def test_a_background_wake_up_is_exactly_the_contracted_request(fake: Fake
     assert record.payload == {"aps": {"content-available": 1}}
 
 
+async def test_a_clear_wake_up_is_a_background_request_marked_clear(fake: FakeApns) -> None:
+    async with provider(fake) as apns:
+        result = await apns.send(note(WakeKind.CLEAR))
+    assert result.outcome is Outcome.SENT
+    (record,) = fake.records
+    assert record.headers["apns-push-type"] == "background"
+    assert record.headers["apns-priority"] == "5"
+    assert record.payload == {"aps": {"content-available": 1}, "clear": 1}
+
+
 async def test_the_token_topic_wins_over_the_configured_topic(fake: FakeApns) -> None:
     async with provider(fake) as apns:
         await apns.send(note(topic="com.example.other"))

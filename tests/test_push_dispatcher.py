@@ -366,6 +366,40 @@ async def test_wake_ups_for_a_queued_device_merge_and_an_alert_wins(
         assert [a.notification.kind for a in bob] == [ALERT]
 
 
+async def test_a_read_elsewhere_sends_one_clear_to_an_alerted_device(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, apns) as dispatcher:
+        dispatcher.read_elsewhere("bob", "phone")  # no alert yet: nothing to clear
+        dispatcher.stored("bob", "phone", urgent=True)
+        await dispatcher.wait_idle()
+        dispatcher.read_elsewhere("bob", "phone")
+        dispatcher.read_elsewhere("bob", "phone")  # within the clear cooldown
+        await dispatcher.wait_idle()
+
+        assert kinds(apns) == [ALERT, WakeKind.CLEAR]
+        assert dispatcher.metrics()["clears"] == 1
+        assert dispatcher.counters[("apns", "sent_clear")] == 1
+
+
+async def test_a_clear_merged_into_a_queued_background_wake_up_wins(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    store.register("carol", "phone", "cd" * 32)
+    apns.answers.append("hang")
+    async with running(store, apns, workers=1, request_timeout=60.0, alert_retries=0) as d:
+        d.stored("carol", "phone", urgent=True)  # occupies the worker
+        await apns.wait_attempts(1)
+        assert d.policy.stored("bob", "phone", urgent=True) is not None  # alerted, not queued
+        await trio.sleep(d.settings.urgent_cooldown)  # past the alert's cover
+        d.stored("bob", "phone", urgent=False)  # a background wake-up waits in the queue
+        d.read_elsewhere("bob", "phone")
+        assert d.coalesced == 1
+        await d.wait_idle()
+        bob = [a for a in apns.attempts if a.notification.token.token == "ab" * 32]
+        assert [a.notification.kind for a in bob] == [WakeKind.CLEAR]
+
+
 def test_backoff_grows_exponentially_within_jitter_bounds() -> None:
     dispatcher = PushDispatcher(push_settings(retry_base=1.0, max_retry_delay=60.0))
     for attempt in range(1, 10):

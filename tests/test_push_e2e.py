@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -235,3 +236,42 @@ async def test_the_time_from_wake_up_to_connection_is_measured(
     }
     assert counts == {("apns", "alert"): 1.0}
     assert dispatcher(server).metrics()["unanswered"] == {}
+
+
+async def test_a_read_on_the_tablet_clears_the_alerted_phone(
+    server: GatewayServer, token: Token, fake_apns: FakeApns
+) -> None:
+    async with connect(server.url, token("bob", "tablet")) as tablet:
+        await go_idle(server, token, "apns", APNS_TOKEN, topic=TOPIC)
+        async with connect(server.url, token("alice", "phone")) as alice:
+            with trio.fail_after(10):
+                sent = await alice.send("bob", b"ciphertext", urgent=True)
+                (alert,) = await fake_apns.wait_requests(1)
+                assert alert.headers["apns-push-type"] == "alert"
+                assert (await tablet.next_delivery()).frame["id"] == sent.id
+
+                await tablet.read("alice", [sent.id])
+                (_, clear) = await fake_apns.wait_requests(2)
+                await dispatcher(server).wait_idle()
+        h = clear.headers
+        assert (clear.token, h["apns-push-type"], h["apns-priority"]) == (
+            APNS_TOKEN, "background", "5"
+        )  # fmt: skip
+        assert clear.payload == {"aps": {"content-available": 1}, "clear": 1}
+        assert tablet.take_buffered() == []  # the reading device gets no copy of its read
+
+    assert dispatcher(server).metrics()["clears"] == 1
+    async with httpx.AsyncClient(base_url=server.admin_url) as http:
+        exposition = (await http.get("/metrics")).text
+    assert "gateway_push_clears_total 1.0" in exposition
+
+    async with connect(server.url, token("bob", "phone")) as phone:
+        with trio.fail_after(10):
+            await phone.wait_drained()
+        frames = [d.frame for d in phone.take_buffered()]
+    assert [(f["t"], f.get("id")) for f in frames] == [("msg", sent.id), ("receipt", None)]
+    receipt = frames[1]
+    assert (receipt["kind"], receipt["ids"], receipt["by"], receipt["dev"]) == (
+        "read", [sent.id], "bob", "tablet"
+    )  # fmt: skip
+    assert len(fake_apns.records) == 2  # one alert, one clear: nothing more

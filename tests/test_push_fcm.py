@@ -66,6 +66,15 @@ async def test_a_background_wake_up_is_normal_priority(fake: FakeFcm) -> None:
     assert "notification" not in fake.records[0].message
 
 
+async def test_a_clear_wake_up_is_normal_priority_data_marked_clear(fake: FakeFcm) -> None:
+    async with provider(fake) as fcm:
+        await fcm.send(note(WakeKind.CLEAR))
+    message = fake.records[0].message
+    assert message["data"] == {"wake": "1", "clear": "1"}
+    assert message["android"]["priority"] == "normal"
+    assert "notification" not in message
+
+
 async def test_one_oauth_token_serves_many_sends(fake: FakeFcm) -> None:
     async with provider(fake) as fcm, trio.open_nursery() as nursery:
         for i in range(50):

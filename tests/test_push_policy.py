@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from push.policy import LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
+from push.policy import ALERT_MEMORY, LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
 
 ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
 # The rules of protocol v1 before alert retries and the background budget: the tests
@@ -322,3 +322,121 @@ def test_a_zombie_gets_an_alert_though_connected_once_per_cooldown(
     assert full.zombie("bob", "phone") is None  # within the urgent cooldown
     assert advance(full, clock, 3600) == []  # no retries: it may answer on that socket
     assert full.zombie("bob", "phone") == WakeUp("bob", "phone", ALERT, "zombie")
+
+
+# -- clear wake-ups: the user read on another device -----------------------------------------
+
+CLEARED = WakeUp("bob", "phone", WakeKind.CLEAR, "clear")
+
+
+def test_a_read_elsewhere_clears_a_device_alerted_since_its_last_connection(
+    full: WakePolicy, clock: Clock
+) -> None:
+    assert DEFAULTS.clear_cooldown == 60.0
+    full.stored("bob", "phone", True)  # an alert
+    clock.now += 5
+
+    assert full.cleared("bob", "phone") == CLEARED
+
+
+def test_no_clear_without_an_alert_since_the_last_connection(
+    full: WakePolicy, clock: Clock
+) -> None:
+    assert full.cleared("bob", "phone") is None  # never alerted
+    full.stored("bob", "phone", False)  # a background wake-up is no alert
+    assert full.cleared("bob", "phone") is None
+
+    full.stored("bob", "phone", True)
+    full.connected("bob", "phone")  # the app opened: its notifications were seen
+    full.disconnected("bob", "phone")
+    clock.now += 5
+    assert full.cleared("bob", "phone") is None
+
+
+def test_no_clear_for_a_connected_device(full: WakePolicy) -> None:
+    full.connected("bob", "phone")
+    assert full.zombie("bob", "phone") is not None  # alerted, though connected
+    assert full.cleared("bob", "phone") is None
+
+
+def test_at_most_one_clear_per_cooldown_even_across_connects(
+    full: WakePolicy, clock: Clock
+) -> None:
+    full.stored("bob", "phone", True)
+    assert full.cleared("bob", "phone") == CLEARED
+    clock.now += 1
+    assert full.cleared("bob", "phone") is None
+
+    full.connected("bob", "phone")
+    full.disconnected("bob", "phone")
+    clock.now += DEFAULTS.urgent_cooldown
+    full.stored("bob", "phone", True)  # alerted again, 11 s after the clear
+    assert full.cleared("bob", "phone") is None
+
+    clock.now += DEFAULTS.clear_cooldown - 11
+    assert full.cleared("bob", "phone") == CLEARED
+
+
+def test_a_clear_is_not_held_by_the_background_cooldown_nor_starts_it(
+    full: WakePolicy, clock: Clock
+) -> None:
+    assert full.stored("bob", "phone", False) == WakeUp("bob", "phone", BACKGROUND, "background")
+    clock.now += 1
+    full.stored("bob", "phone", True)
+    clock.now += DEFAULTS.urgent_cooldown  # past the alert's cover
+
+    assert full.cleared("bob", "phone") == CLEARED
+    full.connected("bob", "phone")
+    full.disconnected("bob", "phone")
+    # The clear started no background cooldown: a receipt now wakes the device at once.
+    assert full.stored("bob", "phone", False) == WakeUp("bob", "phone", BACKGROUND, "background")
+
+
+def test_clears_count_against_the_background_budget(full: WakePolicy, clock: Clock) -> None:
+    start = clock.now
+    for _ in range(3):  # three clears in an hour spend the budget
+        full.stored("bob", "phone", True)
+        assert full.cleared("bob", "phone") == CLEARED
+        clock.now += DEFAULTS.clear_cooldown
+    full.connected("bob", "phone")
+    full.disconnected("bob", "phone")
+
+    assert full.stored("bob", "phone", False) is None  # a receipt's wake-up waits
+
+    early = advance(full, clock, start + 3599 - clock.now)
+    assert [d for d in early if isinstance(d, WakeUp)] == []  # past its linger check
+    assert advance(full, clock, 1) == [WakeUp("bob", "phone", BACKGROUND, "coalesced")]
+
+
+def test_a_spent_budget_makes_no_clear(full: WakePolicy, clock: Clock) -> None:
+    for _ in range(3):
+        full.stored("bob", "phone", False)
+        full.connected("bob", "phone")
+        full.disconnected("bob", "phone")
+    full.stored("bob", "phone", True)
+
+    assert full.cleared("bob", "phone") is None
+    assert WakeUp("bob", "phone", WakeKind.CLEAR, "clear") not in advance(full, clock, 7200)
+
+
+def test_a_clear_alone_is_forgotten_after_its_cooldown(full: WakePolicy, clock: Clock) -> None:
+    rules = WakeRules(background_per_hour=0, alert_retries=0)
+    policy = WakePolicy(rules, clock)
+    policy.stored("bob", "phone", True)
+    policy.cleared("bob", "phone")
+    policy.connected("bob", "phone")
+    assert len(policy) == 1  # the clear's cooldown is still running
+
+    advance(policy, clock, rules.clear_cooldown)
+    assert len(policy) == 0
+
+
+def test_an_alert_a_day_old_is_no_longer_cleared(full: WakePolicy, clock: Clock) -> None:
+    full.stored("bob", "phone", True)
+    full.stored("carol", "phone", True)
+    clock.now += ALERT_MEMORY - 1
+    full.stored("carol", "phone", True)  # carol's phone was alerted again since
+    clock.now += 1
+
+    assert full.cleared("bob", "phone") is None
+    assert full.cleared("carol", "phone") == WakeUp("carol", "phone", WakeKind.CLEAR, "clear")

@@ -293,10 +293,15 @@ async def _send(provider: WebPushProvider, notification: Notification) -> object
 
 
 @pytest.mark.parametrize(
-    ("kind", "urgency"), [(WakeKind.ALERT, "high"), (WakeKind.BACKGROUND, "normal")]
+    ("kind", "urgency", "payload"),
+    [
+        (WakeKind.ALERT, "high", b'{"wake":1}'),
+        (WakeKind.BACKGROUND, "normal", b'{"wake":1}'),
+        (WakeKind.CLEAR, "normal", b'{"wake":1,"clear":1}'),
+    ],
 )
 async def test_a_wake_up_is_an_encrypted_signed_rfc_8030_post(
-    tmp_path: Path, kind: WakeKind, urgency: str
+    tmp_path: Path, kind: WakeKind, urgency: str, payload: bytes
 ) -> None:
     recorder = Recorder()
     provider, vapid = _provider(tmp_path, recorder)
@@ -315,7 +320,7 @@ async def test_a_wake_up_is_an_encrypted_signed_rfc_8030_post(
         token, vapid.public_key(), algorithms=["ES256"], audience="https://fcm.googleapis.com"
     )
     assert claims["sub"] == SUBJECT and before < claims["exp"] <= time.time() + 24 * 3600
-    assert decrypt(request.content, ua, b64url_decode(AUTH)) == b'{"wake":1}'
+    assert decrypt(request.content, ua, b64url_decode(AUTH)) == payload
 
 
 @pytest.mark.parametrize(

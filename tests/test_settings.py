@@ -56,6 +56,7 @@ def test_the_embedded_defaults_match_the_contract():
     assert (s.presence.batch_ms, s.presence.offline_grace) == (250, 5)
     assert (s.push.urgent_cooldown, s.push.background_cooldown, s.push.linger) == (10, 1200, 60)
     assert (s.push.collapse_id, s.push.alert_loc_key) == ("incoming-message", "NEW_MESSAGE")
+    assert s.push.clear_cooldown == 60
 
 
 def test_a_file_overrides_only_the_keys_it_sets(config):
@@ -153,6 +154,7 @@ def test_a_wrong_type_names_the_file_and_the_key(config, text, key):
         ("[server]\nmax_message_size = -5", "[server] max_message_size"),
         ("[presence]\nbatch_ms = -1", "[presence] batch_ms"),
         ("[groups]\nmax_members = 0", "[groups] max_members"),
+        ("[push]\nclear_cooldown = 0", "[push] clear_cooldown"),
     ],
 )
 def test_out_of_range_values_name_the_key(config, text, key):

@@ -508,6 +508,61 @@ async def test_a_read_queues_a_read_receipt_for_every_device_of_the_sender(store
     assert sorted(rings) == [("alice", "laptop", False), ("alice", "phone", False)]
 
 
+async def test_a_read_queues_the_same_read_receipt_for_the_readers_other_devices(store, rings):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet", "laptop")
+    await send(store, envelope("m1", to="bob"))
+    before = {d: await fetch_all(store, "bob", d) for d in ("phone", "tablet", "laptop")}
+    rings.clear()
+
+    count = await (
+        await store.submit_read("bob", "tablet", "alice", ("m1", "made-up"), T0 + 9, T0 + DAY_MS)
+    ).result()
+
+    assert count == 3  # alice's phone, and bob's phone and laptop
+    for device in ("phone", "laptop"):
+        queued = await fetch_all(store, "bob", device, T0 + 9)
+        [sync] = [i for i in queued if i not in before[device]]
+        assert sync.kind is ItemKind.READ
+        assert (sync.ids, sync.sender, sync.sender_device, sync.ts) == (
+            ("m1",), "bob", "tablet", T0 + 9
+        )  # fmt: skip
+    assert await fetch_all(store, "bob", "tablet", T0 + 9) == before["tablet"]
+    assert sorted(rings) == [("alice", "phone", False), ("bob", "laptop", False),
+                             ("bob", "phone", False)]  # fmt: skip
+
+
+async def test_a_read_sync_receipt_is_acked_like_any_receipt(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet")
+    await send(store, envelope("m1", to="bob"))
+    [message] = await fetch_all(store, "bob", "phone")
+    await (await store.submit_read("bob", "tablet", "alice", ("m1",), T0, T0 + DAY_MS)).result()
+    [_, sync] = await fetch_all(store, "bob", "phone")
+
+    acked = await store.submit_ack("bob", "phone", (message.sid, sync.sid), T0 + 1)
+
+    assert await acked.result() == 2
+    assert await fetch_all(store, "bob", "phone", T0 + 1) == []
+    # Only the message's ack makes a delivered receipt; the read sync's makes none.
+    kinds = [i.kind for i in await fetch_all(store, "alice", "phone", T0 + 1)]
+    assert kinds == [ItemKind.READ, ItemKind.DELIVERED]
+
+
+async def test_a_read_of_nothing_the_reader_was_sent_syncs_nothing(store, rings):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet")
+    rings.clear()
+
+    count = await (
+        await store.submit_read("bob", "tablet", "alice", ("made-up",), T0, T0 + DAY_MS)
+    ).result()
+
+    assert count == 0
+    assert await fetch_all(store, "bob", "phone") == []
+    assert rings == []
+
+
 async def test_a_read_carries_only_ids_the_reader_was_sent_by_that_user(store, rings):
     await register(store, "alice", "phone")
     await register(store, "bob", "tablet")

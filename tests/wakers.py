@@ -13,6 +13,10 @@ class LogWaker:
         """Count the item."""
         self.offline_items += 1
 
+    def read_elsewhere(self, user: str, device: str) -> None:
+        """Count the read receipt like any item."""
+        self.offline_items += 1
+
     def connected(self, user: str, device: str) -> None:
         """Nothing to cancel."""
 

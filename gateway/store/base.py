@@ -315,7 +315,10 @@ class MessageStore(abc.ABC):
     ) -> Ticket[int]:
         """Queue a read receipt for every device of `to`, carrying those of `ids` that
         `to` sent to `reader` (and that have not expired); other ids are dropped, so no
-        one can mark as read what they were never sent. Returns the receipts queued."""
+        one can mark as read what they were never sent. The same receipt (by `reader`) is
+        queued for every other device of `reader`, so they learn what was read (unless
+        `to` is `reader`, whose devices all get the first one). Returns the receipts
+        queued."""
 
     # -- groups (see `gateway.store.groups`) --
 

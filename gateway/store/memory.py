@@ -132,8 +132,9 @@ class MemoryStore(GroupCommitStore[_Op]):
         ids: tuple[str, ...],
         now: int,
         expires: int,
+        skip: str = "",
     ) -> list[Ring]:
-        """One receipt item per device of `to`, carrying all `ids` at once."""
+        """One receipt item per device of `to` (but `skip`), carrying all `ids` at once."""
         if not ids:
             return []
         return [
@@ -146,6 +147,7 @@ class MemoryStore(GroupCommitStore[_Op]):
                 lambda sid: QueueItem(sid, kind, "", by, by_device, now, False, b"", ids),
             )
             for name, record in self._users.get(to, {}).items()
+            if name != skip
         ]
 
     # -- mutations ------------------------------------------------------------------------
@@ -326,6 +328,10 @@ class MemoryStore(GroupCommitStore[_Op]):
             received = self._received.get((reader, to), {})
             found = tuple(dict.fromkeys(i for i in ids if received.get(i, now) > now))
             rings = self._receipts(ItemKind.READ, to, reader, reader_device, found, now, expires)
+            if to != reader:  # the reader's other devices learn what was read
+                rings += self._receipts(
+                    ItemKind.READ, reader, reader, reader_device, found, now, expires, reader_device
+                )
             return len(rings), rings
 
         return await self._submit(apply)

@@ -428,9 +428,19 @@ class RedisStore(GroupCommitStore[_Op]):
             [found] = yield [("received", [f"{prefix(reader)}:rx:{to}\0"], [now, *ids])]
             known = {i.decode() for i in found}
             received = tuple(dict.fromkeys(i for i in ids if i in known))
-            rings = yield from _receipt_steps(
-                ItemKind.READ, to, reader, reader_device, received, now, expires, self.node_id
-            )
+            if not received:
+                return 0, []
+            # The sender's devices, and the reader's other devices (a call in its own slot).
+            targets = [(to, "")] if to == reader else [(to, ""), (reader, reader_device)]
+            answers = yield [
+                _receipt_call(ItemKind.READ, user, reader, reader_device, received, now,
+                              expires, self.node_id, skip)
+                for user, skip in targets
+            ]  # fmt: skip
+            rings: list[Placed] = []
+            for (user, _), placed in zip(targets, answers, strict=True):
+                make = _receipt_ring(ItemKind.READ, user, reader, reader_device, now, received)
+                rings += _placed(placed, make)
             return len(rings), rings
 
         return await self._submit(steps)
@@ -759,22 +769,6 @@ def _send_steps(env: Envelope, node: str) -> Steps:
     return SendOutcome(ts=env.ts, devices=len(rings), skipped=skipped), rings
 
 
-def _receipt_steps(
-    kind: ItemKind,
-    to: str,
-    by: str,
-    by_device: str,
-    ids: tuple[str, ...],
-    now: int,
-    expires: int,
-    node: str,
-) -> Generator[list[Call], list[Any], list[Placed]]:
-    if not ids:
-        return []
-    [placed] = yield [_receipt_call(kind, to, by, by_device, ids, now, expires, node)]
-    return _placed(placed, _receipt_ring(kind, to, by, by_device, now, ids))
-
-
 def _receipt_ring(
     kind: ItemKind, to: str, by: str, by_device: str, now: int, ids: tuple[str, ...]
 ) -> Callable[[str, int], Ring]:
@@ -794,10 +788,11 @@ def _receipt_call(
     now: int,
     expires: int,
     node: str,
+    skip: str = "",
 ) -> Call:
     p = prefix(to)
     payload = cbor2.dumps([int(kind), "", by, by_device, now, False, list(ids)])
-    return ("receipts", [f"{p}:devs"], [p, now, expires, payload, to, node])
+    return ("receipts", [f"{p}:devs"], [p, now, expires, payload, to, node, skip])
 
 
 def _ack_steps(

@@ -155,26 +155,28 @@ end
 return out
 """
 
-# One receipt item for every device of the user. KEYS[1] = P:devs.
-# ARGV: P, ts, expires, payload, user, node. Returns {device, sid, where, ...}.
+# One receipt item for every device of the user but ARGV[7] (if given). KEYS[1] = P:devs.
+# ARGV: P, ts, expires, payload, user, node[, skip]. Returns {device, sid, where, ...}.
 RECEIPTS = (
     RING
     + """
 local prefix, ts, expires, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local user, node = ARGV[5], ARGV[6]
+local user, node, skip = ARGV[5], ARGV[6], ARGV[7] or ''
 local ttl = tonumber(expires) - tonumber(ts)
 if ttl < 1 then ttl = 1 end
 local keyttl = ttl + KEY_TTL_SLACK
 local out = {}
 for _, d in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local sid = redis.call('INCR', prefix .. ':seq:' .. d)
-  local q = prefix .. ':q:' .. d
-  local member = expires .. '|' .. sid .. '|' .. payload
-  redis.call('ZADD', q, sid, member)
-  if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
-  out[#out + 1] = d
-  out[#out + 1] = sid
-  out[#out + 1] = ring(prefix, user, d, node, '0', member)
+  if d ~= skip then
+    local sid = redis.call('INCR', prefix .. ':seq:' .. d)
+    local q = prefix .. ':q:' .. d
+    local member = expires .. '|' .. sid .. '|' .. payload
+    redis.call('ZADD', q, sid, member)
+    if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
+    out[#out + 1] = d
+    out[#out + 1] = sid
+    out[#out + 1] = ring(prefix, user, d, node, '0', member)
+  end
 end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))

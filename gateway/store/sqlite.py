@@ -403,6 +403,11 @@ class SqliteStore(GroupCommitStore[_Op]):
             rings = _insert_receipts(
                 tx, ItemKind.READ, to, reader, reader_device, received, now, expires
             )
+            if to != reader:  # the reader's other devices learn what was read
+                rings += _insert_receipts(
+                    tx, ItemKind.READ, reader, reader, reader_device, received, now, expires,
+                    skip=reader_device,
+                )  # fmt: skip
             return len(rings), rings
 
         return await self._submit(apply)
@@ -996,11 +1001,12 @@ def _insert_receipts(
     ids: tuple[str, ...],
     now: int,
     expires: int,
+    skip: str = "",
 ) -> list[Ring]:
-    """One receipt item per device of `to`, carrying all `ids` at once."""
+    """One receipt item per device of `to` (but `skip`), carrying all `ids` at once."""
     if not ids:
         return []
-    known = tx.devices(to)
+    known = [(did, dev) for did, dev in tx.devices(to) if dev != skip]
     body = cbor2.dumps(list(ids))
     sids = _insert_items(
         tx.conn,
