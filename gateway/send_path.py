@@ -11,7 +11,7 @@ recipient's devices again. Each caller only turns the outcome into its own answe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from gateway.counters import Counters
@@ -75,13 +75,7 @@ class SendPath:
             ts=now,
             expires=now + send.ttl * 1000,
         )
-        try:
-            ticket = await self._store.submit_send(envelope)
-        except StoreError:
-            self._counters.sends["failed"] += 1
-            raise
-        ticket.on_done(partial(self._settled, send.to, ticket))
-        return ticket
+        return await self._watched(self._store.submit_send(envelope), send.to)
 
     async def submit_group(
         self, sender: str, sender_device: str, send: GroupSend
@@ -116,12 +110,19 @@ class SendPath:
             ts=now,
             expires=now + send.ttl * 1000,
         )
+        return await self._watched(self._store.submit_group_send(envelope), sender)
+
+    async def _watched(
+        self, submission: Awaitable[Ticket[SendOutcome]], to: str
+    ) -> Ticket[SendOutcome]:
+        """Await a submission, counting a refusal; its outcome is counted (and `to`'s
+        devices rung for a duplicate) once its commit is known."""
         try:
-            ticket = await self._store.submit_group_send(envelope)
+            ticket = await submission
         except StoreError:
             self._counters.sends["failed"] += 1
             raise
-        ticket.on_done(partial(self._settled, sender, ticket))
+        ticket.on_done(partial(self._settled, to, ticket))
         return ticket
 
     def _settled(self, to: str, ticket: Ticket[SendOutcome]) -> None:
