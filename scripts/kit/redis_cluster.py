@@ -36,27 +36,6 @@ def free_cluster_port() -> int:
         return port
 
 
-def query(server: RedisServer, *args: str) -> bytes:
-    """One command's whole answer (a bulk string in full, unlike `RedisServer.command`)."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    with socket.create_connection((HOST, server.port), timeout=2) as sock:
-        sock.sendall(b"".join(parts))
-        answer = sock.recv(65536)
-        if answer.startswith(b"$"):
-            size = int(answer[1 : answer.index(b"\r\n")])
-            header = answer.index(b"\r\n") + 2
-            while len(answer) < header + size + 2:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-            return answer[header : header + size]
-        return answer.split(b"\r\n", 1)[0]
-
-
 class RedisCluster:
     """`primaries` shards, each a primary with `replicas` replicas, in `directory`.
 
@@ -106,15 +85,15 @@ class RedisCluster:
                 server.start()
             first = self.primaries[0]
             for server in self.servers[1:]:
-                query(server, "CLUSTER", "MEET", HOST, str(first.port))
+                server.command("CLUSTER", "MEET", HOST, str(first.port))
             for server, (low, high) in zip(self.primaries, self.slot_ranges, strict=True):
-                query(server, "CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
+                server.command("CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
             self._wait(self._knows_all, "the nodes did not meet")
             for primary, shard in zip(self.primaries, self.replicas, strict=True):
-                node_id = query(primary, "CLUSTER", "MYID").decode()
+                node_id = primary.command("CLUSTER", "MYID").decode()
                 for replica in shard:
-                    query(replica, "CLUSTER", "REPLICATE", node_id)
-            self._wait(lambda s: b"cluster_state:ok" in query(s, "CLUSTER", "INFO"),
+                    replica.command("CLUSTER", "REPLICATE", node_id)
+            self._wait(lambda s: b"cluster_state:ok" in s.command("CLUSTER", "INFO"),
                        "the cluster did not reach cluster_state:ok")  # fmt: skip
             self._wait(self._in_sync, "the replicas did not finish their first sync")
         except BaseException:
@@ -122,12 +101,12 @@ class RedisCluster:
             raise
 
     def _knows_all(self, server: RedisServer) -> bool:
-        nodes = query(server, "CLUSTER", "NODES").decode().splitlines()
+        nodes = server.command("CLUSTER", "NODES").decode().splitlines()
         return len(nodes) == len(self.servers) and not any("handshake" in n for n in nodes)
 
     def _in_sync(self, server: RedisServer) -> bool:
         """A primary has its replicas; a replica's link to its primary is up."""
-        info = query(server, "INFO", "replication").decode()
+        info = server.command("INFO", "replication").decode()
         if "role:master" in info:
             wanted = len(self.replicas[self.primaries.index(server)])
             return f"connected_slaves:{wanted}" in info

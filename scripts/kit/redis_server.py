@@ -87,7 +87,8 @@ class RedisServer(ChildProcess):
         self.start()
 
     def command(self, *args: str) -> bytes:
-        """Send one command and return the first line of the answer (blocks, briefly)."""
+        """Send one command; return a bulk string's contents whole, or else the first line
+        of the answer (blocks, briefly)."""
         parts = [f"*{len(args)}\r\n".encode()]
         for arg in args:
             data = arg.encode()
@@ -95,9 +96,18 @@ class RedisServer(ChildProcess):
         with socket.create_connection((HOST, self.port), timeout=2) as sock:
             sock.sendall(b"".join(parts))
             answer = b""
-            while not answer.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
+            while b"\r\n" not in answer:
+                chunk = sock.recv(65536)
                 if not chunk:
                     break
                 answer += chunk
-        return answer.split(b"\r\n", 1)[0]
+            if not answer.startswith(b"$"):
+                return answer.split(b"\r\n", 1)[0]
+            header = answer.index(b"\r\n") + 2
+            size = int(answer[1 : header - 2])
+            while len(answer) < header + size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer[header : header + size]
