@@ -200,14 +200,23 @@ async def test_a_request_cancelled_while_apns_hangs_frees_its_stream(fake: FakeA
         assert protocol.requests == {} and protocol.request_streams == {}
 
 
-async def test_many_error_answers_do_not_exhaust_flow_control(fake: FakeApns) -> None:
+async def test_many_error_answers_do_not_exhaust_flow_control(
+    fake: FakeApns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One connection carries every answer: a pool of several could spread the bodies
+    # thinly enough that an unacknowledged window would never fill.
+    monkeypatch.setattr("push.apns.MAX_CONNECTIONS", 1)
     fake.script.default = Reply(400, "DeviceTokenNotForTopic")  # ~40 bytes of body each
     async with provider(fake) as apns:
-        for _ in range(4):  # > 64 KiB of response bodies on one connection
-            async with trio.open_nursery() as nursery:
-                for i in range(500):
-                    nursery.start_soon(apns.send, note(token=f"{i:064x}"))
-        assert len(apns._pools[next(iter(apns._pools))].connections) == 1
+        first = None
+        with trio.fail_after(60):  # an exhausted window stalls every later request
+            for _ in range(4):  # > 64 KiB of response bodies on one connection
+                async with trio.open_nursery() as nursery:
+                    for i in range(500):
+                        nursery.start_soon(apns.send, note(token=f"{i:064x}"))
+                (connection,) = next(iter(apns._pools.values())).connections
+                first = first or connection
+                assert connection is first
     assert len(fake.records) == 2000
     assert all(r.reason == "DeviceTokenNotForTopic" for r in fake.records)
 
