@@ -84,8 +84,7 @@ class SendPath:
         every device of every member but the sending one, the body once.
 
         Its outcome is counted as soon as the commit is known; a duplicate rings the
-        sender's own devices here (the members' devices read their queues on their next
-        doorbell or connection).
+        devices of every member connected here, as a 1:1 duplicate rings its recipient's.
 
         Args:
             sender: The sending user, who must be a member of the group.
@@ -139,8 +138,9 @@ class SendPath:
         elif outcome.duplicate:
             self._counters.sends["duplicate"] += 1
             # The first attempt may have been stored without its doorbell ringing (its
-            # commit's answer was lost): have the recipient's devices here read again.
-            for recipient in self._registry.of_user(to):
-                recipient.ring()
+            # commit's answer was lost): have the recipients' devices here read again.
+            for user in outcome.members or (to,):
+                for recipient in self._registry.of_user(user):
+                    recipient.ring()
         else:
             self._counters.sends["stored"] += 1

@@ -110,3 +110,29 @@ async def test_a_published_resend_answered_as_duplicate_delivers_the_unannounced
     assert again.json() == {"id": "n1", "ts": first.json()["ts"], "duplicate": True}
     assert (delivery.frame["id"], delivery.frame["from"]) == ("n1", "system")
     assert server.counters.sends["duplicate"] == 1
+
+
+async def test_a_group_resend_answered_as_duplicate_rings_every_member(
+    settings_on_each_store, token
+):
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    async with (
+        running_server(settings_on_each_store) as server,
+        httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http,
+        connect(server.url, token("bob", "phone")) as bob,
+        connect(server.url, token("carol", "phone")) as carol,
+        connect(server.url, token("alice", "phone")) as alice,
+    ):
+        members = {"members": ["alice", "bob", "carol"]}
+        assert (await http.put("/v1/groups/team", json=members, headers=auth)).status_code == 201
+        for device in (bob, carol, alice):  # the membership events
+            event = await device.next_delivery()
+            await device.ack([event.sid])
+        with doorbell_lost(server):
+            first = await alice.send_group("team", b"1", id="g1")
+        again = await alice.send_group("team", b"1", id="g1")  # the client's retry
+        with trio.fail_after(5):
+            got = [await bob.next_delivery(), await carol.next_delivery()]
+    assert again.ts == first.ts
+    assert [(d.frame["id"], d.frame["group"]) for d in got] == [("g1", "team")] * 2
+    assert server.counters.sends["duplicate"] == 1

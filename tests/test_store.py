@@ -1111,6 +1111,7 @@ async def test_a_group_message_resent_with_the_same_id_is_stored_once(store):
     again = await group_send(store, group_envelope(ts=T0 + 50))
 
     assert (again.duplicate, again.ts) == (True, first.ts)
+    assert again.members == ("alice", "bob")  # whose devices the resend rings again
     assert [i.msg_id for i in await fetch_all(store, "bob", "phone")] == ["added", "g1"]
 
 

@@ -113,6 +113,7 @@ class SendOutcome:
     unknown_recipient: bool = False
     skipped: tuple[str, ...] = ()
     not_member: bool = False  # a group send from a non-member, or to no such group
+    members: tuple[str, ...] = ()  # a duplicate group send: whose devices to ring again
 
 
 @dataclass(frozen=True, slots=True)

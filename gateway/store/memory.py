@@ -193,9 +193,10 @@ class MemoryStore(GroupCommitStore[_Op]):
         which is this backend's way of storing the body once."""
         key = (env.sender, env.sender_device, env.msg_id)
         earlier = self._sent.get(key)
-        if earlier is not None and earlier.expires > env.ts:
-            return SendOutcome(ts=earlier.ts, duplicate=True), []
         members = self._groups.get(env.group)
+        if earlier is not None and earlier.expires > env.ts:
+            listed = tuple(sorted(members or ()))
+            return SendOutcome(ts=earlier.ts, duplicate=True, members=listed), []
         if members is None or env.sender not in members:
             return SendOutcome(ts=env.ts, not_member=True), []
         self._sent[key] = _Sent(env.ts, env.expires, "")

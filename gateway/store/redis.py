@@ -844,7 +844,9 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
     begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body]
     [begin] = yield [("group_begin", [f"{g}:members", idem, f"{g}:bseq"], begin_args)]
     if begin[0] == 0:
-        return SendOutcome(ts=int(begin[1]), duplicate=True), []
+        [listed] = yield [("group_members", [f"{g}:meta", f"{g}:members"], [])]
+        names = tuple(sorted(user.decode() for user in listed[1:]))
+        return SendOutcome(ts=int(begin[1]), duplicate=True, members=names), []
     if begin[0] == -1:
         return SendOutcome(ts=env.ts, not_member=True), []
     bid = int(begin[1])

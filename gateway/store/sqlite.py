@@ -905,7 +905,8 @@ def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
             "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
             (env.sender, env.sender_device, env.msg_id),
         ).fetchone()
-        return SendOutcome(ts=row[0], duplicate=True), []
+        listed = tuple(sorted(_members(conn, env.group) or ()))
+        return SendOutcome(ts=row[0], duplicate=True, members=listed), []
     members = _members(conn, env.group)
     if members is None or env.sender not in members:
         conn.execute(
