@@ -8,6 +8,7 @@ asks for the `raw` fixture, which skips on backends it does not know.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -1135,6 +1136,28 @@ async def test_acking_a_group_message_sends_delivered_and_read_works_as_for_one_
     ]
 
 
+async def test_a_group_message_may_be_read_by_who_was_a_member_when_it_was_sent(store):
+    for user in ("alice", "bob", "carol"):
+        await register(store, user, "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope(msg_id="before", ts=T0 + 1))
+    await store.remove_group_member("team", "bob", T0 + 2)  # bob leaves, carol joins
+    await store.add_group_members("team", ("carol",), T0 + 3, GROUP_LIMIT)
+    await group_send(store, group_envelope(msg_id="after", ts=T0 + 4))
+
+    async def readable(reader: str) -> tuple[str, ...]:
+        before = {i.sid for i in await fetch_all(store, "alice", "phone")}
+        ticket = await store.submit_read(
+            reader, "phone", "alice", ("before", "after"), T0 + 5, T0 + DAY_MS
+        )
+        await ticket.result()
+        fresh = [i for i in await fetch_all(store, "alice", "phone") if i.sid not in before]
+        return tuple(i for r in fresh if r.kind is ItemKind.READ for i in r.ids)
+
+    assert await readable("bob") == ("before",)  # received while a member, read after leaving
+    assert await readable("carol") == ("after",)  # never sent what came before she joined
+
+
 async def test_a_group_body_is_stored_once_and_freed_by_the_last_ack(store, backend, db_path):
     if backend == "memory":
         pytest.skip("the memory backend shares one bytes object; nothing to count")
@@ -1166,6 +1189,27 @@ async def test_an_expired_group_body_is_swept(store, backend, db_path):
     assert await store.sweep_expired(T0 + 1000) >= 1
     assert await stored_bodies(store, backend, db_path) == 0
     assert [i.kind for i in await fetch_all(store, "bob", "phone", T0 + 1000)] == [ItemKind.GROUP]
+
+
+async def test_a_past_membership_is_forgotten_once_nothing_from_it_can_be_read(
+    store, backend, db_path
+):
+    if backend != "sqlite":
+        pytest.skip("Redis and memory remember the readers of each message instead")
+    for user in ("alice", "bob"):
+        await register(store, user, "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope(ttl_ms=1000))
+    await store.remove_group_member("team", "bob", T0 + 1)
+
+    def spans() -> int:
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            return int(conn.execute("SELECT count(*) FROM group_left").fetchone()[0])
+
+    await store.sweep_expired(T0 + 999)
+    assert spans() == 1  # bob may still read the message
+    await store.sweep_expired(T0 + 1000)
+    assert spans() == 0
 
 
 async def test_a_group_body_key_expires_with_its_message_on_redis(store, backend):

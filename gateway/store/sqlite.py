@@ -93,14 +93,26 @@ CREATE TABLE IF NOT EXISTS groups (
 CREATE TABLE IF NOT EXISTS group_members (
     grp TEXT NOT NULL,
     user TEXT NOT NULL,
+    joined INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (grp, user)
 ) WITHOUT ROWID;
--- Group messages, one row each whatever the member count: what a member's `read` may name.
+-- Past membership: a user who left may still `read` what was sent to the group while a
+-- member. Kept while an unexpired group message from that time remains.
+CREATE TABLE IF NOT EXISTS group_left (
+    grp TEXT NOT NULL,
+    user TEXT NOT NULL,
+    joined INTEGER NOT NULL,
+    left INTEGER NOT NULL,
+    PRIMARY KEY (grp, user, joined)
+) WITHOUT ROWID;
+-- Group messages, one row each whatever the member count: what a member's `read` may name
+-- (a member at `ts`).
 CREATE TABLE IF NOT EXISTS group_sent (
     sender TEXT NOT NULL,
     msg_id TEXT NOT NULL,
     grp TEXT NOT NULL,
     expires INTEGER NOT NULL,
+    ts INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sender, msg_id, grp)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS group_sent_by_expiry ON group_sent (expires);
@@ -123,17 +135,22 @@ CREATE TABLE IF NOT EXISTS revoked (
 ) WITHOUT ROWID;
 """
 # `recipient` came later: a file made before it gains the column (older ids match no reader);
-# so did groups: the queue's body reference and group columns.
+# so did groups: the queue's body reference and group columns, then the times that bound
+# who may read a group message (0 in older rows: members since the start).
 MIGRATIONS = (
     ("sent_ids", "recipient", "ALTER TABLE sent_ids ADD COLUMN recipient TEXT NOT NULL DEFAULT ''"),
     ("queue", "bid", "ALTER TABLE queue ADD COLUMN bid INTEGER"),
     ("queue", "grp", "ALTER TABLE queue ADD COLUMN grp TEXT NOT NULL DEFAULT ''"),
-)
+    ("group_members", "joined",
+     "ALTER TABLE group_members ADD COLUMN joined INTEGER NOT NULL DEFAULT 0"),
+    ("group_sent", "ts", "ALTER TABLE group_sent ADD COLUMN ts INTEGER NOT NULL DEFAULT 0"),
+)  # fmt: skip
 # A `read` may name only ids the reader's user was sent by `to`; the first finds them. The
 # second finds whether any item still points to a group message's body.
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS sent_ids_by_recipient ON sent_ids (recipient, sender, msg_id);"
     "CREATE INDEX IF NOT EXISTS queue_by_body ON queue (bid) WHERE bid IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS group_sent_by_group ON group_sent (grp, ts);"
 )
 # Queue rows inserted per statement: (rows x columns) stays under SQLite's variable limit.
 INSERT_ROWS = 1000
@@ -427,8 +444,8 @@ class SqliteStore(GroupCommitStore[_Op]):
             old = _members(tx.conn, group)
             if old is None:
                 tx.conn.execute("INSERT INTO groups (grp, created) VALUES (?,?)", (group, now))
-            tx.conn.execute("DELETE FROM group_members WHERE grp=?", (group,))
-            _add_members(tx.conn, group, new)
+            _leave(tx.conn, group, (old or set()) - new, now)
+            _add_members(tx.conn, group, new - (old or set()), now)
             events = membership_events(old or (), new)
             rings = _insert_group_events(tx, group, events, now, expires)
             return GroupChange(tuple(sorted(new)), created=old is None), rings
@@ -448,7 +465,7 @@ class SqliteStore(GroupCommitStore[_Op]):
             new = old | set(users)
             if len(new) > limit:
                 return GroupChange(tuple(sorted(old)), over_limit=True), []
-            _add_members(tx.conn, group, new - old)
+            _add_members(tx.conn, group, new - old, now)
             events = membership_events(old, new)
             return GroupChange(tuple(sorted(new))), _insert_group_events(
                 tx, group, events, now, expires
@@ -464,7 +481,7 @@ class SqliteStore(GroupCommitStore[_Op]):
             old = _members(tx.conn, group)
             if old is None or user not in old:
                 return GroupChange(found=False), []
-            tx.conn.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
+            _leave(tx.conn, group, {user}, now)
             new = old - {user}
             events = membership_events(old, new)
             return GroupChange(tuple(sorted(new))), _insert_group_events(
@@ -481,7 +498,7 @@ class SqliteStore(GroupCommitStore[_Op]):
             old = _members(tx.conn, group)
             if old is None:
                 return False, []
-            tx.conn.execute("DELETE FROM group_members WHERE grp=?", (group,))
+            _leave(tx.conn, group, old, now)
             tx.conn.execute("DELETE FROM groups WHERE grp=?", (group,))
             return True, _insert_group_events(tx, group, deletion_events(old), now, expires)
 
@@ -651,6 +668,12 @@ class SqliteStore(GroupCommitStore[_Op]):
                 " (SELECT sender, msg_id, grp FROM group_sent WHERE expires<=? LIMIT ?)",
                 (now, SWEEP_SLICE),
             ).rowcount
+            # A past membership matters while a message sent during it can be read.
+            tx.conn.execute(
+                "DELETE FROM group_left WHERE NOT EXISTS (SELECT 1 FROM group_sent s"
+                " WHERE s.grp=group_left.grp AND s.ts<group_left.left AND s.expires>?)",
+                (now,),
+            )
             return (items, ids), []
 
         total = 0
@@ -861,11 +884,22 @@ def _members(conn: sqlite3.Connection, group: str) -> set[str] | None:
     return {user for (user,) in rows if user is not None}
 
 
-def _add_members(conn: sqlite3.Connection, group: str, users: set[str]) -> None:
+def _add_members(conn: sqlite3.Connection, group: str, users: set[str], now: int) -> None:
     conn.executemany(
-        "INSERT OR IGNORE INTO group_members (grp, user) VALUES (?,?)",
-        [(group, user) for user in sorted(users)],
+        "INSERT OR IGNORE INTO group_members (grp, user, joined) VALUES (?,?,?)",
+        [(group, user, now) for user in sorted(users)],
     )
+
+
+def _leave(conn: sqlite3.Connection, group: str, users: set[str], now: int) -> None:
+    """End the membership of `users`, keeping its span for their later reads."""
+    for user in sorted(users):
+        conn.execute(
+            "INSERT OR REPLACE INTO group_left (grp, user, joined, left)"
+            " SELECT grp, user, joined, ? FROM group_members WHERE grp=? AND user=?",
+            (now, group, user),
+        )
+        conn.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
 
 
 def _insert_group_events(
@@ -915,9 +949,9 @@ def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
         )
         return SendOutcome(ts=env.ts, not_member=True), []
     conn.execute(
-        "INSERT INTO group_sent (sender, msg_id, grp, expires) VALUES (?,?,?,?)"
-        " ON CONFLICT DO UPDATE SET expires=excluded.expires",
-        (env.sender, env.msg_id, env.group, env.expires),
+        "INSERT INTO group_sent (sender, msg_id, grp, expires, ts) VALUES (?,?,?,?,?)"
+        " ON CONFLICT DO UPDATE SET expires=excluded.expires, ts=excluded.ts",
+        (env.sender, env.msg_id, env.group, env.expires, env.ts),
     )
     targets = [
         (user, did, dev)
@@ -984,10 +1018,12 @@ def _received_ids(
         for (msg_id,) in conn.execute(
             "SELECT msg_id FROM sent_ids WHERE recipient=? AND sender=? AND expires>?"
             f" AND msg_id IN ({marks})"
-            " UNION SELECT s.msg_id FROM group_sent s JOIN group_members m"
-            " ON m.grp = s.grp AND m.user=? WHERE s.sender=? AND s.expires>?"
-            f" AND s.msg_id IN ({marks})",
-            (reader, sender, now, *ids, reader, sender, now, *ids),
+            " UNION SELECT s.msg_id FROM group_sent s WHERE s.sender=? AND s.expires>?"
+            f" AND s.msg_id IN ({marks}) AND (EXISTS (SELECT 1 FROM group_members m"
+            " WHERE m.grp=s.grp AND m.user=? AND m.joined<=s.ts) OR EXISTS (SELECT 1"
+            " FROM group_left l WHERE l.grp=s.grp AND l.user=? AND l.joined<=s.ts"
+            " AND s.ts<l.left))",
+            (reader, sender, now, *ids, sender, now, *ids, reader, reader),
         )
     }
     return tuple(dict.fromkeys(i for i in ids if i in found))
