@@ -2,12 +2,18 @@
 for a configurable time while its resident memory and open files are sampled.
 
     python -m scripts.soak --minutes 10 --devices 200 [--store redis]
+    python -m scripts.soak --minutes 60 --store redis-cluster --ttl 120
 
 Checked: every message answered `sent` is delivered; memory plateaus (the highest sample
 of the last third of the run is within `--tolerance` of the highest of the middle third,
-the first third being warm-up); open files never exceed one per device, and once every
-device has left they are back to where they were before the first device came. Prints a
-table of samples.
+the first third being warm-up), the gateway's resident memory and, on Redis, Redis
+`used_memory` (summed over the primaries); open files never exceed one per device, and
+once every device has left they are back to where they were before the first device
+came. Prints a table of samples.
+
+Redis remembers every message for its TTL (idempotency and read permission), so its
+memory can only level off in a run several TTLs long: `--ttl` gives each message a
+shorter one than the gateway's `max_ttl`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import random
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from gateway.settings import Settings
 from scripts.kit.gateway_process import STORES, GatewayProcess, Usage, open_store
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.procfs import tcp_connections_on, tcp_connections_to
+from scripts.kit.redis_server import RedisServer
 
 AUTH = Settings().auth
 SLACK_KIB = 4 * 1024  # allocator noise a plateau may show on top of the tolerance
@@ -50,6 +58,7 @@ class SoakReport:
     device_sockets_after: int = 0  # TCP connections to the device port once all have left
     store_conns: list[int] = field(default_factory=list)  # pooled store connections, per sample
     store_conns_after: int = 0
+    redis_kib: list[int] = field(default_factory=list)  # Redis used_memory, per sample
 
     def thirds(self) -> tuple[list[Usage], list[Usage]]:
         """The middle and last thirds of the samples."""
@@ -70,6 +79,12 @@ class SoakReport:
         after = max(u.rss_kib for u in last)
         if after > before * (1 + tolerance) + SLACK_KIB:
             problems.append(f"RSS still growing: {before} KiB -> {after} KiB")
+        if self.redis_kib:
+            n = len(self.redis_kib)
+            before = max(self.redis_kib[n // 3 : 2 * n // 3])
+            after = max(self.redis_kib[2 * n // 3 :])
+            if after > before * (1 + tolerance) + SLACK_KIB:
+                problems.append(f"Redis memory still growing: {before} KiB -> {after} KiB")
         # Open files follow how many devices happen to be connected: bounded by one
         # connection per device at any time (plus the store's pooled connections), and
         # back to the idle count at the end.
@@ -87,14 +102,27 @@ class SoakReport:
         return problems
 
     def table(self, rows: int = 12) -> str:
-        """Samples at even intervals: time, RSS, open files."""
+        """Samples at even intervals: time, RSS, open files (and Redis memory)."""
         step = max(1, len(self.samples) // rows)
-        picked = self.samples[::step]
-        if self.samples and picked[-1] is not self.samples[-1]:
-            picked.append(self.samples[-1])
-        lines = ["   t (s)   RSS (MiB)   open files"]
-        lines += [f"{u.at:8.1f}   {u.rss_kib / 1024:9.1f}   {u.fds:10d}" for u in picked]
+        picked = list(range(0, len(self.samples), step))
+        if self.samples and picked[-1] != len(self.samples) - 1:
+            picked.append(len(self.samples) - 1)
+        redis = bool(self.redis_kib)
+        lines = ["   t (s)   RSS (MiB)   open files" + ("   Redis (MiB)" if redis else "")]
+        for i in picked:
+            u = self.samples[i]
+            line = f"{u.at:8.1f}   {u.rss_kib / 1024:9.1f}   {u.fds:10d}"
+            lines.append(line + (f"   {self.redis_kib[i] / 1024:11.1f}" if redis else ""))
         return "\n".join(lines)
+
+
+def redis_used_kib(servers: Sequence[RedisServer]) -> int:
+    """Redis `used_memory` summed over `servers`, in KiB (blocks, briefly)."""
+    total = 0
+    for server in servers:
+        info = server.command("INFO", "memory").decode()
+        total += int(info.split("used_memory:", 1)[1].split("\r\n", 1)[0])
+    return total // 1024
 
 
 async def _device(
@@ -104,6 +132,7 @@ async def _device(
     deadline: float,
     rng: random.Random,
     report: SoakReport,
+    ttl: int | None,
 ) -> None:
     """One device's life: sessions of a few messages each, with pauses between."""
     while trio.current_time() < deadline:
@@ -117,7 +146,7 @@ async def _device(
                     msg_id = f"{name}-{report.sessions}-{n}"
                     # not to itself: a send to one's own user skips the sending device
                     to = rng.choice([p for p in peers if p != name])
-                    await client.send(to, b"soak" * rng.randint(1, 64), id=msg_id)
+                    await client.send(to, b"soak" * rng.randint(1, 64), id=msg_id, ttl=ttl)
                     report.sent.add(msg_id)
                 with trio.move_on_after(rng.uniform(0.05, 1.0)):
                     async for delivery in client.deliveries():
@@ -144,13 +173,18 @@ async def run_soak(
     devices: int,
     sample_every: float,
     seed: int,
-    store_port: int | None = None,
+    redis: Sequence[RedisServer] = (),
+    ttl: int | None = None,
 ) -> SoakReport:
     """Churn `devices` devices for `seconds`, sampling the gateway; return the report.
-    With `store_port` (Redis), connections to it are counted apart from other files."""
+
+    With `redis` (a Redis store's server, or a cluster's primaries), the gateway's
+    connections to them are counted apart from other files, and their `used_memory` is
+    sampled and summed. `ttl` is each message's, in seconds (default: `max_ttl`).
+    """
 
     def pooled() -> int:
-        return 0 if store_port is None else tcp_connections_to(store_port)
+        return sum(tcp_connections_to(server.port) for server in redis)
 
     report = SoakReport(devices=devices)
     rng = random.Random(seed)
@@ -166,14 +200,17 @@ async def run_soak(
             while True:
                 report.samples.append(gateway.usage())
                 report.store_conns.append(pooled())
+                if redis:
+                    report.redis_kib.append(await trio.to_thread.run_sync(redis_used_kib, redis))
                 await trio.sleep(sample_every)
 
         nursery.start_soon(sample)
         async with trio.open_nursery() as churn:
             for name in names:
                 churn.start_soon(
-                    _device, gateway.url, name, names, deadline, random.Random(rng.random()), report
-                )
+                    _device, gateway.url, name, names, deadline, random.Random(rng.random()),
+                    report, ttl,
+                )  # fmt: skip
         nursery.cancel_scope.cancel()
     await _collect(gateway.url, names, report)
     report.delivered.discard("")
@@ -200,7 +237,8 @@ async def _main(args: argparse.Namespace) -> int:
                     devices=args.devices,
                     sample_every=args.sample,
                     seed=args.seed,
-                    store_port=None if store.redis is None else store.redis.port,
+                    redis=() if store.redis is None else (store.redis,),
+                    ttl=args.ttl,
                 )
             finally:
                 gateway.kill()
@@ -214,6 +252,11 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"peak RSS middle third {max(u.rss_kib for u in middle) / 1024:.1f} MiB, last third "
               f"{max(u.rss_kib for u in last) / 1024:.1f} MiB; peak open files "
               f"{max(u.fds for u in middle)} / {max(u.fds for u in last)}")  # fmt: skip
+        if report.redis_kib:
+            n = len(report.redis_kib)
+            print(f"peak Redis used_memory middle third "
+                  f"{max(report.redis_kib[n // 3 : 2 * n // 3]) / 1024:.1f} MiB, last third "
+                  f"{max(report.redis_kib[2 * n // 3 :]) / 1024:.1f} MiB")  # fmt: skip
     print(f"open files idle: before {report.idle_fds_before}, after {report.idle_fds_after}"
           f" ({report.store_conns_after} of them pooled store connections);"
           f" device sockets left open: {report.device_sockets_after}")  # fmt: skip
@@ -231,6 +274,7 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--store", choices=STORES, default="sqlite")
+    parser.add_argument("--ttl", type=int, help="each message's TTL in seconds (default: max_ttl)")
     return trio.run(_main, parser.parse_args())
 
 

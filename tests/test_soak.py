@@ -24,7 +24,7 @@ async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
                 devices=30,
                 sample_every=0.2,
                 seed=3,
-                store_port=None if store.redis is None else store.redis.port,
+                redis=() if store.redis is None else (store.redis,),
             )
         finally:
             gateway.kill()
