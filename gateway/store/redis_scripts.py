@@ -61,9 +61,14 @@ reads and sweeps apply uses the times the gateway passes in.
 
 from __future__ import annotations
 
+import hashlib
+
 # Keys of a queue outlive their longest item by this much (ms), so that Redis's own
 # expiry never removes an item before the gateway's clock says it expired.
 KEY_TTL_SLACK_MS = 3_600_000
+
+# Bytes of one remembered-message record (see `RECORDS`).
+RECORD_SIZE = 24
 
 # Shared by the scripts that queue items: tell the caller where the device is (0:
 # nowhere, 1: on the calling node), or, for a device connected to another node, that
@@ -80,18 +85,63 @@ local function ring(prefix, user, d, node, urgent, member)
 end
 """
 
-# ARGV: P, ts, expires, urgent-flag, own device ("" for none), mode ("a" all / "p" per
-# device / "g" all, for a group), user, node, then the payload (modes a and g) or pairs
+# Remembered messages (see the module docstring): a hash whose field is the first byte of
+# a message's hash and whose value is the field's records, RECORD bytes each: the message
+# hash (8 bytes: SENDER\0ID), a device tag (4: SENDER_DEVICE), the ts and the expiry (6
+# each, big-endian ms). `recall` finds a live record (expires > now) of a message, from one
+# device or (dev nil) any, and returns its ts; `remember` adds one, dropping the field's
+# expired records, and keeps the hash alive as long as its longest record plus slack.
+RECORDS = """
+local function stamp(s, i)
+  local a, b, c, d, e, f = string.byte(s, i, i + 5)
+  return ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
+end
+local function recall(key, h, dev, now, recs)
+  recs = recs or redis.call('HGET', key, string.sub(h, 1, 1))
+  if not recs then return nil end
+  local pos = 1
+  while true do
+    local i = string.find(recs, h, pos, true)
+    if not i then return nil end
+    if (i - 1) % RECORD == 0 and (not dev or string.sub(recs, i + 8, i + 11) == dev)
+        and stamp(recs, i + 18) > now then
+      return stamp(recs, i + 12)
+    end
+    pos = i + 1
+  end
+end
+local function live(recs, now)
+  local kept = {}
+  for i = 1, #recs, RECORD do
+    if stamp(recs, i + 18) > now then kept[#kept + 1] = string.sub(recs, i, i + RECORD - 1) end
+  end
+  return table.concat(kept)
+end
+local function remember(key, rec, now, keyttl)
+  local field = string.sub(rec, 1, 1)
+  local recs = redis.call('HGET', key, field) or ''
+  redis.call('HSET', key, field, live(recs, now) .. rec)
+  if redis.call('PTTL', key) < keyttl then redis.call('PEXPIRE', key, keyttl) end
+end
+""".replace("RECORD", str(RECORD_SIZE))
+
+# KEYS: P:devs, P:m, and the message's P:id: key of the layout before P:m (read only: a
+# record it still holds is honoured until it expires). ARGV: P, ts, expires, urgent-flag,
+# own device ("" for none), mode ("a" all / "p" per device / "g" all, for a group), user,
+# node, the message's record (see `RECORDS`), then the payload (modes a and g) or pairs
 # device, payload (mode p); mode g adds the payload that doorbells carry (a group item is
 # stored naming its body, and rung with the body in it, so that no node reads it back).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
 # {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
 SEND = (
     RING
+    + RECORDS
     + """
 local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local user, node = ARGV[7], ARGV[8]
-local prev = redis.call('GET', KEYS[2])
+local user, node, rec = ARGV[7], ARGV[8], ARGV[9]
+local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
+if pts then return {0, pts} end
+local prev = redis.call('GET', KEYS[3])
 if prev then
   local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
   if tonumber(pexp) > tonumber(ts) then
@@ -110,10 +160,10 @@ local targets = {}
 local skipped = {}
 if mode ~= 'p' then
   for _, d in ipairs(devs) do
-    if d ~= own then targets[#targets + 1] = {d, ARGV[9]} end
+    if d ~= own then targets[#targets + 1] = {d, ARGV[10]} end
   end
 else
-  for i = 9, #ARGV, 2 do
+  for i = 10, #ARGV, 2 do
     local d = ARGV[i]
     if known[d] and d ~= own then
       targets[#targets + 1] = {d, ARGV[i + 1]}
@@ -122,11 +172,10 @@ else
     end
   end
 end
-redis.call('SET', KEYS[2], ts .. '|' .. expires, 'PX', ttl)
-redis.call('SET', KEYS[3], expires, 'PX', ttl)
+local keyttl = ttl + KEY_TTL_SLACK
+remember(KEYS[2], rec, tonumber(ts), keyttl)
 local out = {1, #skipped}
 for _, d in ipairs(skipped) do out[#out + 1] = d end
-local keyttl = ttl + KEY_TTL_SLACK
 for _, t in ipairs(targets) do
   local sid = redis.call('INCR', prefix .. ':seq:' .. t[1])
   local q = prefix .. ':q:' .. t[1]
@@ -134,7 +183,7 @@ for _, t in ipairs(targets) do
   redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
   local rung = member
-  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[10] end
+  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[11] end
   out[#out + 1] = t[1]
   out[#out + 1] = sid
   out[#out + 1] = ring(prefix, user, t[1], node, urgent, rung)
@@ -143,17 +192,50 @@ return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
 )
 
-# Those of the ids (ARGV[2..]) whose P:rx: key (KEYS[1] is its prefix "P:rx:SENDER\0")
-# says unexpired at ARGV[1]. No KEYS beyond the prefix: the keys are built here, all in
-# the reader's slot.
-RECEIVED = """
-local now, out = tonumber(ARGV[1]), {}
-for i = 2, #ARGV do
-  local e = redis.call('GET', KEYS[1] .. ARGV[i])
-  if e and tonumber(e) > now then out[#out + 1] = ARGV[i] end
+# Those of the ids that SENDER sent to this user and that are unexpired at ARGV[1]: a live
+# record in P:m (KEYS[1]), whatever the sending device, or, from the layout before P:m, a
+# live P:rx: key (KEYS[2] is its prefix "P:rx:SENDER\0"; the keys are built here, all in
+# the reader's slot). ARGV: now, then pairs id, message hash.
+RECEIVED = (
+    RECORDS
+    + """
+local now, out, fields = tonumber(ARGV[1]), {}, {}
+for i = 2, #ARGV, 2 do
+  local h = ARGV[i + 1]
+  local f = string.sub(h, 1, 1)
+  if fields[f] == nil then fields[f] = redis.call('HGET', KEYS[1], f) or '' end
+  if recall(KEYS[1], h, nil, now, fields[f]) then
+    out[#out + 1] = ARGV[i]
+  else
+    local e = redis.call('GET', KEYS[2] .. ARGV[i])
+    if e and tonumber(e) > now then out[#out + 1] = ARGV[i] end
+  end
 end
 return out
 """
+)
+
+# Drop the expired records of a P:m hash (KEYS[1]) at ARGV[1]; returns how many. Deletes
+# fields left empty.
+COMPACT = (
+    RECORDS
+    + """
+local now, gone = tonumber(ARGV[1]), 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local kept = live(all[i + 1], now)
+  if #kept < #all[i + 1] then
+    gone = gone + (#all[i + 1] - #kept) / RECORD_SIZE
+    if kept == '' then
+      redis.call('HDEL', KEYS[1], all[i])
+    else
+      redis.call('HSET', KEYS[1], all[i], kept)
+    end
+  end
+end
+return gone
+""".replace("RECORD_SIZE", str(RECORD_SIZE))
+)
 
 # One receipt item for every device of the user but ARGV[7] (if given). KEYS[1] = P:devs.
 # ARGV: P, ts, expires, payload, user, node[, skip]. Returns {device, sid, where, ...}.
@@ -476,13 +558,18 @@ for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = u end
 return out
 """
 
-# Begin a group send. KEYS: G:members, G:id:..., G:bseq. ARGV: G, sender, ts, expires,
-# body. Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
+# Begin a group send. KEYS: G:members, G:m, G:bseq, and the message's G:id: key of the
+# layout before G:m (read only). ARGV: G, sender, ts, expires, body, the message's record.
+# Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
 # group), else {1, bid, members...}: the body is stored under G:b:BID with a count of 1,
 # the send's own hold, which `GROUP_SETTLE` exchanges for the number of items queued.
-GROUP_BEGIN = """
-local g, sender, ts, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local prev = redis.call('GET', KEYS[2])
+GROUP_BEGIN = (
+    RECORDS
+    + """
+local g, sender, ts, expires, rec = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
+if pts then return {0, pts} end
+local prev = redis.call('GET', KEYS[4])
 if prev then
   local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
   if tonumber(pexp) > tonumber(ts) then return {0, pts} end
@@ -498,11 +585,14 @@ local out = {1, bid}
 for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do out[#out + 1] = u end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
-# Finish a group send. KEYS: G:b:BID, G:id:... ARGV: items queued, ts, expires. Replaces
-# the send's hold on the body by the items queued (deleting it if none point to it) and
-# records the id.
-GROUP_SETTLE = """
+# Finish a group send. KEYS: G:b:BID, G:m. ARGV: items queued, ts, expires, the message's
+# record. Replaces the send's hold on the body by the items queued (deleting it if none
+# point to it) and remembers the message.
+GROUP_SETTLE = (
+    RECORDS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HINCRBY', KEYS[1], 'r', tonumber(ARGV[1]) - 1) <= 0 then
     redis.call('DEL', KEYS[1])
@@ -510,9 +600,10 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
 if ttl < 1 then ttl = 1 end
-redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[3], 'PX', ttl)
+remember(KEYS[2], ARGV[4], tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
 return 1
-"""
+""".replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
 # Release acked items' hold on a body. KEYS: G:b:BID. ARGV: how many. Returns 1 if the
 # body was deleted.
@@ -542,6 +633,7 @@ SCRIPTS: dict[str, str] = {
     "send": SEND,
     "receipts": RECEIPTS,
     "received": RECEIVED,
+    "compact": COMPACT,
     "peek": PEEK,
     "remove_members": REMOVE_MEMBERS,
     "fetch": FETCH,
@@ -605,3 +697,21 @@ def _read_field(data: bytes, pos: int) -> tuple[str, int]:
     if size < 0 or end > len(data):
         raise ValueError("truncated field")
     return data[colon + 1 : end].decode(), end
+
+
+# Times in records are 6-byte big-endian ms (until the year 10889); out-of-range values
+# are clamped.
+_MAX_STAMP = 2**48 - 1
+
+
+def message_hash(sender: str, msg_id: str) -> bytes:
+    """The 8-byte hash that names a message of `sender` in remembered-message records."""
+    data = f"{sender}\0{msg_id}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def record(sender: str, device: str, msg_id: str, ts: int, expires: int) -> bytes:
+    """A remembered-message record (`RECORD_SIZE` bytes, see `RECORDS`)."""
+    tag = hashlib.blake2b(device.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    stamps = (min(max(t, 0), _MAX_STAMP).to_bytes(6, "big") for t in (ts, expires))
+    return message_hash(sender, msg_id) + tag + b"".join(stamps)
