@@ -67,8 +67,10 @@ import hashlib
 # expiry never removes an item before the gateway's clock says it expired.
 KEY_TTL_SLACK_MS = 3_600_000
 
-# Bytes of one remembered-message record (see `RECORDS`).
+# Bytes of one remembered-message record, and the records a field holds at most before
+# its hash grows one bit deeper (see `RECORDS`).
 RECORD_SIZE = 24
+SPLIT_RECORDS = 64
 
 # Shared by the scripts that queue items: tell the caller where the device is (0:
 # nowhere, 1: on the calling node), or, for a device connected to another node, that
@@ -85,20 +87,29 @@ local function ring(prefix, user, d, node, urgent, member)
 end
 """
 
-# Remembered messages (see the module docstring): a hash whose field is the first byte of
-# a message's hash and whose value is the field's records, RECORD bytes each: the message
-# hash (8 bytes: SENDER\0ID), a device tag (4: SENDER_DEVICE), the ts and the expiry (6
-# each, big-endian ms). `recall` finds a live record (expires > now) of a message, from one
-# device or (dev nil) any, and returns its ts; `remember` adds one, dropping the field's
-# expired records, and keeps the hash alive as long as its longest record plus slack.
+# Remembered messages (see the module docstring). A record is RECORD bytes: the message
+# hash (8 bytes, of SENDER\0ID), a device tag (4, of SENDER_DEVICE), the ts and the expiry
+# (6 each, big-endian ms). A hash P:m holds a user's records, concatenated in fields named
+# by the first `depth` bits of the message hash (a decimal number; `depth`, a field of its
+# own, is 0 while absent). A field longer than SPLIT records makes the hash one bit
+# deeper, every record moving to its field at the new depth: fields stay short (a lookup
+# reads one) and few (each costs Redis about 50 B), whether a user has ten records or a
+# million. `recall` finds a live record (expires > now) of a message, from one device or
+# (dev false) any, and returns its ts; `remember` adds one, dropping the expired records of
+# its field, and keeps the hash alive as long as its longest record plus slack.
 RECORDS = """
 local function stamp(s, i)
   local a, b, c, d, e, f = string.byte(s, i, i + 5)
   return ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
 end
-local function recall(key, h, dev, now, recs)
-  recs = recs or redis.call('HGET', key, string.sub(h, 1, 1))
-  if not recs then return nil end
+local function depth(key)
+  return tonumber(redis.call('HGET', key, 'depth') or '0')
+end
+local function field(h, k)
+  local a, b = string.byte(h, 1, 2)
+  return tostring(math.floor((a * 256 + b) / 2 ^ (16 - k)))
+end
+local function find(recs, h, dev, now)
   local pos = 1
   while true do
     local i = string.find(recs, h, pos, true)
@@ -110,6 +121,10 @@ local function recall(key, h, dev, now, recs)
     pos = i + 1
   end
 end
+local function recall(key, h, dev, now)
+  local recs = redis.call('HGET', key, field(h, depth(key)))
+  return recs and find(recs, h, dev, now)
+end
 local function live(recs, now)
   local kept = {}
   for i = 1, #recs, RECORD do
@@ -117,13 +132,46 @@ local function live(recs, now)
   end
   return table.concat(kept)
 end
-local function remember(key, rec, now, keyttl)
-  local field = string.sub(rec, 1, 1)
-  local recs = redis.call('HGET', key, field) or ''
-  redis.call('HSET', key, field, live(recs, now) .. rec)
-  if redis.call('PTTL', key) < keyttl then redis.call('PEXPIRE', key, keyttl) end
+local function deepen(key, k, f, recs, now)
+  local parts = {}
+  local function add(v)
+    for j = 1, #v, RECORD do
+      local r = string.sub(v, j, j + RECORD - 1)
+      local g = field(r, k)
+      if not parts[g] then parts[g] = {} end
+      table.insert(parts[g], r)
+    end
+  end
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if all[i] ~= 'depth' and all[i] ~= f then add(live(all[i + 1], now)) end
+  end
+  add(recs)
+  redis.call('DEL', key)
+  local args = {'depth', k}
+  for g, rs in pairs(parts) do
+    args[#args + 1] = g
+    args[#args + 1] = table.concat(rs)
+    if #args >= 1000 then
+      redis.call('HSET', key, unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
 end
-""".replace("RECORD", str(RECORD_SIZE))
+local function remember(key, rec, now, keyttl)
+  local k = depth(key)
+  local f = field(rec, k)
+  local recs = live(redis.call('HGET', key, f) or '', now) .. rec
+  local pttl = redis.call('PTTL', key)
+  if #recs <= SPLIT * RECORD or k >= 16 then
+    redis.call('HSET', key, f, recs)
+  else
+    deepen(key, k + 1, f, recs, now)
+  end
+  redis.call('PEXPIRE', key, math.max(pttl, keyttl))
+end
+""".replace("RECORD", str(RECORD_SIZE)).replace("SPLIT", str(SPLIT_RECORDS))
 
 # KEYS: P:devs, P:m, and the message's P:id: key of the layout before P:m (read only: a
 # record it still holds is honoured until it expires). ARGV: P, ts, expires, urgent-flag,
@@ -200,11 +248,12 @@ RECEIVED = (
     RECORDS
     + """
 local now, out, fields = tonumber(ARGV[1]), {}, {}
+local k = depth(KEYS[1])
 for i = 2, #ARGV, 2 do
   local h = ARGV[i + 1]
-  local f = string.sub(h, 1, 1)
+  local f = field(h, k)
   if fields[f] == nil then fields[f] = redis.call('HGET', KEYS[1], f) or '' end
-  if recall(KEYS[1], h, nil, now, fields[f]) then
+  if find(fields[f], h, false, now) then
     out[#out + 1] = ARGV[i]
   else
     local e = redis.call('GET', KEYS[2] .. ARGV[i])
@@ -216,23 +265,27 @@ return out
 )
 
 # Drop the expired records of a P:m hash (KEYS[1]) at ARGV[1]; returns how many. Deletes
-# fields left empty.
+# fields left empty, and the hash once it holds no record.
 COMPACT = (
     RECORDS
     + """
-local now, gone = tonumber(ARGV[1]), 0
+local now, gone, left = tonumber(ARGV[1]), 0, 0
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  local kept = live(all[i + 1], now)
-  if #kept < #all[i + 1] then
-    gone = gone + (#all[i + 1] - #kept) / RECORD_SIZE
-    if kept == '' then
-      redis.call('HDEL', KEYS[1], all[i])
-    else
-      redis.call('HSET', KEYS[1], all[i], kept)
+  if all[i] ~= 'depth' then
+    local kept = live(all[i + 1], now)
+    if #kept < #all[i + 1] then
+      gone = gone + (#all[i + 1] - #kept) / RECORD_SIZE
+      if kept == '' then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        redis.call('HSET', KEYS[1], all[i], kept)
+      end
     end
+    left = left + #kept
   end
 end
+if left == 0 then redis.call('DEL', KEYS[1]) end
 return gone
 """.replace("RECORD_SIZE", str(RECORD_SIZE))
 )
