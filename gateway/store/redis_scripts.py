@@ -1,9 +1,9 @@
 """The Lua scripts of the Redis backend, and the key layout they share.
 
 Every key of one user carries the hash tag ``{user}``: the device list, each device's
-record, queue and sid counter, and the idempotency records of messages sent *to* that
-user. A script therefore only ever touches one slot, which Redis Cluster requires, and
-a send to every device of a user (plus its idempotency record) is one atomic step, like
+record, queue and sid counter, and the records of messages sent *to* that user. A
+script therefore only ever touches one slot, which Redis Cluster requires, and a send to
+every device of a user (plus its idempotency record) is one atomic step, like
 Signal-Server's insert script.
 
 Layout, with ``P = "gw:{" + user + "}"``:
@@ -15,11 +15,14 @@ Layout, with ``P = "gw:{" + user + "}"``:
   payload is CBOR, see `gateway.store.redis`); the sid inside the member keeps members
   unique and lets a script read the expiry without decoding the payload;
 - ``P:seq:DEVICE``: the device's sid counter; never deleted, so sids are never reused;
-- ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
-  as a garbage-collection backstop;
+- ``P:m``: the messages sent to this user, remembered until they expire: a hash of
+  24-byte records (an 8-byte hash of ``SENDER\\0ID``, a 4-byte tag of the sending device,
+  the ts and the expiry), concatenated in fields named by the first bits of the message
+  hash (see `RECORDS`). A record answers a resend from the same device with the original
+  ts (idempotency), and lets this user's `read` name the id, whatever the sending device.
+  Expired records are dropped when their field is next written and by the expiry sweep
+  (`COMPACT`); the hash has a Redis TTL as long as its longest record, plus slack;
 - ``P:rev:DEVICE``: when the device was last revoked (ms); never expires;
-- ``P:rx:SENDER\\0ID``: ``EXPIRES`` of a message SENDER sent to this user, whatever the
-  sending device, with the same TTL: a `read` of this user names only such ids;
 - ``P:node:DEVICE``: ``NODE|CONNECTION`` where the device is connected, with a TTL that
   the node's heartbeat renews (the device -> node registry);
 - ``P:seen``, ``P:grace``, ``P:hidden``: the user's last-seen time, a key that lives for
@@ -34,8 +37,8 @@ group key can be mistaken for a user's; with ``G = "gwg:{" + group + "}"``:
 - ``G:b:BID``: hash with ``b`` (a group message's body, stored once) and ``r`` (how many
   queue items still point to it, plus one while its send is in progress); deleted when
   ``r`` reaches 0, and with a Redis TTL as long as the message's, plus slack;
-- ``G:id:SENDER\0SENDER_DEVICE\0ID``: ``TS|EXPIRES`` of a group message stored for
-  every member, with a TTL: the group-wide idempotency record;
+- ``G:m``: the group messages stored for every member, remembered as in ``P:m``: the
+  group-wide idempotency records;
 - ``G:pending``: list of membership changes whose `group` events are not known to be
   queued yet (see `GROUP_CHANGE`); it outlives the group's deletion.
 
@@ -53,6 +56,18 @@ doorbells go on the node's sharded channel ``gw:{node:NODE}:bells``. Scripts ret
 doorbells, which the caller publishes (see `RING`). ``gw:events`` tells every node of
 connects (``c``), disconnects (``d``) and hidden changes (``h``). A device is written
 ``LEN:USERLEN:DEVICE`` in messages.
+
+The layout before ``P:m`` and ``G:m`` kept two string keys per message in the
+recipient's slot, ``P:id:SENDER\\0SENDER_DEVICE\\0ID`` (``TS|EXPIRES``) and
+``P:rx:SENDER\\0ID`` (``EXPIRES``), and ``G:id:SENDER\\0SENDER_DEVICE\\0ID`` per group
+message, each with the message's TTL. The scripts still read them (never write them), so
+that records written before an upgrade are honoured until they expire.
+
+A 64-bit message hash may collide: for a user holding n live records, a new message is
+taken for a duplicate of another (or a `read` names an id never received) with a chance
+of about n / 2**64 per message, 5 in 10**14 for a million records. Two devices of one
+sender that send the same id are told apart by their 32-bit tags, which coincide with a
+chance of 2**-32.
 
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
