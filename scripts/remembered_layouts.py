@@ -33,23 +33,30 @@ Every run measures every layout in the same invocation, so the figures compare.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import coredis
 import trio
 
-from gateway.store.redis_scripts import RECORDS, message_hash, record
+from gateway.store.redis_scripts import RECORDS, naming
 from scripts.kit.redis_server import RedisServer
 
 T0 = 1_700_000_000_000
 DAY_MS = 24 * 3600 * 1000
 PIPELINE = 1000  # commands per round trip while filling
 
-REMEMBER = RECORDS + "remember(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))"
+REMEMBER = (
+    RECORDS
+    + """
+local rec, salt = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+remember(KEYS[1], rec, salt, tonumber(ARGV[5]), tonumber(ARGV[6]))
+"""
+)
 LOOKUPS = {
     "keys": """
 local v = redis.call('GET', KEYS[1])
@@ -77,7 +84,8 @@ return 0
 """,
     "packed": RECORDS
     + """
-return recall(KEYS[1], string.sub(ARGV[1], 1, 8), string.sub(ARGV[1], 9, 12), 0) and 1 or 0
+local rec = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return recall(KEYS[1], string.sub(rec, 1, 8), string.sub(rec, 9, 12), 0) and 1 or 0
 """,
 }
 
@@ -104,8 +112,13 @@ class Message:
         self.msg_id = f"{n:08d}-0a1b2c3d-4e5f-6789-abcd-ef0123456789"  # uuid-like
         self.ts = T0 + n * 1000
         self.expires = self.ts + ttl_days * DAY_MS
-        self.hash = message_hash(self.sender, self.msg_id)
-        self.record = record(self.sender, self.device, self.msg_id, self.ts, self.expires)
+        self.naming = naming(self.sender, self.device, self.msg_id, self.ts, self.expires)
+        # The other layouts' message hash and device tag, unsalted.
+        text, _, stamps, _ = self.naming
+        assert isinstance(stamps, bytes)
+        self.hash = hashlib.blake2b(str(text).encode(), digest_size=8).digest()
+        tag = hashlib.blake2b(self.device.encode(), digest_size=4).digest()
+        self.record = self.hash + tag + stamps
         self.day = self.expires // DAY_MS
         self.prefix = "gw:{" + user + "}"
 
@@ -132,7 +145,7 @@ def fill(layout: str, msg: Message, pipe: Any, packed: str) -> None:
         pipe.sadd(key, [int.from_bytes(msg.hash, "big", signed=True)])
         pipe.pexpire(key, day_ttl)
     else:
-        pipe.evalsha(packed, keys=[f"{p}:m"], args=[msg.record, msg.ts, ttl])
+        pipe.evalsha(packed, keys=[f"{p}:m"], args=[*msg.naming, msg.ts, ttl])
 
 
 def lookup(layout: str, msg: Message, ttl_days: int) -> tuple[list[str], list[str | bytes | int]]:
@@ -146,7 +159,8 @@ def lookup(layout: str, msg: Message, ttl_days: int) -> tuple[list[str], list[st
         return [f"{p}:m:"], [msg.record[:12], ttl_days, first_day, msg.hash[0] % 64]
     if layout == "day-set":
         return [f"{p}:s:"], [int.from_bytes(msg.hash, "big", signed=True), ttl_days, first_day]
-    return [f"{p}:m"], [msg.record]
+    argv: list[str | bytes | int] = [*msg.naming]
+    return [f"{p}:m"], argv
 
 
 async def measure(args: argparse.Namespace, url: str) -> None:
@@ -201,7 +215,7 @@ async def measure(args: argparse.Namespace, url: str) -> None:
                   flush=True)  # fmt: skip
 
 
-def _stat(stats: dict[str, object], name: str) -> dict[str, str]:
+def _stat(stats: Mapping[str, object], name: str) -> dict[str, str]:
     """One command's statistics from INFO commandstats, however the client parsed them."""
     entry = stats.get(f"cmdstat_{name}", {})
     if isinstance(entry, dict):

@@ -82,7 +82,7 @@ MANY = 600  # enough to make the hash a few bits deep
 async def records(client: coredis.Redis[bytes], key: str) -> int:
     """How many remembered-message records a hash holds."""
     fields = await client.hgetall(key)
-    return sum(len(v) for f, v in fields.items() if f != b"depth") // RECORD_SIZE
+    return sum(len(v) for f, v in fields.items() if f not in (b"depth", b"salt")) // RECORD_SIZE
 
 
 async def test_remembered_messages_take_one_key_and_under_64_bytes_each(store, client):
@@ -130,6 +130,22 @@ async def test_a_read_names_only_ids_of_live_records_of_that_sender_and_reader(s
     assert await read.result() == 1
     [receipt] = [i for i in await fetch_all(store, "alice", "phone", now) if i.kind.name == "READ"]
     assert receipt.ids == ("m2",)
+
+
+async def test_each_hash_names_messages_under_a_salt_of_its_own(store, client):
+    # So that nobody can choose ids whose records crowd one field of someone's hash.
+    await register(store, "bob", "phone")
+    await register(store, "carol", "phone")
+    await send(store, envelope("m1", to="bob"))
+    await send(store, envelope("m1", to="carol"))
+
+    salts, hashes = set(), set()
+    for user in ("bob", "carol"):
+        fields = await client.hgetall(f"gw:{{{user}}}:m")
+        salts.add(fields.pop(b"salt"))
+        [rec] = fields.values()
+        hashes.add(rec[:8])
+    assert len(salts) == len(hashes) == 2
 
 
 async def test_the_sweep_drops_expired_records_and_then_the_hash(store, client):

@@ -68,7 +68,7 @@ from gateway.store.groups import (
     deletion_events,
     membership_events,
 )
-from gateway.store.redis_scripts import SCRIPTS, group_prefix, message_hash, prefix, record
+from gateway.store.redis_scripts import SCRIPTS, group_prefix, naming, prefix
 
 log = logging.getLogger(__name__)
 
@@ -426,9 +426,7 @@ class RedisStore(GroupCommitStore[_Op]):
             if not ids:
                 return 0, []
             p = prefix(reader)
-            args: list[str | int | bytes] = [now]
-            for msg_id in dict.fromkeys(ids):
-                args += [msg_id, message_hash(to, msg_id)]
+            args: list[str | int | bytes] = [now, to, *dict.fromkeys(ids)]
             [found] = yield [("received", [f"{p}:m", f"{p}:rx:{to}\0"], args)]
             known = {i.decode() for i in found}
             received = tuple(dict.fromkeys(i for i in ids if i in known))
@@ -751,12 +749,12 @@ def _send_steps(env: Envelope, node: str) -> Steps:
     p = prefix(env.to)
     own = env.sender_device if env.to == env.sender else ""
     head: list[str | int | bytes] = [p, env.ts, env.expires, int(env.urgent), own]
-    rec = record(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
+    rec = naming(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
     if env.bodies is None:
         body = env.body or b""
-        args = [*head, "a", env.to, node, rec, _payload(ItemKind.MESSAGE, env, body)]
+        args = [*head, "a", env.to, node, *rec, _payload(ItemKind.MESSAGE, env, body)]
     else:
-        args = [*head, "p", env.to, node, rec]
+        args = [*head, "p", env.to, node, *rec]
         for device, body in env.bodies.items():
             args += [device, _payload(ItemKind.MESSAGE, env, body)]
     [answer] = yield [("send", [f"{p}:devs", f"{p}:m", _old_id_key(p, env)], args)]
@@ -858,8 +856,8 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
     failure half-way fills in only what is missing); in the group's, exchange the hold for
     the number of items queued and record the id."""
     g = group_prefix(env.group)
-    rec = record(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
-    begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body, rec]
+    rec = naming(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
+    begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body, *rec]
     begin_keys = [f"{g}:members", f"{g}:m", f"{g}:bseq", _old_id_key(g, env)]
     [begin] = yield [("group_begin", begin_keys, begin_args)]
     if begin[0] == 0:
@@ -877,7 +875,7 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
         own = env.sender_device if member == env.sender else ""
         keys = [f"{p}:devs", f"{p}:m", _old_id_key(p, env)]
         args: list[str | int | bytes] = [
-            p, env.ts, env.expires, int(env.urgent), own, "g", member, node, rec,
+            p, env.ts, env.expires, int(env.urgent), own, "g", member, node, *rec,
             stored_payload, rung_payload,
         ]  # fmt: skip
         calls.append(("send", keys, args))
@@ -895,7 +893,8 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
             return member, device, env.urgent, item
 
         rings += _placed(answer[2 + answer[1] :], make)
-    yield [("group_settle", [f"{g}:b:{bid}", f"{g}:m"], [len(rings), env.ts, env.expires, rec])]
+    settle_args = [len(rings), env.ts, env.expires, *rec]
+    yield [("group_settle", [f"{g}:b:{bid}", f"{g}:m"], settle_args)]
     return SendOutcome(ts=env.ts, devices=len(rings)), rings
 
 

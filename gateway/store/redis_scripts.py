@@ -18,8 +18,9 @@ Layout, with ``P = "gw:{" + user + "}"``:
 - ``P:m``: the messages sent to this user, remembered until they expire: a hash of
   24-byte records (an 8-byte hash of ``SENDER\\0ID``, a 4-byte tag of the sending device,
   the ts and the expiry), concatenated in fields named by the first bits of the message
-  hash (see `RECORDS`). A record answers a resend from the same device with the original
-  ts (idempotency), and lets this user's `read` name the id, whatever the sending device.
+  hash, and the ``salt`` the hashes are made with (see `RECORDS`). A record answers a
+  resend from the same device with the original ts (idempotency), and lets this user's
+  `read` name the id, whatever the sending device.
   Expired records are dropped when their field is next written and by the expiry sweep
   (`COMPACT`); the hash has a Redis TTL as long as its longest record, plus slack;
 - ``P:rev:DEVICE``: when the device was last revoked (ms); never expires;
@@ -76,7 +77,7 @@ reads and sweeps apply uses the times the gateway passes in.
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 
 # Keys of a queue outlive their longest item by this much (ms), so that Redis's own
 # expiry never removes an item before the gateway's clock says it expired.
@@ -104,14 +105,18 @@ end
 
 # Remembered messages (see the module docstring). A record is RECORD bytes: the message
 # hash (8 bytes, of SENDER\0ID), a device tag (4, of SENDER_DEVICE), the ts and the expiry
-# (6 each, big-endian ms). A hash P:m holds a user's records, concatenated in fields named
-# by the first `depth` bits of the message hash (a decimal number; `depth`, a field of its
-# own, is 0 while absent). A field longer than SPLIT records makes the hash one bit
-# deeper, every record moving to its field at the new depth: fields stay short (a lookup
-# reads one) and few (each costs Redis about 50 B), whether a user has ten records or a
-# million. `recall` finds a live record (expires > now) of a message, from one device or
-# (dev false) any, and returns its ts; `remember` adds one, dropping the expired records of
-# its field, and keeps the hash alive as long as its longest record plus slack.
+# (6 each, big-endian ms). Hash and tag are SHA-1 of the `salt` of the hash holding the
+# record followed by the text (the salt is random, written with its first record and kept
+# while it lives), so that nobody can choose ids whose records crowd one field. A hash
+# P:m holds a user's records, concatenated in fields named by the first `depth` bits of
+# the message hash (a decimal number; `depth`, a field of its own, is 0 while absent). A
+# field longer than SPLIT records makes the hash one bit deeper, every record moving to
+# its field at the new depth: fields stay short (a lookup reads one) and few (each costs
+# Redis about 50 B), whether a user has ten records or a million. `record` makes a message's record
+# from its text, device, ts and expiry (12 bytes) and a fresh salt (used if the hash has
+# none yet); `recall` finds a live record (expires > now) of a message, from one device or
+# (dev false) any, and returns its ts; `remember` adds one, dropping the expired records
+# of its field, and keeps the hash alive as long as its longest record plus slack.
 RECORDS = """
 local function stamp(s, i)
   local a, b, c, d, e, f = string.byte(s, i, i + 5)
@@ -119,6 +124,15 @@ local function stamp(s, i)
 end
 local function depth(key)
   return tonumber(redis.call('HGET', key, 'depth') or '0')
+end
+local function digest(salt, text, n)
+  local hex, out = redis.sha1hex(salt .. text), {}
+  for i = 1, 2 * n, 2 do out[#out + 1] = string.char(tonumber(string.sub(hex, i, i + 1), 16)) end
+  return table.concat(out)
+end
+local function record(key, text, dev, stamps, fresh)
+  local salt = redis.call('HGET', key, 'salt') or fresh
+  return digest(salt, text, 8) .. digest(salt, dev, 4) .. stamps, salt
 end
 local function field(h, k)
   local a, b = string.byte(h, 1, 2)
@@ -159,11 +173,12 @@ local function deepen(key, k, f, recs, now)
   end
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
-    if all[i] ~= 'depth' and all[i] ~= f then add(live(all[i + 1], now)) end
+    if all[i] ~= 'depth' and all[i] ~= 'salt' and all[i] ~= f then add(live(all[i + 1], now)) end
   end
   add(recs)
+  local salt = redis.call('HGET', key, 'salt')
   redis.call('DEL', key)
-  local args = {'depth', k}
+  local args = {'depth', k, 'salt', salt}
   for g, rs in pairs(parts) do
     args[#args + 1] = g
     args[#args + 1] = table.concat(rs)
@@ -174,7 +189,8 @@ local function deepen(key, k, f, recs, now)
   end
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
 end
-local function remember(key, rec, now, keyttl)
+local function remember(key, rec, salt, now, keyttl)
+  redis.call('HSETNX', key, 'salt', salt)
   local k = depth(key)
   local f = field(rec, k)
   local recs = live(redis.call('HGET', key, f) or '', now) .. rec
@@ -191,8 +207,9 @@ end
 # KEYS: P:devs, P:m, and the message's P:id: key of the layout before P:m (read only: a
 # record it still holds is honoured until it expires). ARGV: P, ts, expires, urgent-flag,
 # own device ("" for none), mode ("a" all / "p" per device / "g" all, for a group), user,
-# node, the message's record (see `RECORDS`), then the payload (modes a and g) or pairs
-# device, payload (mode p); mode g adds the payload that doorbells carry (a group item is
+# node, the message's text ``SENDER\0ID``, SENDER_DEVICE, ts and expiry (12 bytes) and a
+# fresh salt (see `RECORDS`), then the payload (modes a and g) or pairs device, payload
+# (mode p); mode g adds the payload that doorbells carry (a group item is
 # stored naming its body, and rung with the body in it, so that no node reads it back).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
 # {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
@@ -201,7 +218,8 @@ SEND = (
     + RECORDS
     + """
 local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local user, node, rec = ARGV[7], ARGV[8], ARGV[9]
+local user, node = ARGV[7], ARGV[8]
+local rec, salt = record(KEYS[2], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
 local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
 if pts then return {0, pts} end
 local prev = redis.call('GET', KEYS[3])
@@ -223,10 +241,10 @@ local targets = {}
 local skipped = {}
 if mode ~= 'p' then
   for _, d in ipairs(devs) do
-    if d ~= own then targets[#targets + 1] = {d, ARGV[10]} end
+    if d ~= own then targets[#targets + 1] = {d, ARGV[13]} end
   end
 else
-  for i = 10, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     local d = ARGV[i]
     if known[d] and d ~= own then
       targets[#targets + 1] = {d, ARGV[i + 1]}
@@ -236,7 +254,7 @@ else
   end
 end
 local keyttl = ttl + KEY_TTL_SLACK
-remember(KEYS[2], rec, tonumber(ts), keyttl)
+remember(KEYS[2], rec, salt, tonumber(ts), keyttl)
 local out = {1, #skipped}
 for _, d in ipairs(skipped) do out[#out + 1] = d end
 for _, t in ipairs(targets) do
@@ -246,7 +264,7 @@ for _, t in ipairs(targets) do
   redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
   local rung = member
-  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[11] end
+  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[14] end
   out[#out + 1] = t[1]
   out[#out + 1] = sid
   out[#out + 1] = ring(prefix, user, t[1], node, urgent, rung)
@@ -258,17 +276,20 @@ return out
 # Those of the ids that SENDER sent to this user and that are unexpired at ARGV[1]: a live
 # record in P:m (KEYS[1]), whatever the sending device, or, from the layout before P:m, a
 # live P:rx: key (KEYS[2] is its prefix "P:rx:SENDER\0"; the keys are built here, all in
-# the reader's slot). ARGV: now, then pairs id, message hash.
+# the reader's slot). ARGV: now, SENDER, then the ids.
 RECEIVED = (
     RECORDS
     + """
-local now, out, fields = tonumber(ARGV[1]), {}, {}
-local k = depth(KEYS[1])
-for i = 2, #ARGV, 2 do
-  local h = ARGV[i + 1]
-  local f = field(h, k)
-  if fields[f] == nil then fields[f] = redis.call('HGET', KEYS[1], f) or '' end
-  if find(fields[f], h, false, now) then
+local now, sender, out, fields = tonumber(ARGV[1]), ARGV[2], {}, {}
+local k, salt = depth(KEYS[1]), redis.call('HGET', KEYS[1], 'salt')
+for i = 3, #ARGV do
+  local h, f = '', ''
+  if salt then
+    h = digest(salt, sender .. '\\0' .. ARGV[i], 8)
+    f = field(h, k)
+    if fields[f] == nil then fields[f] = redis.call('HGET', KEYS[1], f) or '' end
+  end
+  if salt and find(fields[f], h, false, now) then
     out[#out + 1] = ARGV[i]
   else
     local e = redis.call('GET', KEYS[2] .. ARGV[i])
@@ -287,7 +308,7 @@ COMPACT = (
 local now, gone, left = tonumber(ARGV[1]), 0, 0
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  if all[i] ~= 'depth' then
+  if all[i] ~= 'depth' and all[i] ~= 'salt' then
     local kept = live(all[i + 1], now)
     if #kept < #all[i + 1] then
       gone = gone + (#all[i + 1] - #kept) / RECORD_SIZE
@@ -627,14 +648,16 @@ return out
 """
 
 # Begin a group send. KEYS: G:members, G:m, G:bseq, and the message's G:id: key of the
-# layout before G:m (read only). ARGV: G, sender, ts, expires, body, the message's record.
+# layout before G:m (read only). ARGV: G, sender, ts, expires, body, then the message's
+# text, device, stamps and a fresh salt, as for `SEND`.
 # Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
 # group), else {1, bid, members...}: the body is stored under G:b:BID with a count of 1,
 # the send's own hold, which `GROUP_SETTLE` exchanges for the number of items queued.
 GROUP_BEGIN = (
     RECORDS
     + """
-local g, sender, ts, expires, rec = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+local g, sender, ts, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local rec = record(KEYS[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
 local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
 if pts then return {0, pts} end
 local prev = redis.call('GET', KEYS[4])
@@ -655,9 +678,10 @@ return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
 )
 
-# Finish a group send. KEYS: G:b:BID, G:m. ARGV: items queued, ts, expires, the message's
-# record. Replaces the send's hold on the body by the items queued (deleting it if none
-# point to it) and remembers the message.
+# Finish a group send. KEYS: G:b:BID, G:m. ARGV: items queued, ts, expires, then the
+# message's text, device, stamps and a fresh salt, as for `SEND`. Replaces the send's hold
+# on the body by the items queued (deleting it if none point to it) and remembers the
+# message.
 GROUP_SETTLE = (
     RECORDS
     + """
@@ -668,7 +692,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
 if ttl < 1 then ttl = 1 end
-remember(KEYS[2], ARGV[4], tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
+local rec, salt = record(KEYS[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+remember(KEYS[2], rec, salt, tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
 return 1
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
 )
@@ -770,16 +795,11 @@ def _read_field(data: bytes, pos: int) -> tuple[str, int]:
 # Times in records are 6-byte big-endian ms (until the year 10889); out-of-range values
 # are clamped.
 _MAX_STAMP = 2**48 - 1
+SALT_BYTES = 8
 
 
-def message_hash(sender: str, msg_id: str) -> bytes:
-    """The 8-byte hash that names a message of `sender` in remembered-message records."""
-    data = f"{sender}\0{msg_id}".encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, digest_size=8).digest()
-
-
-def record(sender: str, device: str, msg_id: str, ts: int, expires: int) -> bytes:
-    """A remembered-message record (`RECORD_SIZE` bytes, see `RECORDS`)."""
-    tag = hashlib.blake2b(device.encode("utf-8", "surrogatepass"), digest_size=4).digest()
-    stamps = (min(max(t, 0), _MAX_STAMP).to_bytes(6, "big") for t in (ts, expires))
-    return message_hash(sender, msg_id) + tag + b"".join(stamps)
+def naming(sender: str, device: str, msg_id: str, ts: int, expires: int) -> list[str | bytes]:
+    """What the scripts that remember a message take to make its record (see `RECORDS`):
+    its text ``SENDER\\0ID``, the sending device, its ts and expiry, and a fresh salt."""
+    stamps = b"".join(min(max(t, 0), _MAX_STAMP).to_bytes(6, "big") for t in (ts, expires))
+    return [f"{sender}\0{msg_id}", device, stamps, secrets.token_bytes(SALT_BYTES)]
