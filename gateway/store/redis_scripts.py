@@ -125,10 +125,14 @@ end
 local function depth(key)
   return tonumber(redis.call('HGET', key, 'depth') or '0')
 end
+local function bytes4(x)
+  return math.floor(x / 16777216), math.floor(x / 65536) % 256, math.floor(x / 256) % 256, x % 256
+end
 local function digest(salt, text, n)
-  local hex, out = redis.sha1hex(salt .. text), {}
-  for i = 1, 2 * n, 2 do out[#out + 1] = string.char(tonumber(string.sub(hex, i, i + 1), 16)) end
-  return table.concat(out)
+  local hex = redis.sha1hex(salt .. text)
+  if n == 4 then return string.char(bytes4(tonumber(string.sub(hex, 1, 8), 16))) end
+  local a, b, c, d = bytes4(tonumber(string.sub(hex, 1, 8), 16))
+  return string.char(a, b, c, d, bytes4(tonumber(string.sub(hex, 9, 16), 16)))
 end
 local function record(key, text, dev, stamps, fresh)
   local salt = redis.call('HGET', key, 'salt') or fresh
