@@ -53,8 +53,9 @@ PIPELINE = 1000  # commands per round trip while filling
 REMEMBER = (
     RECORDS
     + """
-local rec, salt = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-remember(KEYS[1], rec, salt, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local rec, salt, k, new = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local _, recs = lookup(KEYS[1], rec, k, tonumber(ARGV[5]))
+remember(KEYS[1], rec, salt, k, new, recs, tonumber(ARGV[5]), tonumber(ARGV[6]))
 """
 )
 LOOKUPS = {
@@ -84,8 +85,8 @@ return 0
 """,
     "packed": RECORDS
     + """
-local rec = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-return recall(KEYS[1], string.sub(rec, 1, 8), string.sub(rec, 9, 12), 0) and 1 or 0
+local rec, _, k = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return lookup(KEYS[1], rec, k, 0) and 1 or 0
 """,
 }
 

@@ -100,6 +100,7 @@ async def test_remembered_messages_take_one_key_and_under_64_bytes_each(store, c
         "gw:{bob}:d:phone", "gw:{bob}:devs", "gw:{bob}:m", "gw:{bob}:seq:phone",
     ]  # fmt: skip
     assert await client.memory_usage("gw:{bob}:m", samples=0) / MANY < 64
+    assert 60_000 < await client.pttl("gw:{bob}:m") <= 60_000 + KEY_TTL_SLACK_MS
 
 
 async def test_every_remembered_message_is_found_among_many_until_it_expires(store):

@@ -112,18 +112,17 @@ end
 # the message hash (a decimal number; `depth`, a field of its own, is 0 while absent). A
 # field longer than SPLIT records makes the hash one bit deeper, every record moving to
 # its field at the new depth: fields stay short (a lookup reads one) and few (each costs
-# Redis about 50 B), whether a user has ten records or a million. `record` makes a message's record
-# from its text, device, ts and expiry (12 bytes) and a fresh salt (used if the hash has
-# none yet); `recall` finds a live record (expires > now) of a message, from one device or
-# (dev false) any, and returns its ts; `remember` adds one, dropping the expired records
-# of its field, and keeps the hash alive as long as its longest record plus slack.
+# Redis about 50 B), whether a user has ten records or a million. `record` makes a
+# message's record from its text, device, ts and expiry (12 bytes) and a fresh salt (used
+# if the hash has none yet), and returns it with the salt, the depth and whether the salt
+# is new; `lookup` finds a live record (expires > now) of the message, from that device,
+# and returns its ts (or nil) and the field it read; `remember` adds the record to that
+# field, dropping its expired records, and keeps the hash alive as long as its longest
+# record plus slack.
 RECORDS = """
 local function stamp(s, i)
   local a, b, c, d, e, f = string.byte(s, i, i + 5)
   return ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
-end
-local function depth(key)
-  return tonumber(redis.call('HGET', key, 'depth') or '0')
 end
 local function bytes4(x)
   return math.floor(x / 16777216), math.floor(x / 65536) % 256, math.floor(x / 256) % 256, x % 256
@@ -135,8 +134,10 @@ local function digest(salt, text, n)
   return string.char(a, b, c, d, bytes4(tonumber(string.sub(hex, 9, 16), 16)))
 end
 local function record(key, text, dev, stamps, fresh)
-  local salt = redis.call('HGET', key, 'salt') or fresh
-  return digest(salt, text, 8) .. digest(salt, dev, 4) .. stamps, salt
+  local meta = redis.call('HMGET', key, 'salt', 'depth')
+  local salt = meta[1] or fresh
+  local rec = digest(salt, text, 8) .. digest(salt, dev, 4) .. stamps
+  return rec, salt, tonumber(meta[2] or '0'), not meta[1]
 end
 local function field(h, k)
   local a, b = string.byte(h, 1, 2)
@@ -154,9 +155,9 @@ local function find(recs, h, dev, now)
     pos = i + 1
   end
 end
-local function recall(key, h, dev, now)
-  local recs = redis.call('HGET', key, field(h, depth(key)))
-  return recs and find(recs, h, dev, now)
+local function lookup(key, rec, k, now)
+  local recs = redis.call('HGET', key, field(rec, k)) or ''
+  return find(recs, string.sub(rec, 1, 8), string.sub(rec, 9, 12), now), recs
 end
 local function live(recs, now)
   local kept = {}
@@ -193,18 +194,18 @@ local function deepen(key, k, f, recs, now)
   end
   if #args > 0 then redis.call('HSET', key, unpack(args)) end
 end
-local function remember(key, rec, salt, now, keyttl)
-  redis.call('HSETNX', key, 'salt', salt)
-  local k = depth(key)
+local function remember(key, rec, salt, k, new, recs, now, keyttl)
+  if new then redis.call('HSET', key, 'salt', salt) end
   local f = field(rec, k)
-  local recs = live(redis.call('HGET', key, f) or '', now) .. rec
+  recs = live(recs, now) .. rec
   local pttl = redis.call('PTTL', key)
   if #recs <= SPLIT * RECORD or k >= 16 then
     redis.call('HSET', key, f, recs)
+    if pttl < keyttl then redis.call('PEXPIRE', key, keyttl) end
   else
     deepen(key, k + 1, f, recs, now)
+    redis.call('PEXPIRE', key, math.max(pttl, keyttl))
   end
-  redis.call('PEXPIRE', key, math.max(pttl, keyttl))
 end
 """.replace("RECORD", str(RECORD_SIZE)).replace("SPLIT", str(SPLIT_RECORDS))
 
@@ -223,8 +224,8 @@ SEND = (
     + """
 local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local user, node = ARGV[7], ARGV[8]
-local rec, salt = record(KEYS[2], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
-local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
+local rec, salt, k, new = record(KEYS[2], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
+local pts, recs = lookup(KEYS[2], rec, k, tonumber(ts))
 if pts then return {0, pts} end
 local prev = redis.call('GET', KEYS[3])
 if prev then
@@ -258,7 +259,7 @@ else
   end
 end
 local keyttl = ttl + KEY_TTL_SLACK
-remember(KEYS[2], rec, salt, tonumber(ts), keyttl)
+remember(KEYS[2], rec, salt, k, new, recs, tonumber(ts), keyttl)
 local out = {1, #skipped}
 for _, d in ipairs(skipped) do out[#out + 1] = d end
 for _, t in ipairs(targets) do
@@ -285,7 +286,8 @@ RECEIVED = (
     RECORDS
     + """
 local now, sender, out, fields = tonumber(ARGV[1]), ARGV[2], {}, {}
-local k, salt = depth(KEYS[1]), redis.call('HGET', KEYS[1], 'salt')
+local meta = redis.call('HMGET', KEYS[1], 'salt', 'depth')
+local salt, k = meta[1], tonumber(meta[2] or '0')
 for i = 3, #ARGV do
   local h, f = '', ''
   if salt then
@@ -661,8 +663,8 @@ GROUP_BEGIN = (
     RECORDS
     + """
 local g, sender, ts, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local rec = record(KEYS[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
-local pts = recall(KEYS[2], string.sub(rec, 1, 8), string.sub(rec, 9, 12), tonumber(ts))
+local rec, _, k = record(KEYS[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local pts = lookup(KEYS[2], rec, k, tonumber(ts))
 if pts then return {0, pts} end
 local prev = redis.call('GET', KEYS[4])
 if prev then
@@ -696,8 +698,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
 if ttl < 1 then ttl = 1 end
-local rec, salt = record(KEYS[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
-remember(KEYS[2], rec, salt, tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
+local rec, salt, k, new = record(KEYS[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local _, recs = lookup(KEYS[2], rec, k, tonumber(ARGV[2]))
+remember(KEYS[2], rec, salt, k, new, recs, tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
 return 1
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
 )
