@@ -14,8 +14,18 @@ from coredis._utils import hash_slot
 from gateway.errors import StoreError
 from gateway.store import MessageStore
 from gateway.store.redis import SWEEP_LEASE, RedisStore
+from gateway.store.redis_scripts import KEY_TTL_SLACK_MS, RECORD_SIZE
 from tests.redisproc import RedisProcess
-from tests.test_store import T0, envelope, fetch_all, open_backend, register, send
+from tests.test_store import (
+    DAY_MS,
+    T0,
+    envelope,
+    fetch_all,
+    group_envelope,
+    open_backend,
+    register,
+    send,
+)
 
 
 @pytest.fixture
@@ -55,12 +65,123 @@ async def test_removing_a_device_drops_its_queue_but_never_reuses_its_sids(store
     assert new.sid > old.sid
 
 
-async def test_idempotency_records_and_queues_expire_in_redis_too(store, client):
+async def test_remembered_messages_and_queues_expire_in_redis_too(store, client):
     await register(store, "bob", "phone")
     await send(store, envelope(ttl_ms=60_000))
 
-    assert 0 < await client.pttl("gw:{bob}:id:alice\0phone\0m1") <= 60_000
-    assert await client.pttl("gw:{bob}:q:phone") > 60_000  # outlives its longest item
+    # Both outlive their longest record or item, by the slack at most.
+    for key in ("gw:{bob}:m", "gw:{bob}:q:phone"):
+        assert 60_000 < await client.pttl(key) <= 60_000 + KEY_TTL_SLACK_MS
+
+
+# -- remembered messages: one compact hash per user ---------------------------------------
+
+MANY = 600  # enough to make the hash a few bits deep
+
+
+async def records(client: coredis.Redis[bytes], key: str) -> int:
+    """How many remembered-message records a hash holds."""
+    fields = await client.hgetall(key)
+    return sum(len(v) for f, v in fields.items() if f not in (b"depth", b"salt")) // RECORD_SIZE
+
+
+async def test_remembered_messages_take_one_key_and_under_64_bytes_each(store, client):
+    await register(store, "bob", "phone")
+    tickets = [
+        await store.submit_send(envelope(f"m{n}", sender=f"sender{n % 7}", ttl_ms=60_000))
+        for n in range(MANY)
+    ]
+    for ticket in tickets:
+        assert not (await ticket.result()).duplicate
+    sids = tuple(i.sid for i in await fetch_all(store, "bob", "phone"))
+    await (await store.submit_ack("bob", "phone", sids, T0)).result()
+
+    assert sorted(k.decode() for k in await client.keys("gw:{bob}:*")) == [
+        "gw:{bob}:d:phone", "gw:{bob}:devs", "gw:{bob}:m", "gw:{bob}:seq:phone",
+    ]  # fmt: skip
+    assert await client.memory_usage("gw:{bob}:m", samples=0) / MANY < 64
+    assert 60_000 < await client.pttl("gw:{bob}:m") <= 60_000 + KEY_TTL_SLACK_MS
+
+
+async def test_every_remembered_message_is_found_among_many_until_it_expires(store):
+    await register(store, "bob", "phone")
+    for n in range(MANY):
+        await send(store, envelope(f"m{n}", ts=T0 + n, ttl_ms=60_000))
+
+    for n in range(0, MANY, 7):  # each answers its own ts, while it lives
+        again = await send(store, envelope(f"m{n}", ts=T0 + 60_000 + n - 1, ttl_ms=60_000))
+        assert (again.duplicate, again.ts) == (True, T0 + n)
+    later = await send(store, envelope("m0", ts=T0 + 60_000, ttl_ms=60_000))
+    assert not later.duplicate  # expired at its logical expiry, with no sweep in between
+
+
+async def test_a_read_names_only_ids_of_live_records_of_that_sender_and_reader(store):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await register(store, "carol", "phone")
+    for n in range(MANY):  # alice to bob and carol, bob to carol: many records everywhere
+        await send(store, envelope(f"m{n}", to="bob", ttl_ms=60_000 if n % 2 else DAY_MS))
+        await send(store, envelope(f"c{n}", to="carol"))
+        await send(store, envelope(f"b{n}", sender="bob", to="carol"))
+    ids = ("m1", "m2", "c1", "b1", "m3")
+
+    now = T0 + 60_000  # the odd ones expired
+    read = await store.submit_read("bob", "phone", "alice", ids, now, now + DAY_MS)
+
+    assert await read.result() == 1
+    [receipt] = [i for i in await fetch_all(store, "alice", "phone", now) if i.kind.name == "READ"]
+    assert receipt.ids == ("m2",)
+
+
+async def test_each_hash_names_messages_under_a_salt_of_its_own(store, client):
+    # So that nobody can choose ids whose records crowd one field of someone's hash.
+    await register(store, "bob", "phone")
+    await register(store, "carol", "phone")
+    await send(store, envelope("m1", to="bob"))
+    await send(store, envelope("m1", to="carol"))
+
+    salts, hashes = set(), set()
+    for user in ("bob", "carol"):
+        fields = await client.hgetall(f"gw:{{{user}}}:m")
+        salts.add(fields.pop(b"salt"))
+        [rec] = fields.values()
+        hashes.add(rec[:8])
+    assert len(salts) == len(hashes) == 2
+
+
+async def test_the_sweep_drops_expired_records_and_then_the_hash(store, client):
+    await register(store, "bob", "phone")
+    for n in range(MANY):
+        await send(store, envelope(f"m{n}", ttl_ms=1000 if n % 2 else DAY_MS))
+    assert await records(client, "gw:{bob}:m") == MANY
+
+    await store.sweep_expired(T0 + 1000)
+
+    assert await records(client, "gw:{bob}:m") == MANY // 2
+    await store.sweep_expired(T0 + DAY_MS)
+    assert not await client.exists(["gw:{bob}:m"])
+
+
+async def test_records_of_the_layout_before_are_honoured_until_they_expire(store, client):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, 10)
+    # As the layout before remembered-message hashes left them.
+    expires = T0 + 1000
+    await client.set("gw:{bob}:id:alice\0phone\0m1", f"{T0 - 5}|{expires}", px=60_000)
+    await client.set("gw:{bob}:rx:alice\0m1", str(expires), px=60_000)
+    await client.set("gwg:{team}:id:alice\0phone\0g1", f"{T0 - 7}|{expires}", px=60_000)
+
+    again = await send(store, envelope("m1", ts=T0 + 999))
+    group_again = await (await store.submit_group_send(group_envelope("g1", ts=T0 + 999))).result()
+    read = await store.submit_read("bob", "phone", "alice", ("m1",), T0 + 999, T0 + DAY_MS)
+
+    assert (again.duplicate, again.ts) == (True, T0 - 5)
+    assert (group_again.duplicate, group_again.ts) == (True, T0 - 7)
+    assert await read.result() == 1
+    assert not (await send(store, envelope("m1", ts=expires))).duplicate
+    late = await store.submit_group_send(group_envelope("g1", ts=expires))
+    assert not (await late.result()).duplicate
 
 
 async def test_scripts_lost_by_redis_are_loaded_again(store, client):

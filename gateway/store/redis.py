@@ -68,7 +68,7 @@ from gateway.store.groups import (
     deletion_events,
     membership_events,
 )
-from gateway.store.redis_scripts import SCRIPTS, group_prefix, prefix
+from gateway.store.redis_scripts import SCRIPTS, group_prefix, naming, prefix
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,9 @@ class RedisStore(GroupCommitStore[_Op]):
         def steps() -> Steps:
             if not ids:
                 return 0, []
-            [found] = yield [("received", [f"{prefix(reader)}:rx:{to}\0"], [now, *ids])]
+            p = prefix(reader)
+            args: list[str | int | bytes] = [now, to, *dict.fromkeys(ids)]
+            [found] = yield [("received", [f"{p}:m", f"{p}:rx:{to}\0"], args)]
             known = {i.decode() for i in found}
             received = tuple(dict.fromkeys(i for i in ids if i in known))
             if not received:
@@ -596,28 +598,36 @@ class RedisStore(GroupCommitStore[_Op]):
         return int(answer) != 0
 
     async def sweep_expired(self, now: int) -> int:
-        """Delete expired items of every queue. Idempotency records expire by themselves
-        (each has a Redis TTL), as do the queues of devices that never come back."""
+        """Delete expired items of every queue (returning how many) and expired
+        remembered-message records of every user and group. The queues of devices that
+        never come back, and the records of users and groups sent nothing more, also
+        expire by themselves (Redis TTLs)."""
         if self._queue.closed:
             raise StoreClosed("the store is shutting down")
-        total = 0
         try:
-            keys: list[bytes] = []
-            async for key in self.client.scan_iter(match="gw:{*}:q:*", count=SCAN_COUNT):
-                keys.append(key)
-                if len(keys) >= SCAN_COUNT:
-                    total += await self._prune(keys, now)
-                    keys = []
-            total += await self._prune(keys, now)
+            swept = await self._sweep_keys("gw:{*}:q:*", "prune", now)
+            await self._sweep_keys("gw*:{*}:m", "compact", now)
         except REDIS_ERRORS as exc:
             self._unavailable(exc)
             raise RedisUnavailable(f"redis unavailable: {exc}") from None
-        return total
+        return swept
 
-    async def _prune(self, keys: list[bytes], now: int) -> int:
+    async def _sweep_keys(self, pattern: str, script: str, now: int) -> int:
+        """Run `script` on every key matching `pattern`, SCAN_COUNT keys per pipeline;
+        the sum of its answers."""
+        total = 0
+        keys: list[bytes] = []
+        async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
+            keys.append(key)
+            if len(keys) >= SCAN_COUNT:
+                total += await self._prune(script, keys, now)
+                keys = []
+        return total + await self._prune(script, keys, now)
+
+    async def _prune(self, script: str, keys: list[bytes], now: int) -> int:
         if not keys:
             return 0
-        calls: list[Call] = [("prune", [key.decode()], [now]) for key in keys]
+        calls: list[Call] = [(script, [key.decode()], [now]) for key in keys]
         return sum(r for r in await self._pipeline(calls) if isinstance(r, int))
 
     # -- reads ----------------------------------------------------------------------------
@@ -737,18 +747,17 @@ def doorbell_channel(node: str) -> str:
 
 def _send_steps(env: Envelope, node: str) -> Steps:
     p = prefix(env.to)
-    idem = f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
     own = env.sender_device if env.to == env.sender else ""
     head: list[str | int | bytes] = [p, env.ts, env.expires, int(env.urgent), own]
+    rec = naming(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
     if env.bodies is None:
         body = env.body or b""
-        args = [*head, "a", env.to, node, _payload(ItemKind.MESSAGE, env, body)]
+        args = [*head, "a", env.to, node, *rec, _payload(ItemKind.MESSAGE, env, body)]
     else:
-        args = [*head, "p", env.to, node]
+        args = [*head, "p", env.to, node, *rec]
         for device, body in env.bodies.items():
             args += [device, _payload(ItemKind.MESSAGE, env, body)]
-    received = f"{p}:rx:{env.sender}\0{env.msg_id}"
-    [answer] = yield [("send", [f"{p}:devs", idem, received], args)]
+    [answer] = yield [("send", [f"{p}:devs", f"{p}:m", _old_id_key(p, env)], args)]
     status = answer[0]
     if status == 0:
         return SendOutcome(ts=int(answer[1]), duplicate=True), []
@@ -767,6 +776,13 @@ def _send_steps(env: Envelope, node: str) -> Steps:
 
     rings = _placed(answer[2 + nskipped :], make)
     return SendOutcome(ts=env.ts, devices=len(rings), skipped=skipped), rings
+
+
+def _old_id_key(p: str, env: Envelope | GroupEnvelope) -> str:
+    """The message's idempotency key in the layout before remembered-message records
+    (``P:id:`` or ``G:id:``): read only, so that a record written before an upgrade is
+    honoured until it expires."""
+    return f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
 
 
 def _receipt_ring(
@@ -840,9 +856,10 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
     failure half-way fills in only what is missing); in the group's, exchange the hold for
     the number of items queued and record the id."""
     g = group_prefix(env.group)
-    idem = f"{g}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}"
-    begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body]
-    [begin] = yield [("group_begin", [f"{g}:members", idem, f"{g}:bseq"], begin_args)]
+    rec = naming(env.sender, env.sender_device, env.msg_id, env.ts, env.expires)
+    begin_args: list[str | int | bytes] = [g, env.sender, env.ts, env.expires, env.body, *rec]
+    begin_keys = [f"{g}:members", f"{g}:m", f"{g}:bseq", _old_id_key(g, env)]
+    [begin] = yield [("group_begin", begin_keys, begin_args)]
     if begin[0] == 0:
         [listed] = yield [("group_members", [f"{g}:meta", f"{g}:members"], [])]
         names = tuple(sorted(user.decode() for user in listed[1:]))
@@ -858,13 +875,9 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
     for member in members:
         p = prefix(member)
         own = env.sender_device if member == env.sender else ""
-        keys = [
-            f"{p}:devs",
-            f"{p}:id:{env.sender}\0{env.sender_device}\0{env.msg_id}",
-            f"{p}:rx:{env.sender}\0{env.msg_id}",
-        ]
+        keys = [f"{p}:devs", f"{p}:m", _old_id_key(p, env)]
         args: list[str | int | bytes] = [
-            p, env.ts, env.expires, int(env.urgent), own, "g", member, node,
+            p, env.ts, env.expires, int(env.urgent), own, "g", member, node, *rec,
             stored_payload, rung_payload,
         ]  # fmt: skip
         calls.append(("send", keys, args))
@@ -882,7 +895,8 @@ def _group_send_steps(env: GroupEnvelope, node: str) -> Steps:
             return member, device, env.urgent, item
 
         rings += _placed(answer[2 + answer[1] :], make)
-    yield [("group_settle", [f"{g}:b:{bid}", idem], [len(rings), env.ts, env.expires])]
+    settle_args = [len(rings), env.ts, env.expires, *rec]
+    yield [("group_settle", [f"{g}:b:{bid}", f"{g}:m"], settle_args)]
     return SendOutcome(ts=env.ts, devices=len(rings)), rings
 
 

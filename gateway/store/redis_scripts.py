@@ -1,9 +1,9 @@
 """The Lua scripts of the Redis backend, and the key layout they share.
 
 Every key of one user carries the hash tag ``{user}``: the device list, each device's
-record, queue and sid counter, and the idempotency records of messages sent *to* that
-user. A script therefore only ever touches one slot, which Redis Cluster requires, and
-a send to every device of a user (plus its idempotency record) is one atomic step, like
+record, queue and sid counter, and the records of messages sent *to* that user. A
+script therefore only ever touches one slot, which Redis Cluster requires, and a send to
+every device of a user (plus its idempotency record) is one atomic step, like
 Signal-Server's insert script.
 
 Layout, with ``P = "gw:{" + user + "}"``:
@@ -15,11 +15,15 @@ Layout, with ``P = "gw:{" + user + "}"``:
   payload is CBOR, see `gateway.store.redis`); the sid inside the member keeps members
   unique and lets a script read the expiry without decoding the payload;
 - ``P:seq:DEVICE``: the device's sid counter; never deleted, so sids are never reused;
-- ``P:id:SENDER\\0SENDER_DEVICE\\0ID``: ``TS|EXPIRES`` of a stored send, with a Redis TTL
-  as a garbage-collection backstop;
+- ``P:m``: the messages sent to this user, remembered until they expire: a hash of
+  24-byte records (an 8-byte hash of ``SENDER\\0ID``, a 4-byte tag of the sending device,
+  the ts and the expiry), concatenated in fields named by the first bits of the message
+  hash, and the ``salt`` the hashes are made with (see `RECORDS`). A record answers a
+  resend from the same device with the original ts (idempotency), and lets this user's
+  `read` name the id, whatever the sending device.
+  Expired records are dropped when their field is next written and by the expiry sweep
+  (`COMPACT`); the hash has a Redis TTL as long as its longest record, plus slack;
 - ``P:rev:DEVICE``: when the device was last revoked (ms); never expires;
-- ``P:rx:SENDER\\0ID``: ``EXPIRES`` of a message SENDER sent to this user, whatever the
-  sending device, with the same TTL: a `read` of this user names only such ids;
 - ``P:node:DEVICE``: ``NODE|CONNECTION`` where the device is connected, with a TTL that
   the node's heartbeat renews (the device -> node registry);
 - ``P:seen``, ``P:grace``, ``P:hidden``: the user's last-seen time, a key that lives for
@@ -34,8 +38,8 @@ group key can be mistaken for a user's; with ``G = "gwg:{" + group + "}"``:
 - ``G:b:BID``: hash with ``b`` (a group message's body, stored once) and ``r`` (how many
   queue items still point to it, plus one while its send is in progress); deleted when
   ``r`` reaches 0, and with a Redis TTL as long as the message's, plus slack;
-- ``G:id:SENDER\0SENDER_DEVICE\0ID``: ``TS|EXPIRES`` of a group message stored for
-  every member, with a TTL: the group-wide idempotency record;
+- ``G:m``: the group messages stored for every member, remembered as in ``P:m``: the
+  group-wide idempotency records;
 - ``G:pending``: list of membership changes whose `group` events are not known to be
   queued yet (see `GROUP_CHANGE`); it outlives the group's deletion.
 
@@ -54,6 +58,18 @@ doorbells, which the caller publishes (see `RING`). ``gw:events`` tells every no
 connects (``c``), disconnects (``d``) and hidden changes (``h``). A device is written
 ``LEN:USERLEN:DEVICE`` in messages.
 
+The layout before ``P:m`` and ``G:m`` kept two string keys per message in the
+recipient's slot, ``P:id:SENDER\\0SENDER_DEVICE\\0ID`` (``TS|EXPIRES``) and
+``P:rx:SENDER\\0ID`` (``EXPIRES``), and ``G:id:SENDER\\0SENDER_DEVICE\\0ID`` per group
+message, each with the message's TTL. The scripts still read them (never write them), so
+that records written before an upgrade are honoured until they expire.
+
+A 64-bit message hash may collide: for a user holding n live records, a new message is
+taken for a duplicate of another (or a `read` names an id never received) with a chance
+of about n / 2**64 per message, 5 in 10**14 for a million records. Two devices of one
+sender that send the same id are told apart by their 32-bit tags, which coincide with a
+chance of 2**-32.
+
 Queue keys also get a Redis TTL as long as their longest-lived item (plus slack), so the
 data of a device that never comes back disappears by itself; the logical expiry that
 reads and sweeps apply uses the times the gateway passes in.
@@ -61,9 +77,16 @@ reads and sweeps apply uses the times the gateway passes in.
 
 from __future__ import annotations
 
+import secrets
+
 # Keys of a queue outlive their longest item by this much (ms), so that Redis's own
 # expiry never removes an item before the gateway's clock says it expired.
 KEY_TTL_SLACK_MS = 3_600_000
+
+# Bytes of one remembered-message record, and the records a field holds at most before
+# its hash grows one bit deeper (see `RECORDS`).
+RECORD_SIZE = 24
+SPLIT_RECORDS = 64
 
 # Shared by the scripts that queue items: tell the caller where the device is (0:
 # nowhere, 1: on the calling node), or, for a device connected to another node, that
@@ -80,18 +103,131 @@ local function ring(prefix, user, d, node, urgent, member)
 end
 """
 
-# ARGV: P, ts, expires, urgent-flag, own device ("" for none), mode ("a" all / "p" per
-# device / "g" all, for a group), user, node, then the payload (modes a and g) or pairs
-# device, payload (mode p); mode g adds the payload that doorbells carry (a group item is
+# Remembered messages (see the module docstring). A record is RECORD bytes: the message
+# hash (8 bytes, of SENDER\0ID), a device tag (4, of SENDER_DEVICE), the ts and the expiry
+# (6 each, big-endian ms). Hash and tag are SHA-1 of the `salt` of the hash holding the
+# record followed by the text (the salt is random, written with its first record and kept
+# while it lives), so that nobody can choose ids whose records crowd one field. A hash
+# P:m holds a user's records, concatenated in fields named by the first `depth` bits of
+# the message hash (a decimal number; `depth`, a field of its own, is 0 while absent). A
+# field longer than SPLIT records makes the hash one bit deeper, every record moving to
+# its field at the new depth: fields stay short (a lookup reads one) and few (each costs
+# Redis about 50 B), whether a user has ten records or a million. `record` makes a
+# message's record from its text, device, ts and expiry (12 bytes) and a fresh salt (used
+# if the hash has none yet), and returns it with the salt, the depth and whether the salt
+# is new; `lookup` finds a live record (expires > now) of the message, from that device,
+# and returns its ts (or nil) and the field it read; `remember` adds the record to that
+# field, dropping its expired records, and keeps the hash alive as long as its longest
+# record plus slack.
+RECORDS = """
+local function stamp(s, i)
+  local a, b, c, d, e, f = string.byte(s, i, i + 5)
+  return ((((a * 256 + b) * 256 + c) * 256 + d) * 256 + e) * 256 + f
+end
+local function bytes4(x)
+  return math.floor(x / 16777216), math.floor(x / 65536) % 256, math.floor(x / 256) % 256, x % 256
+end
+local function digest(salt, text, n)
+  local hex = redis.sha1hex(salt .. text)
+  if n == 4 then return string.char(bytes4(tonumber(string.sub(hex, 1, 8), 16))) end
+  local a, b, c, d = bytes4(tonumber(string.sub(hex, 1, 8), 16))
+  return string.char(a, b, c, d, bytes4(tonumber(string.sub(hex, 9, 16), 16)))
+end
+local function record(key, text, dev, stamps, fresh)
+  local meta = redis.call('HMGET', key, 'salt', 'depth')
+  local salt = meta[1] or fresh
+  local rec = digest(salt, text, 8) .. digest(salt, dev, 4) .. stamps
+  return rec, salt, tonumber(meta[2] or '0'), not meta[1]
+end
+local function field(h, k)
+  local a, b = string.byte(h, 1, 2)
+  return tostring(math.floor((a * 256 + b) / 2 ^ (16 - k)))
+end
+local function find(recs, h, dev, now)
+  local pos = 1
+  while true do
+    local i = string.find(recs, h, pos, true)
+    if not i then return nil end
+    if (i - 1) % RECORD == 0 and (not dev or string.sub(recs, i + 8, i + 11) == dev)
+        and stamp(recs, i + 18) > now then
+      return stamp(recs, i + 12)
+    end
+    pos = i + 1
+  end
+end
+local function lookup(key, rec, k, now)
+  local recs = redis.call('HGET', key, field(rec, k)) or ''
+  return find(recs, string.sub(rec, 1, 8), string.sub(rec, 9, 12), now), recs
+end
+local function live(recs, now)
+  local kept = {}
+  for i = 1, #recs, RECORD do
+    if stamp(recs, i + 18) > now then kept[#kept + 1] = string.sub(recs, i, i + RECORD - 1) end
+  end
+  return table.concat(kept)
+end
+local function deepen(key, k, f, recs, now)
+  local parts = {}
+  local function add(v)
+    for j = 1, #v, RECORD do
+      local r = string.sub(v, j, j + RECORD - 1)
+      local g = field(r, k)
+      if not parts[g] then parts[g] = {} end
+      table.insert(parts[g], r)
+    end
+  end
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    if all[i] ~= 'depth' and all[i] ~= 'salt' and all[i] ~= f then add(live(all[i + 1], now)) end
+  end
+  add(recs)
+  local salt = redis.call('HGET', key, 'salt')
+  redis.call('DEL', key)
+  local args = {'depth', k, 'salt', salt}
+  for g, rs in pairs(parts) do
+    args[#args + 1] = g
+    args[#args + 1] = table.concat(rs)
+    if #args >= 1000 then
+      redis.call('HSET', key, unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+end
+local function remember(key, rec, salt, k, new, recs, now, keyttl)
+  if new then redis.call('HSET', key, 'salt', salt) end
+  local f = field(rec, k)
+  recs = live(recs, now) .. rec
+  local pttl = redis.call('PTTL', key)
+  if #recs <= SPLIT * RECORD or k >= 16 then
+    redis.call('HSET', key, f, recs)
+    if pttl < keyttl then redis.call('PEXPIRE', key, keyttl) end
+  else
+    deepen(key, k + 1, f, recs, now)
+    redis.call('PEXPIRE', key, math.max(pttl, keyttl))
+  end
+end
+""".replace("RECORD", str(RECORD_SIZE)).replace("SPLIT", str(SPLIT_RECORDS))
+
+# KEYS: P:devs, P:m, and the message's P:id: key of the layout before P:m (read only: a
+# record it still holds is honoured until it expires). ARGV: P, ts, expires, urgent-flag,
+# own device ("" for none), mode ("a" all / "p" per device / "g" all, for a group), user,
+# node, the message's text ``SENDER\0ID``, SENDER_DEVICE, ts and expiry (12 bytes) and a
+# fresh salt (see `RECORDS`), then the payload (modes a and g) or pairs device, payload
+# (mode p); mode g adds the payload that doorbells carry (a group item is
 # stored naming its body, and rung with the body in it, so that no node reads it back).
 # Returns {0, ts} for a duplicate, {-1} for an unknown recipient, else
 # {1, nskipped, skipped..., device, sid, where, device, sid, where, ...}.
 SEND = (
     RING
+    + RECORDS
     + """
 local prefix, ts, expires, urgent, own, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local user, node = ARGV[7], ARGV[8]
-local prev = redis.call('GET', KEYS[2])
+local rec, salt, k, new = record(KEYS[2], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
+local pts, recs = lookup(KEYS[2], rec, k, tonumber(ts))
+if pts then return {0, pts} end
+local prev = redis.call('GET', KEYS[3])
 if prev then
   local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
   if tonumber(pexp) > tonumber(ts) then
@@ -110,10 +246,10 @@ local targets = {}
 local skipped = {}
 if mode ~= 'p' then
   for _, d in ipairs(devs) do
-    if d ~= own then targets[#targets + 1] = {d, ARGV[9]} end
+    if d ~= own then targets[#targets + 1] = {d, ARGV[13]} end
   end
 else
-  for i = 9, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     local d = ARGV[i]
     if known[d] and d ~= own then
       targets[#targets + 1] = {d, ARGV[i + 1]}
@@ -122,11 +258,10 @@ else
     end
   end
 end
-redis.call('SET', KEYS[2], ts .. '|' .. expires, 'PX', ttl)
-redis.call('SET', KEYS[3], expires, 'PX', ttl)
+local keyttl = ttl + KEY_TTL_SLACK
+remember(KEYS[2], rec, salt, k, new, recs, tonumber(ts), keyttl)
 local out = {1, #skipped}
 for _, d in ipairs(skipped) do out[#out + 1] = d end
-local keyttl = ttl + KEY_TTL_SLACK
 for _, t in ipairs(targets) do
   local sid = redis.call('INCR', prefix .. ':seq:' .. t[1])
   local q = prefix .. ':q:' .. t[1]
@@ -134,7 +269,7 @@ for _, t in ipairs(targets) do
   redis.call('ZADD', q, sid, member)
   if redis.call('PTTL', q) < keyttl then redis.call('PEXPIRE', q, keyttl) end
   local rung = member
-  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[10] end
+  if mode == 'g' then rung = expires .. '|' .. sid .. '|' .. ARGV[14] end
   out[#out + 1] = t[1]
   out[#out + 1] = sid
   out[#out + 1] = ring(prefix, user, t[1], node, urgent, rung)
@@ -143,17 +278,59 @@ return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
 )
 
-# Those of the ids (ARGV[2..]) whose P:rx: key (KEYS[1] is its prefix "P:rx:SENDER\0")
-# says unexpired at ARGV[1]. No KEYS beyond the prefix: the keys are built here, all in
-# the reader's slot.
-RECEIVED = """
-local now, out = tonumber(ARGV[1]), {}
-for i = 2, #ARGV do
-  local e = redis.call('GET', KEYS[1] .. ARGV[i])
-  if e and tonumber(e) > now then out[#out + 1] = ARGV[i] end
+# Those of the ids that SENDER sent to this user and that are unexpired at ARGV[1]: a live
+# record in P:m (KEYS[1]), whatever the sending device, or, from the layout before P:m, a
+# live P:rx: key (KEYS[2] is its prefix "P:rx:SENDER\0"; the keys are built here, all in
+# the reader's slot). ARGV: now, SENDER, then the ids.
+RECEIVED = (
+    RECORDS
+    + """
+local now, sender, out, fields = tonumber(ARGV[1]), ARGV[2], {}, {}
+local meta = redis.call('HMGET', KEYS[1], 'salt', 'depth')
+local salt, k = meta[1], tonumber(meta[2] or '0')
+for i = 3, #ARGV do
+  local h, f = '', ''
+  if salt then
+    h = digest(salt, sender .. '\\0' .. ARGV[i], 8)
+    f = field(h, k)
+    if fields[f] == nil then fields[f] = redis.call('HGET', KEYS[1], f) or '' end
+  end
+  if salt and find(fields[f], h, false, now) then
+    out[#out + 1] = ARGV[i]
+  else
+    local e = redis.call('GET', KEYS[2] .. ARGV[i])
+    if e and tonumber(e) > now then out[#out + 1] = ARGV[i] end
+  end
 end
 return out
 """
+)
+
+# Drop the expired records of a P:m hash (KEYS[1]) at ARGV[1]; returns how many. Deletes
+# fields left empty, and the hash once it holds no record.
+COMPACT = (
+    RECORDS
+    + """
+local now, gone, left = tonumber(ARGV[1]), 0, 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if all[i] ~= 'depth' and all[i] ~= 'salt' then
+    local kept = live(all[i + 1], now)
+    if #kept < #all[i + 1] then
+      gone = gone + (#all[i + 1] - #kept) / RECORD_SIZE
+      if kept == '' then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        redis.call('HSET', KEYS[1], all[i], kept)
+      end
+    end
+    left = left + #kept
+  end
+end
+if left == 0 then redis.call('DEL', KEYS[1]) end
+return gone
+""".replace("RECORD_SIZE", str(RECORD_SIZE))
+)
 
 # One receipt item for every device of the user but ARGV[7] (if given). KEYS[1] = P:devs.
 # ARGV: P, ts, expires, payload, user, node[, skip]. Returns {device, sid, where, ...}.
@@ -476,13 +653,20 @@ for _, u in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = u end
 return out
 """
 
-# Begin a group send. KEYS: G:members, G:id:..., G:bseq. ARGV: G, sender, ts, expires,
-# body. Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
+# Begin a group send. KEYS: G:members, G:m, G:bseq, and the message's G:id: key of the
+# layout before G:m (read only). ARGV: G, sender, ts, expires, body, then the message's
+# text, device, stamps and a fresh salt, as for `SEND`.
+# Returns {0, ts} for a duplicate, {-1} when the sender is no member (or there is no
 # group), else {1, bid, members...}: the body is stored under G:b:BID with a count of 1,
 # the send's own hold, which `GROUP_SETTLE` exchanges for the number of items queued.
-GROUP_BEGIN = """
+GROUP_BEGIN = (
+    RECORDS
+    + """
 local g, sender, ts, expires = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local prev = redis.call('GET', KEYS[2])
+local rec, _, k = record(KEYS[2], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+local pts = lookup(KEYS[2], rec, k, tonumber(ts))
+if pts then return {0, pts} end
+local prev = redis.call('GET', KEYS[4])
 if prev then
   local pts, pexp = string.match(prev, '^(%d+)|(%d+)$')
   if tonumber(pexp) > tonumber(ts) then return {0, pts} end
@@ -498,11 +682,15 @@ local out = {1, bid}
 for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do out[#out + 1] = u end
 return out
 """.replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
-# Finish a group send. KEYS: G:b:BID, G:id:... ARGV: items queued, ts, expires. Replaces
-# the send's hold on the body by the items queued (deleting it if none point to it) and
-# records the id.
-GROUP_SETTLE = """
+# Finish a group send. KEYS: G:b:BID, G:m. ARGV: items queued, ts, expires, then the
+# message's text, device, stamps and a fresh salt, as for `SEND`. Replaces the send's hold
+# on the body by the items queued (deleting it if none point to it) and remembers the
+# message.
+GROUP_SETTLE = (
+    RECORDS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HINCRBY', KEYS[1], 'r', tonumber(ARGV[1]) - 1) <= 0 then
     redis.call('DEL', KEYS[1])
@@ -510,9 +698,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local ttl = tonumber(ARGV[3]) - tonumber(ARGV[2])
 if ttl < 1 then ttl = 1 end
-redis.call('SET', KEYS[2], ARGV[2] .. '|' .. ARGV[3], 'PX', ttl)
+local rec, salt, k, new = record(KEYS[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local _, recs = lookup(KEYS[2], rec, k, tonumber(ARGV[2]))
+remember(KEYS[2], rec, salt, k, new, recs, tonumber(ARGV[2]), ttl + KEY_TTL_SLACK)
 return 1
-"""
+""".replace("KEY_TTL_SLACK", str(KEY_TTL_SLACK_MS))
+)
 
 # Release acked items' hold on a body. KEYS: G:b:BID. ARGV: how many. Returns 1 if the
 # body was deleted.
@@ -542,6 +733,7 @@ SCRIPTS: dict[str, str] = {
     "send": SEND,
     "receipts": RECEIPTS,
     "received": RECEIVED,
+    "compact": COMPACT,
     "peek": PEEK,
     "remove_members": REMOVE_MEMBERS,
     "fetch": FETCH,
@@ -605,3 +797,16 @@ def _read_field(data: bytes, pos: int) -> tuple[str, int]:
     if size < 0 or end > len(data):
         raise ValueError("truncated field")
     return data[colon + 1 : end].decode(), end
+
+
+# Times in records are 6-byte big-endian ms (until the year 10889); out-of-range values
+# are clamped.
+_MAX_STAMP = 2**48 - 1
+SALT_BYTES = 8
+
+
+def naming(sender: str, device: str, msg_id: str, ts: int, expires: int) -> list[str | bytes]:
+    """What the scripts that remember a message take to make its record (see `RECORDS`):
+    its text ``SENDER\\0ID``, the sending device, its ts and expiry, and a fresh salt."""
+    stamps = b"".join(min(max(t, 0), _MAX_STAMP).to_bytes(6, "big") for t in (ts, expires))
+    return [f"{sender}\0{msg_id}", device, stamps, secrets.token_bytes(SALT_BYTES)]
