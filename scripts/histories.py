@@ -3,9 +3,9 @@
 Pairs of devices talk through a gateway: sender ``s{i}/phone`` sends numbered messages to
 receiver ``r{i}/phone``, one at a time, retrying the same id until the gateway answers
 `sent` (what a correct client does). Meanwhile a fault is injected again and again (the
-gateway SIGKILLed and restarted, Redis killed or paused). Every client's history is kept:
-what each sender got `sent` for, and every delivery each receiver saw, redeliveries
-included. The checker then proves, per pair:
+gateway SIGKILLed and restarted, Redis killed or paused, a Redis Cluster primary killed).
+Every client's history is kept: what each sender got `sent` for, and every delivery each
+receiver saw, redeliveries included. The checker then proves, per pair:
 
 - nothing acknowledged was lost: every id that got `sent` was delivered;
 - nothing was invented: every delivered id was sent by that sender, with its body;
@@ -77,6 +77,11 @@ class HistoryReport:
         return sum(len(p.deliveries) for p in self.pairs)
 
     @property
+    def lost(self) -> int:
+        """Messages that got `sent` and were never delivered."""
+        return sum(len(set(p.acknowledged) - {d.msg_id for d in p.deliveries}) for p in self.pairs)
+
+    @property
     def redelivered(self) -> int:
         """Deliveries of an item a receiver had already seen (allowed: at-least-once)."""
         return self.deliveries - sum(len({d.msg_id for d in p.deliveries}) for p in self.pairs)
@@ -89,7 +94,7 @@ class HistoryReport:
             f"{self.deliveries} ({self.redelivered} redelivered), refused "
             f"{sum(p.refused for p in self.pairs)}, interrupted "
             f"{sum(p.interrupted for p in self.pairs)}, delayed {len(self.delayed)}, "
-            f"problems {len(self.problems)}"
+            f"lost {self.lost}, problems {len(self.problems)}"
         )
 
 
