@@ -9,11 +9,13 @@ Faults, injected again and again at random points under load:
 - ``primary-kill`` (``--store redis-cluster``: 3 primaries, 1 replica each): SIGKILL a
   primary, wait until its replica has taken over and the cluster is ok, start the killed
   one again (it rejoins as the new primary's replica, so the next kill finds a primary
-  with a replica again).
+  with a replica again). With ``--replica-lag S`` the replica is frozen S seconds before
+  the kill and thawed after it: a replica behind its primary, as across a slow link.
 
     python -m scripts.crash --fault gateway-kill --kills 50 --pairs 16
     python -m scripts.crash --fault redis-kill --kills 10 --store redis
     python -m scripts.crash --fault primary-kill --kills 10 --store redis-cluster
+    python -m scripts.crash --fault primary-kill --kills 10 --store redis-cluster --replica-lag 0.5
 
 `--replicas N [N ...]` runs the whole thing once per value of the gateway's
 ``[store] redis_replicas`` (default: 1 then 0 for ``primary-kill``, else 0). Prints the
@@ -75,14 +77,15 @@ def redis_pause(redis: RedisServer, pause: float) -> Fault:
     return fault
 
 
-def primary_kill(cluster: RedisCluster, seed: int) -> Fault:
-    """SIGKILL a primary (one with a replica, chosen at random), wait for the failover and
-    start the killed one again as a replica."""
+def primary_kill(cluster: RedisCluster, seed: int, lag: float) -> Fault:
+    """SIGKILL a primary (one with a replica, chosen at random), its replica frozen for
+    `lag` seconds before, wait for the failover and start the killed one again as a
+    replica."""
     rng = random.Random(seed)
 
     async def fault() -> None:
         candidates = [p for p in cluster.live_primaries() if cluster.replicas_of(p)]
-        await cluster.fail_over(rng.choice(candidates))
+        await cluster.fail_over(rng.choice(candidates), replica_lag=lag)
 
     return fault
 
@@ -102,7 +105,7 @@ async def run(
             elif args.fault == "primary-kill":
                 if store.cluster is None:
                     raise SystemExit("--fault primary-kill needs --store redis-cluster")
-                fault = primary_kill(store.cluster, args.seed)
+                fault = primary_kill(store.cluster, args.seed, args.replica_lag)
             elif store.redis is None:
                 raise SystemExit(f"--fault {args.fault} needs --store redis")
             elif args.fault == "redis-kill":
@@ -158,6 +161,12 @@ def main() -> int:
     parser.add_argument("--down", type=float, default=1.0, help="seconds Redis stays down")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds Redis is frozen")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--replica-lag",
+        type=float,
+        default=0.0,
+        help="primary-kill: seconds the replica is frozen before the kill",
+    )
     parser.add_argument("--replicas", type=int, nargs="+", metavar="N",
                         help="[store] redis_replicas, one run each (default: 1 0 for "
                              "primary-kill, else 0)")  # fmt: skip

@@ -157,11 +157,15 @@ class RedisCluster:
             if s is not primary and s.running and _replicates(s, primary.port)
         ]
 
-    async def fail_over(self, primary: RedisServer) -> RedisServer:
+    async def fail_over(self, primary: RedisServer, replica_lag: float = 0.0) -> RedisServer:
         """SIGKILL `primary`, wait until one of its replicas has taken over and every
         running node says ``cluster_state:ok``, then start the killed one again, which
         rejoins as a replica of the new primary; returns the new primary once that replica
         has its first sync.
+
+        With `replica_lag`, the replicas are frozen (SIGSTOP) that many seconds before the
+        kill and thawed after it: what a primary acknowledged meanwhile never reached
+        them, as when a replica lags behind or its link is cut.
 
         Raises:
             RuntimeError: `primary` has no replica, or the failover or the rejoin did not
@@ -170,7 +174,17 @@ class RedisCluster:
         replicas = self.replicas_of(primary)
         if not replicas:
             raise RuntimeError(f"the primary on port {primary.port} has no replica")
-        primary.kill()
+        if replica_lag > 0:
+            for replica in replicas:
+                replica.pause()
+            try:
+                await trio.sleep(replica_lag)
+                primary.kill()
+            finally:
+                for replica in replicas:
+                    replica.resume()
+        else:
+            primary.kill()
         deadline = time.monotonic() + FAILOVER_TIMEOUT
         promoted: RedisServer | None = None
         while promoted is None or not self._all_ok():
