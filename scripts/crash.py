@@ -10,7 +10,8 @@ Faults, injected again and again at random points under load:
   primary, wait until its replica has taken over and the cluster is ok, start the killed
   one again (it rejoins as the new primary's replica, so the next kill finds a primary
   with a replica again). With ``--replica-lag S`` the replica is frozen S seconds before
-  the kill and thawed after it: a replica behind its primary, as across a slow link.
+  the kill, then killed and started again on its own files: a replica S seconds behind
+  its primary, as across a slow link.
 
     python -m scripts.crash --fault gateway-kill --kills 50 --pairs 16
     python -m scripts.crash --fault redis-kill --kills 10 --store redis

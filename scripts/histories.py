@@ -30,6 +30,8 @@ from gateway.settings import Settings
 Fault = Callable[[], Awaitable[None]]
 RETRY_PAUSE = 0.05
 SETTLE_TIMEOUT = 30.0
+RECHECK_TRIES = 10
+RECHECK_PAUSE = 1.0
 
 
 @dataclass
@@ -223,13 +225,30 @@ async def run_histories(
                 f"within {SETTLE_TIMEOUT:.0f} s: {sorted(missing)[:3]}, last delivered "
                 f"{[d.msg_id for d in pair.deliveries[-2:]]}"
             )
-            async with connect(url, client(pair.receiver)(), reconnect=False) as again:
-                await again.wait_drained()
-                for delivery in again.take_buffered():
-                    await _record(pair, delivery.frame)
+            failure = await _read_again(url, client(pair.receiver), pair)
+            if failure:
+                report.problems.append(failure)
     for pair in report.pairs:
         report.problems += check(pair)
     return report
+
+
+async def _read_again(url: str, token: Callable[[], str], pair: PairHistory) -> str:
+    """Record what a new connection of the receiver finds stored (a few tries: the
+    gateway may still be refusing connections after the last fault); the failure, if
+    every try failed."""
+    failure = ""
+    for _ in range(RECHECK_TRIES):
+        try:
+            async with connect(url, token(), reconnect=False) as again:
+                await again.wait_drained()
+                for delivery in again.take_buffered():
+                    await _record(pair, delivery.frame)
+                return ""
+        except ClientClosed as exc:
+            failure = f"{pair.receiver} could not connect again to read its queue: {exc}"
+            await trio.sleep(RECHECK_PAUSE)
+    return failure
 
 
 async def _hold(

@@ -164,8 +164,10 @@ class RedisCluster:
         has its first sync.
 
         With `replica_lag`, the replicas are frozen (SIGSTOP) that many seconds before the
-        kill and thawed after it: what a primary acknowledged meanwhile never reached
-        them, as when a replica lags behind or its link is cut.
+        kill, then SIGKILLed and started again on their own files: what the primary
+        acknowledged meanwhile never reached their data (it sat unread in their sockets),
+        as when a replica lags behind its primary across a slow link. (Frozen and thawed
+        instead, a replica would read it all from its socket and lose nothing.)
 
         Raises:
             RuntimeError: `primary` has no replica, or the failover or the rejoin did not
@@ -182,7 +184,9 @@ class RedisCluster:
                 primary.kill()
             finally:
                 for replica in replicas:
-                    replica.resume()
+                    replica.kill()
+            for replica in replicas:
+                await replica.astart()
         else:
             primary.kill()
         deadline = time.monotonic() + FAILOVER_TIMEOUT
