@@ -57,7 +57,7 @@ async def test_a_cluster_primary_killed_loses_nothing_that_a_replica_acknowledge
         pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
     args = argparse.Namespace(
         fault="primary-kill", store="redis-cluster", kills=1, pairs=4, min_gap=0.5,
-        max_gap=0.5, tail=0.5, seed=7, replica_lag=0.0,
+        max_gap=0.5, tail=2.0, seed=7, replica_lag=0.0,
     )  # fmt: skip
 
     report, gateway = await run(args, tmp_path, replicas=1)

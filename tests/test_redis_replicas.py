@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 from coredis._utils import hash_slot
 
 from gateway.errors import StoreError
+from gateway.store.base import Envelope, SendOutcome
 from gateway.store.redis import RedisStore
 from gateway.store.redis_scripts import prefix
 from scripts.kit.loopback import HOST
@@ -25,6 +27,7 @@ from tests.redisproc import redis_binary
 from tests.test_store import envelope, fetch_all, register, send
 
 SYNC_TIMEOUT = 20.0
+RETRIES = 20
 
 
 def _wait_for_link(replica: RedisServer) -> None:
@@ -83,8 +86,18 @@ async def test_sent_waits_for_a_replica_and_is_refused_while_none_acknowledges(r
         finally:
             replica.resume()
 
-        outcome = await send(store, envelope("m2"))
+        outcome = await _send_until_replicated(store, envelope("m2"))
         assert outcome.duplicate
         assert [i.msg_id for i in await fetch_all(store, "bob", "phone")] == ["m1", "m2"]
-        assert store.counters["not_replicated"] == 2
+        assert store.counters["not_replicated"] >= 2
         store.close()
+
+
+async def _send_until_replicated(store: RedisStore, env: Envelope) -> SendOutcome:
+    """Send until the send is answered: a thawed replica may need a moment (bounded)."""
+    for _ in range(RETRIES - 1):
+        try:
+            return cast(SendOutcome, await send(store, env))
+        except StoreError:
+            await trio.sleep(0.1)
+    return cast(SendOutcome, await send(store, env))
