@@ -82,6 +82,8 @@ def open_backend(
         node_id=node_id,
         cluster=store_settings.redis_cluster,
         on_recovered=registry.ring_all,
+        replicas=store_settings.redis_replicas,
+        replica_timeout=store_settings.redis_replica_timeout,
     )
     bus = RedisBus(redis)
     presence = ClusterPresence(bus, reconcile=settings.cluster.catchup_interval)

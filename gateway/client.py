@@ -110,7 +110,8 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt."""
-        delay = self.rng.uniform(0, min(self.cap, self.base * 2**self.attempts))
+        # The exponent is bounded: 2**1024 overflows a float, and the cap is long reached.
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2 ** min(self.attempts, 64)))
         self.attempts += 1
         return delay
 

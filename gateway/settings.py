@@ -71,6 +71,8 @@ class StoreSettings:
     path: Path = Path("gateway.db")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
+    redis_replicas: int = 0  # replicas that must have a write before it is acknowledged
+    redis_replica_timeout: float = 1.0  # seconds to wait for them (WAIT)
     synchronous: str = "full"
     max_batch: int = 512
     sweep_interval: float = 30.0
@@ -245,6 +247,7 @@ _POSITIVE = {
     "send_burst",
     "rate_limit_strikes",
     "max_members",
+    "redis_replica_timeout",
 }
 # Limits where 0 means "off" (or, for max_connections, "derived from the open-file limit").
 _NOT_NEGATIVE = {
@@ -256,6 +259,7 @@ _NOT_NEGATIVE = {
     "send_rate",
     "alert_retries",
     "background_per_hour",
+    "redis_replicas",
 }
 
 
@@ -427,6 +431,8 @@ def _check_consistency(settings: Settings, source: str) -> None:
     store = settings.store
     if store.redis_cluster and store.backend != "redis":
         raise ConfigError(f'{source}: [store] redis_cluster needs backend = "redis"')
+    if store.redis_replicas and store.backend != "redis":
+        raise ConfigError(f'{source}: [store] redis_replicas needs backend = "redis"')
     if store.redis_cluster and urlsplit(store.redis_url).path.strip("/") not in ("", "0"):
         raise ConfigError(
             f"{source}: [store] redis_url: Redis Cluster has only database 0, "

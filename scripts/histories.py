@@ -3,9 +3,9 @@
 Pairs of devices talk through a gateway: sender ``s{i}/phone`` sends numbered messages to
 receiver ``r{i}/phone``, one at a time, retrying the same id until the gateway answers
 `sent` (what a correct client does). Meanwhile a fault is injected again and again (the
-gateway SIGKILLed and restarted, Redis killed or paused). Every client's history is kept:
-what each sender got `sent` for, and every delivery each receiver saw, redeliveries
-included. The checker then proves, per pair:
+gateway SIGKILLed and restarted, Redis killed or paused, a Redis Cluster primary killed).
+Every client's history is kept: what each sender got `sent` for, and every delivery each
+receiver saw, redeliveries included. The checker then proves, per pair:
 
 - nothing acknowledged was lost: every id that got `sent` was delivered;
 - nothing was invented: every delivered id was sent by that sender, with its body;
@@ -30,6 +30,8 @@ from gateway.settings import Settings
 Fault = Callable[[], Awaitable[None]]
 RETRY_PAUSE = 0.05
 SETTLE_TIMEOUT = 30.0
+RECHECK_TRIES = 10
+RECHECK_PAUSE = 1.0
 
 
 @dataclass
@@ -77,6 +79,11 @@ class HistoryReport:
         return sum(len(p.deliveries) for p in self.pairs)
 
     @property
+    def lost(self) -> int:
+        """Messages that got `sent` and were never delivered."""
+        return sum(len(set(p.acknowledged) - {d.msg_id for d in p.deliveries}) for p in self.pairs)
+
+    @property
     def redelivered(self) -> int:
         """Deliveries of an item a receiver had already seen (allowed: at-least-once)."""
         return self.deliveries - sum(len({d.msg_id for d in p.deliveries}) for p in self.pairs)
@@ -89,7 +96,7 @@ class HistoryReport:
             f"{self.deliveries} ({self.redelivered} redelivered), refused "
             f"{sum(p.refused for p in self.pairs)}, interrupted "
             f"{sum(p.interrupted for p in self.pairs)}, delayed {len(self.delayed)}, "
-            f"problems {len(self.problems)}"
+            f"lost {self.lost}, problems {len(self.problems)}"
         )
 
 
@@ -218,13 +225,30 @@ async def run_histories(
                 f"within {SETTLE_TIMEOUT:.0f} s: {sorted(missing)[:3]}, last delivered "
                 f"{[d.msg_id for d in pair.deliveries[-2:]]}"
             )
-            async with connect(url, client(pair.receiver)(), reconnect=False) as again:
-                await again.wait_drained()
-                for delivery in again.take_buffered():
-                    await _record(pair, delivery.frame)
+            failure = await _read_again(url, client(pair.receiver), pair)
+            if failure:
+                report.problems.append(failure)
     for pair in report.pairs:
         report.problems += check(pair)
     return report
+
+
+async def _read_again(url: str, token: Callable[[], str], pair: PairHistory) -> str:
+    """Record what a new connection of the receiver finds stored (a few tries: the
+    gateway may still be refusing connections after the last fault); the failure, if
+    every try failed."""
+    failure = ""
+    for _ in range(RECHECK_TRIES):
+        try:
+            async with connect(url, token(), reconnect=False) as again:
+                await again.wait_drained()
+                for delivery in again.take_buffered():
+                    await _record(pair, delivery.frame)
+                return ""
+        except ClientClosed as exc:
+            failure = f"{pair.receiver} could not connect again to read its queue: {exc}"
+            await trio.sleep(RECHECK_PAUSE)
+    return failure
 
 
 async def _hold(

@@ -21,6 +21,12 @@ def test_backoff_grows_exponentially_with_full_jitter_and_a_cap():
     assert backoff.next_delay() <= 0.5
 
 
+def test_backoff_stays_at_its_cap_however_many_attempts_failed():
+    backoff = Backoff(base=0.05, cap=0.5, rng=random.Random(7), attempts=2000)
+
+    assert 0 <= backoff.next_delay() <= 0.5
+
+
 async def test_client_reconnects_after_a_server_side_close_and_keeps_receiving(server, token):
     async with (
         connect(server.url, token("bob", "phone"), backoff=Backoff(base=0.01)) as bob,

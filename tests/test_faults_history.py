@@ -2,7 +2,8 @@
 
 Sender/receiver pairs talk through a real `gateway serve` process while a fault strikes
 again and again at random points: the gateway SIGKILLed and restarted (on SQLite and on
-Redis), Redis SIGKILLed and restarted, Redis frozen. The checker (scripts/histories.py)
+Redis), Redis SIGKILLed and restarted, Redis frozen, a Redis Cluster primary SIGKILLed and
+failed over to its replica (with ``redis_replicas = 1``). The checker (scripts/histories.py)
 proves on every pair's history that each message answered `sent` was delivered, under one
 sid, in the order sent, and that nothing was invented. Longer runs: scripts/crash.py.
 """
@@ -49,6 +50,26 @@ async def test_every_sent_message_is_delivered_once_in_order_through_faults(tmp_
     if fault == "redis-kill":
         # The fault had teeth: sends were refused while Redis was down, never acknowledged.
         assert sum(p.refused for p in report.pairs) > 0, report.summary()
+
+
+async def test_a_cluster_primary_killed_loses_nothing_that_a_replica_acknowledged(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+    args = argparse.Namespace(
+        fault="primary-kill", store="redis-cluster", kills=1, pairs=4, min_gap=0.5,
+        max_gap=0.5, tail=2.0, seed=7, replica_lag=0.0,
+    )  # fmt: skip
+
+    report, gateway = await run(args, tmp_path, replicas=1)
+
+    assert report.problems == [], report.summary()
+    assert report.faults == 1
+    assert report.acknowledged > 20
+    assert report.acknowledged_after_last_fault > 0, "service did not come back by itself"
+    assert gateway.starts == 1  # the gateway rode out the failover
+    # The fault had teeth: sends to the killed primary were refused until its replica took
+    # over, never acknowledged.
+    assert sum(p.refused for p in report.pairs) > 0, report.summary()
 
 
 def _history(acknowledged: list[int], delivered: list[tuple[int, int]]) -> PairHistory:

@@ -346,7 +346,7 @@ def fake_redis(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[list[
     }
     rounds: list[list[str]] = []
 
-    async def pipeline(calls: list[tuple[str, Any, Any]]) -> list[Any]:
+    async def pipeline(calls: list[tuple[str, Any, Any]], replicas: Any = None) -> list[Any]:
         rounds.append([name for name, _, _ in calls])
         return [answers[name] for name, _, _ in calls]
 

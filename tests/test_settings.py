@@ -427,12 +427,27 @@ def test_redis_cluster_is_chosen_in_the_file_or_the_environment(config):
             ["[store] redis_url", "database 0", "'3'"],
         ),
         ("[store]\nbackend = 'redis'\nredis_cluster = 'yes'", ["[store] redis_cluster"]),
+        ("[store]\nbackend = 'redis'\nredis_replicas = -1", ["[store] redis_replicas", "-1"]),
+        ("[store]\nbackend = 'redis'\nredis_replicas = 1.5", ["[store] redis_replicas"]),
+        ("[store]\nredis_replicas = 1", ["[store] redis_replicas", 'backend = "redis"']),
+        (
+            "[store]\nbackend = 'redis'\nredis_replica_timeout = 0",
+            ["[store] redis_replica_timeout", "positive"],
+        ),
     ],
 )
 def test_a_redis_cluster_setting_that_cannot_work_is_refused(config, text, words):
     message = config_error(config(text))
 
     assert all(word in message for word in words), message
+    assert "gateway.toml" in message, message
+
+
+def test_redis_replicas_is_read_from_the_file(config):
+    path = config("[store]\nbackend = 'redis'\nredis_replicas = 1\nredis_replica_timeout = 0.5")
+
+    store = load_settings(path, env={}).store
+    assert (store.redis_replicas, store.redis_replica_timeout) == (1, 0.5)
 
 
 # -- [push.webpush] -----------------------------------------------------------------------------

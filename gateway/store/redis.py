@@ -68,6 +68,7 @@ from gateway.store.groups import (
     deletion_events,
     membership_events,
 )
+from gateway.store.redis_replicas import NotReplicated, ReplicaWait
 from gateway.store.redis_scripts import SCRIPTS, group_prefix, naming, prefix
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ REDIS_ERRORS = (
     anyio.ClosedResourceError,
     anyio.EndOfStream,
 )
+
+
+def redis_failure(exc: BaseException) -> bool:
+    """Whether `exc` is one of REDIS_ERRORS, or a group of nothing else (what coredis
+    raises from its own task groups, as a cluster scan does when a primary is gone)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(redis_failure(e) for e in exc.exceptions)
+    return isinstance(exc, REDIS_ERRORS)
 
 
 class RedisUnavailable(StoreError):
@@ -164,6 +173,10 @@ class RedisStore(GroupCommitStore[_Op]):
 
     With `cluster`, `url` names one node of a Redis Cluster (see `connect`).
 
+    With `replicas` > 0, an operation succeeds only once that many replicas of each primary
+    it wrote to acknowledged its writes within `replica_timeout` seconds; otherwise it
+    fails with `NotReplicated` (see `gateway.store.redis_replicas`).
+
     `on_recovered` is called when Redis answers again after failing: operations that
     failed for lack of an answer may have been carried out, and nobody was rung for their
     items.
@@ -182,6 +195,8 @@ class RedisStore(GroupCommitStore[_Op]):
         node_id: str = "",
         cluster: bool = False,
         on_recovered: Callable[[], None] = lambda: None,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         super().__init__(doorbell=doorbell, max_batch=max_batch, receipt_ttl_ms=receipt_ttl_ms)
         self.url = url
@@ -191,6 +206,9 @@ class RedisStore(GroupCommitStore[_Op]):
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in SCRIPTS.items()
         }
         self.client: Client = connect(url, cluster=cluster)
+        self._replica_wait = (
+            ReplicaWait(self.client, replicas, replica_timeout) if replicas > 0 else None
+        )
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
         self.on_recovered = on_recovered
@@ -255,7 +273,7 @@ class RedisStore(GroupCommitStore[_Op]):
         try:
             while running:
                 calls = [call for _, _, step in running for call in step]
-                results = await self._pipeline(calls)
+                results = await self._pipeline(calls, self._replica_wait)
                 current, running = running, []
                 offset = 0
                 for op, gen, step in current:
@@ -264,7 +282,8 @@ class RedisStore(GroupCommitStore[_Op]):
                     failed = next((a for a in answers if isinstance(a, Exception)), None)
                     if failed is not None:
                         gen.close()
-                        log.warning("store operation failed: %s", failed)
+                        if not isinstance(failed, NotReplicated):  # logged per batch
+                            log.warning("store operation failed: %s", failed)
                         outcomes[id(op)] = StoreError(str(failed))
                     else:
                         self._advance(op, gen, answers, running, outcomes)
@@ -370,35 +389,49 @@ class RedisStore(GroupCommitStore[_Op]):
         self._available()
         return results
 
-    async def _pipeline(self, calls: list[Call]) -> list[Any]:
+    async def _pipeline(self, calls: list[Call], replicas: ReplicaWait | None = None) -> list[Any]:
         """Run script calls in one pipeline, in order; a script Redis lost (after a restart
-        without its script cache) is loaded again and its call redone.
+        without its script cache) is loaded again and its call redone. With `replicas`, a
+        call whose writes the replicas did not acknowledge is answered `NotReplicated`.
 
         It is never cancelled half-way (see `uncancelled`): the client's own timeouts
         bound it, and a caller's cancellation takes effect once it is done."""
         with uncancelled():
-            results = await self._run_calls(calls)
+            results = await self._run_calls(calls, replicas)
             missing = [n for n, r in enumerate(results) if isinstance(r, NoScriptError)]
             if missing:
                 await self._load_scripts()
-                redone = await self._run_calls([calls[n] for n in missing])
+                redone = await self._run_calls([calls[n] for n in missing], replicas)
                 for n, result in zip(missing, redone, strict=True):
                     results[n] = result
         await trio.lowlevel.checkpoint_if_cancelled()
         return results
 
-    async def _run_calls(self, calls: list[Call]) -> list[Any]:
+    async def _run_calls(self, calls: list[Call], replicas: ReplicaWait | None) -> list[Any]:
         async with self.client.pipeline(transaction=False, raise_on_error=False) as pipe:
             requests = [
                 pipe.evalsha(self._shas[name], keys=list(keys), args=list(args))
                 for name, keys, args in calls
             ]
+            waits = replicas.add(pipe, [keys for _, keys, _ in calls]) if replicas else []
         results: list[Any] = []
         for request in requests:
             try:
                 results.append(await request)
             except ResponseError as exc:
                 results.append(exc)
+        if replicas is not None:
+            shortfall = await replicas.shortfall(waits)
+            if shortfall:
+                self.counters["not_replicated"] += len(shortfall)
+                log.warning(
+                    "%d store operations not acknowledged by replicas: %s",
+                    len(shortfall),
+                    next(iter(shortfall.values())),
+                )
+            for n, error in shortfall.items():
+                if not isinstance(results[n], Exception):
+                    results[n] = error
         return results
 
     # -- mutations ------------------------------------------------------------------------
@@ -607,7 +640,9 @@ class RedisStore(GroupCommitStore[_Op]):
         try:
             swept = await self._sweep_keys("gw:{*}:q:*", "prune", now)
             await self._sweep_keys("gw*:{*}:m", "compact", now)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:
+            if not redis_failure(exc):
+                raise
             self._unavailable(exc)
             raise RedisUnavailable(f"redis unavailable: {exc}") from None
         return swept

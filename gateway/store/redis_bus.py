@@ -222,6 +222,27 @@ LOST = (*REDIS_ERRORS, StoreError)
 def _unless_connection_trouble(exc: BaseException) -> BaseException | None:
     """`exc` less the lost subscriptions in it (None if that was all of it)."""
     if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(LOST)
+        _, rest = exc.split(_lost)
         return rest
-    return None if isinstance(exc, LOST) else exc
+    return None if _lost(exc) else exc
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether `exc` (not a group) says a subscription was lost.
+
+    After a Cluster failover, coredis's sharded subscription, cleaning up after the lost
+    connection to the old primary, raises a KeyError (it looks the shard up by a node id
+    it no longer holds); that too is a lost subscription, not a fault of the gateway.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return False  # split() then looks inside
+    if isinstance(exc, LOST):
+        return True
+    context = exc.__context__
+    return isinstance(exc, KeyError) and context is not None and _all_lost(context)
+
+
+def _all_lost(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_lost)[1] is None
+    return _lost(exc)

@@ -19,11 +19,15 @@ from pathlib import Path
 from scripts.kit import procfs
 from scripts.kit.child_process import ChildProcess
 from scripts.kit.loopback import HOST, free_port
+from scripts.kit.redis_cluster import RedisCluster
 from scripts.kit.redis_server import RedisServer
 
 READY_LINE = "gateway listening on"  # logged at info level by every process that listens
 START_TIMEOUT = 30.0
-STORES = ("sqlite", "redis")
+STORES = ("sqlite", "redis", "redis-cluster")
+# The Redis Cluster of ``redis-cluster``: primaries, and replicas of each.
+CLUSTER_PRIMARIES = 3
+CLUSTER_REPLICAS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +145,12 @@ class GatewayProcess(ChildProcess):
 class StoreBackend:
     """The store a gateway process runs on."""
 
-    name: str  # "sqlite" or "redis"
+    name: str  # one of STORES
     toml: str  # keys of `[store]` for GatewayProcess ("" for SQLite in its work directory)
-    redis: RedisServer | None  # the redis-server behind it, for faults and connection counts
+    # The redis-server behind it, for faults and connection counts (on a cluster, the
+    # first primary, the one `redis_url` names).
+    redis: RedisServer | None
+    cluster: RedisCluster | None = None  # the whole Redis Cluster, for ``redis-cluster``
 
 
 @contextlib.asynccontextmanager
@@ -152,12 +159,28 @@ async def open_store(name: str, workdir: Path) -> AsyncIterator[StoreBackend]:
 
     SQLite needs nothing started: the file lives in the gateway's own work directory.
     Redis gets its own redis-server (in ``workdir / "redis"``), killed on exit.
+    ``redis-cluster`` gets a Redis Cluster of CLUSTER_PRIMARIES primaries with
+    CLUSTER_REPLICAS replicas each (in ``workdir / "cluster"``), configured as
+    docs/scaling.md says (``redis_cluster = true``), killed on exit.
 
     Raises:
         ValueError: `name` is not one of STORES.
     """
     if name == "sqlite":
         yield StoreBackend(name, "", None)
+        return
+    if name == "redis-cluster":
+        cluster = RedisCluster(
+            workdir / "cluster", primaries=CLUSTER_PRIMARIES, replicas=CLUSTER_REPLICAS
+        )
+        try:
+            # Started here, not in a worker thread: each server dies with the thread that
+            # started it (see scripts/kit/redis_server.py).
+            cluster.start()
+            toml = f'backend = "redis"\nredis_url = "{cluster.url}"\nredis_cluster = true'
+            yield StoreBackend(name, toml, cluster.primaries[0], cluster)
+        finally:
+            cluster.stop()
         return
     if name != "redis":
         raise ValueError(f"unknown store backend {name!r}, expected one of {STORES}")

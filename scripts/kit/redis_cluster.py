@@ -13,13 +13,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 from scripts.kit.loopback import HOST, free_port
 from scripts.kit.redis_server import RedisServer
 
 SLOTS = 16384
 CLUSTER_BUS_OFFSET = 10000
 START_TIMEOUT = 20.0
+FAILOVER_TIMEOUT = 30.0
 POLL = 0.05
+NODE_TIMEOUT_MS = 1000
 
 
 def free_cluster_port() -> int:
@@ -40,16 +44,31 @@ class RedisCluster:
     """`primaries` shards, each a primary with `replicas` replicas, in `directory`.
 
     The slots are split evenly in order: shard k holds ``slot_ranges[k]``. `url` names the
-    first primary; clients discover the rest.
+    first primary; clients discover the rest. A node that misses `node_timeout_ms` of
+    heartbeats counts as failed, and its replica takes over (Redis's own default is 15 s;
+    a scratch cluster fails over in a second or two).
 
     Raises:
         RuntimeError: redis-server is not installed, or the cluster does not come up.
     """
 
-    def __init__(self, directory: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
+    ) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one primary")
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        # A replica may always take over (validity factor 0): on loopback a replica is
+        # never far behind, and a failover test must not stall on an old link.
+        args = [
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-replica-validity-factor", "0",
+        ]  # fmt: skip
         self.primaries = [
             RedisServer(directory / f"primary{n}", port=free_cluster_port(), args=args)
             for n in range(primaries)
@@ -119,6 +138,76 @@ class RedisCluster:
                 raise RuntimeError(failure)
             time.sleep(POLL)
 
+    def role(self, server: RedisServer) -> str:
+        """``master`` or ``slave``, as the running `server` says."""
+        for line in server.command("INFO", "replication").decode().splitlines():
+            if line.startswith("role:"):
+                return line.split(":", 1)[1].strip()
+        raise RuntimeError(f"no role in INFO replication of port {server.port}")
+
+    def live_primaries(self) -> list[RedisServer]:
+        """The running servers that are primaries now (failovers move the role)."""
+        return [s for s in self.servers if s.running and self.role(s) == "master"]
+
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        """The running servers that replicate `primary` now, their link up."""
+        return [
+            s
+            for s in self.servers
+            if s is not primary and s.running and _replicates(s, primary.port)
+        ]
+
+    async def fail_over(self, primary: RedisServer, replica_lag: float = 0.0) -> RedisServer:
+        """SIGKILL `primary`, wait until one of its replicas has taken over and every
+        running node says ``cluster_state:ok``, then start the killed one again, which
+        rejoins as a replica of the new primary; returns the new primary once that replica
+        has its first sync.
+
+        With `replica_lag`, the replicas are frozen (SIGSTOP) that many seconds before the
+        kill, then SIGKILLed and started again on their own files: what the primary
+        acknowledged meanwhile never reached their data (it sat unread in their sockets),
+        as when a replica lags behind its primary across a slow link. (Frozen and thawed
+        instead, a replica would read it all from its socket and lose nothing.)
+
+        Raises:
+            RuntimeError: `primary` has no replica, or the failover or the rejoin did not
+                finish within FAILOVER_TIMEOUT.
+        """
+        replicas = self.replicas_of(primary)
+        if not replicas:
+            raise RuntimeError(f"the primary on port {primary.port} has no replica")
+        if replica_lag > 0:
+            for replica in replicas:
+                replica.pause()
+            try:
+                await trio.sleep(replica_lag)
+                primary.kill()
+            finally:
+                for replica in replicas:
+                    replica.kill()
+            for replica in replicas:
+                await replica.astart()
+        else:
+            primary.kill()
+        deadline = time.monotonic() + FAILOVER_TIMEOUT
+        promoted: RedisServer | None = None
+        while promoted is None or not self._all_ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica of port {primary.port} took over")
+            await trio.sleep(POLL)
+            promoted = next((r for r in replicas if self.role(r) == "master"), None)
+        await primary.astart()
+        while not (_replicates(primary, promoted.port) and self._all_ok()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {primary.port} did not rejoin as a replica")
+            await trio.sleep(POLL)
+        return promoted
+
+    def _all_ok(self) -> bool:
+        return all(
+            b"cluster_state:ok" in s.command("CLUSTER", "INFO") for s in self.servers if s.running
+        )
+
     def owner(self, slot: int) -> RedisServer:
         """The primary that holds `slot`."""
         for server, (low, high) in zip(self.primaries, self.slot_ranges, strict=True):
@@ -134,3 +223,14 @@ class RedisCluster:
         """Stop every server (SIGKILL: nothing of a scratch cluster needs to survive)."""
         for server in self.servers:
             server.kill()
+
+
+def _replicates(server: RedisServer, primary_port: int) -> bool:
+    """`server` is a replica of the primary on `primary_port`, in sync with it."""
+    info = server.command("INFO", "replication").decode()
+    return (
+        "role:slave" in info
+        and f"master_port:{primary_port}\r" in info
+        and "master_link_status:up" in info
+        and "master_sync_in_progress:0" in info
+    )
