@@ -251,10 +251,8 @@ class PushDispatcher:
         key = (decision.user, decision.device)
         kind = decision.kind if isinstance(decision, WakeUp) else None
         reason = decision.reason if isinstance(decision, WakeUp) else "linger"
-        if reason == "retry":
-            if self._sending[key]:
-                return  # the alert is still being sent (a provider's 429 or 5xx backoff)
-            self.alert_retries += 1
+        if reason == "retry" and self._sending[key]:
+            return  # the alert is still being sent (a provider's 429 or 5xx backoff)
         job = self._queued.get(key)
         if job is not None:
             self.coalesced += 1
@@ -338,6 +336,10 @@ class PushDispatcher:
         if job.reason != "zombie" and self.policy.is_online(job.user, job.device):
             self.counters[("none", "cancelled")] += 1
             return
+        if job.reason == "retry":
+            if not await self._retry_wanted(store, job):
+                return
+            self.alert_retries += 1
         token = await self._token(store, job.user, job.device)
         if token is None:
             self.counters[("none", "no_token")] += 1
@@ -384,6 +386,23 @@ class PushDispatcher:
             self.counters[("none", "linger_skipped")] += 1
             return None
         return wake.kind
+
+    async def _retry_wanted(self, store: PushStore, job: _Job) -> bool:
+        """Whether an alert retry still has something to alert about: an urgent message
+        among the device's first queued items that no read of its own user (made on
+        another device, on any node) covers. If not, the policy sends no further retries."""
+        items = await store.fetch(job.user, job.device, 0, LINGER_PEEK, self._wall_ms())
+        read = {
+            msg_id
+            for item in items
+            if item.kind is ItemKind.READ and item.sender == job.user
+            for msg_id in item.ids
+        }
+        if any(i.urgent and i.kind is ItemKind.MESSAGE and i.msg_id not in read for i in items):
+            return True
+        self.policy.retry_skipped(job.user, job.device)
+        self.counters[("none", "retry_skipped")] += 1
+        return False
 
     async def _attempts(
         self, provider: Provider, notification: Notification, job: _Job

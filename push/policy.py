@@ -16,7 +16,10 @@ The rules (protocol v1, "Wake-up"):
   `ack_timeout` (a "zombie": its app suspended with the socket still open) is rescued: it
   gets an alert as though it were offline (reason ``zombie``), within the urgent cooldown.
 - An alert not followed by a connection of the device within `alert_retry` is sent again
-  (reason ``retry``), at most `alert_retries` times, each delay doubling.
+  (reason ``retry``), at most `alert_retries` times, each delay doubling. The driver sends
+  a retry only while the device still has something to alert about (an urgent message
+  neither acked nor read on another device); when it has not, it says so
+  (`retry_skipped`) and no further retry follows.
 - No device gets more than `background_per_hour` background wake-ups in any rolling hour,
   whatever connects and disconnects happen in between: one the budget holds back is owed
   (coalesced) until the oldest of the hour's wake-ups is an hour old.
@@ -245,6 +248,17 @@ class WakePolicy:
             state.budget.append(now)
         self._settle(key, state, now)
         return WakeUp(user, device, WakeKind.CLEAR, "clear")
+
+    def retry_skipped(self, user: str, device: str) -> None:
+        """The driver found nothing left for an alert retry to alert about (the messages
+        were acked, or read on another device): send no further retries."""
+        key = (user, device)
+        state = self._devices.get(key)
+        if state is None or (state.retry_due is None and state.retries_left == 0):
+            return
+        state.retry_due = None
+        state.retries_left = 0
+        self._settle(key, state, self._clock())
 
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: cancel everything pending (retries included) and forget

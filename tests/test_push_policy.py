@@ -236,6 +236,19 @@ def test_a_connect_cancels_the_retries(full: WakePolicy, clock: Clock) -> None:
     assert advance(full, clock, 600) == [LingerCheck("bob", "phone")]
 
 
+def test_a_skipped_retry_ends_the_retries_but_not_the_alert_mark(
+    full: WakePolicy, clock: Clock
+) -> None:
+    full.stored("bob", "phone", True)
+    assert advance(full, clock, 25) == [WakeUp("bob", "phone", ALERT, "retry")]
+    full.retry_skipped("bob", "phone")  # the driver found the message acked or read
+
+    assert advance(full, clock, 3600) == []
+    assert len(full) == 0
+    # The device was still alerted: a read elsewhere clears its notification.
+    assert full.cleared("bob", "phone") == WakeUp("bob", "phone", WakeKind.CLEAR, "clear")
+
+
 def test_a_new_alert_starts_its_retries_afresh(full: WakePolicy, clock: Clock) -> None:
     full.stored("bob", "phone", True)
     assert advance(full, clock, 25) == [WakeUp("bob", "phone", ALERT, "retry")]
@@ -291,9 +304,7 @@ def test_a_linger_wake_up_waits_for_the_budget_too(full: WakePolicy, clock: Cloc
     assert fired == [WakeUp("bob", "phone", BACKGROUND, "coalesced")]
 
 
-def test_alerts_are_not_held_back_by_the_background_budget(
-    full: WakePolicy, clock: Clock
-) -> None:
+def test_alerts_are_not_held_back_by_the_background_budget(full: WakePolicy, clock: Clock) -> None:
     for _ in range(3):
         full.stored("bob", "phone", False)
         full.connected("bob", "phone")

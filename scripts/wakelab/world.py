@@ -249,6 +249,13 @@ class World:
                 self._decide(
                     self.policy.linger_checked(decision.user, decision.device, len(pending), urgent)
                 )
+            elif decision.reason == "retry":
+                # As the dispatcher does: a retry only while an urgent message is unacked.
+                pending = self.devices[self.by_key[(decision.user, decision.device)]].pending
+                if any(cls == URGENT for _, cls in pending):
+                    self._decide(decision)
+                else:
+                    self.policy.retry_skipped(decision.user, decision.device)
             else:
                 self._decide(decision)
         self._policy_check()
