@@ -9,8 +9,9 @@ PushDispatcher.run
 ```
 
 The gateway calls `stored`, `read_elsewhere`, `connected` and `disconnected` synchronously
-from the store's doorbell (it is the gateway's `Waker`); those calls only consult the policy
-and put a job on a bounded queue, never wait.
+from the store's doorbell (it is the gateway's `Waker`; in a cluster also
+`connected_elsewhere` and `alerted_elsewhere`, from the cluster link); those calls only
+consult the policy and put a job on a bounded queue, never wait.
 
 Resource handling: at most `queue_size` jobs wait and `workers` requests are in flight, so
 a push storm costs bounded memory and sockets. A job for a device that already has one
@@ -148,6 +149,9 @@ class PushDispatcher:
         self._run_providers = run_providers
         self._tokens: dict[tuple[str, str], tuple[float, PushToken | None]] = {}
         self._token_epoch = 0
+        #: Told of every alert a provider accepted (in a cluster: announce it to the
+        #: other nodes, see `alerted_elsewhere`).
+        self.on_alert_sent: Callable[[str, str], None] | None = None
 
     # -- the wake calls (made synchronously from the store's doorbell) ----------------------
 
@@ -171,6 +175,19 @@ class PushDispatcher:
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: whatever was pending for it is cancelled."""
         self.policy.connected(user, device)
+        self._cancel(user, device)
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """The device authenticated on another node: whatever was pending for it here is
+        cancelled (it is not connected here)."""
+        self.policy.connected_elsewhere(user, device)
+        self._cancel(user, device)
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Another node sent the device an alert: a read elsewhere clears it from here."""
+        self.policy.alerted_elsewhere(user, device)
+
+    def _cancel(self, user: str, device: str) -> None:
         self.answers.connected(user, device)
         self._forget_token(user, device)  # a device changes its token only while connected
         job = self._queued.pop((user, device), None)
@@ -453,6 +470,8 @@ class PushDispatcher:
         if outcome is Outcome.SENT:
             self.counters[(name, f"sent_{notification.kind.value}")] += 1
             self.answers.sent(job.user, job.device, name, notification.kind.value)
+            if notification.kind is WakeKind.ALERT and self.on_alert_sent is not None:
+                self.on_alert_sent(job.user, job.device)
         elif outcome is Outcome.INVALID_TOKEN:
             self._forget_token(job.user, job.device)
             cleared = await store.clear_push_token(job.user, job.device, token.token, sent_at)

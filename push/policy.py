@@ -31,7 +31,9 @@ The rules (protocol v1, "Wake-up"):
   notification stays until the device next wakes. An alert older than `ALERT_MEMORY`
   (a day) without a connection since is no longer cleared.
 - A connect forgets everything else about the device: pending wake-ups, retries, timers,
-  cooldowns and whether it got an alert.
+  cooldowns and whether it got an alert. In a cluster, so does a connect on another node
+  (`connected_elsewhere`), and an alert sent by another node counts for clears as one sent
+  here (`alerted_elsewhere`).
 - Nothing happens at start-up: a device is only ever woken because of an event.
 
 The policy holds state only for devices with a cooldown, a timer or a background budget
@@ -263,13 +265,30 @@ class WakePolicy:
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: cancel everything pending (retries included) and forget
         its cooldowns and alerts; only its background budget and last clear are kept."""
+        self._online.add((user, device))
+        self.connected_elsewhere(user, device)
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """The device authenticated on another node sharing the store: as `connected`,
+        but it is not counted as connected here (its wake-ups are that node's concern
+        until it disconnects there, and then this node's again should it store for it)."""
         key = (user, device)
-        self._online.add(key)
         self._alerted.pop(key, None)
         state = self._devices.get(key)
         if state is not None:
             state.reset()
             self._settle(key, state, self._clock())
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Another node sent the device an alert: remember it for a clear (`cleared`) as
+        though it had been sent here. Ignored while the device is connected here."""
+        key = (user, device)
+        if key in self._online:
+            return
+        now = self._clock()
+        self._alerted.pop(key, None)  # moves to the end: the newest alert
+        self._alerted[key] = now
+        self._forget_old_alerts(now)
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended: start its linger timer."""

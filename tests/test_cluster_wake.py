@@ -1,0 +1,112 @@
+"""Wake-ups across two gateway nodes on one shared Redis, with real push dispatchers and
+the fake APNs: a connect on either node cancels what the other had pending for the
+device, and an alert sent by one node is cleared by a read stored on the other."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from gateway.client import connect
+from gateway.server import GatewayServer
+from push.dispatcher import PushDispatcher
+from push.settings import ApnsSettings
+from scripts.fakes import FakeApns
+from tests.conftest import running_server
+from tests.test_cluster import DEADLINE, cluster_settings, shared_redis, tokens, wait_presence
+from tests.test_push_e2e import APNS_TOKEN, TOPIC, fake_apns, go_idle
+
+__all__ = ["fake_apns", "shared_redis"]  # fixtures
+
+
+@asynccontextmanager
+async def two_pushing_nodes(
+    tmp_path: Path, shared: tuple[str, bool], apns: FakeApns
+) -> AsyncIterator[tuple[GatewayServer, GatewayServer]]:
+    redis_url, redis_cluster = shared
+    settings = cluster_settings(
+        tmp_path,
+        redis_url,
+        redis_cluster=redis_cluster,
+        push={
+            "apns": ApnsSettings(**apns.settings(topic="com.example.default")),
+            "linger": 3600.0,
+            "alert_retry": 60.0,  # not due within a test: only whether it is pending counts
+            "request_timeout": 30.0,
+        },
+    )
+    async with running_server(settings) as a, running_server(settings) as b:
+        yield a, b
+
+
+def push(node: GatewayServer) -> PushDispatcher:
+    assert node.push is not None
+    return node.push
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for a condition that crosses Redis pub/sub to hold."""
+    with trio.fail_after(DEADLINE):
+        while not condition():  # noqa: ASYNC110 (state without an event, polled with a bound)
+            await trio.sleep(0.01)
+
+
+async def test_a_connect_on_the_other_node_cancels_the_alert_retry_and_no_more(
+    tmp_path: Path, shared_redis: tuple[str, bool], fake_apns: FakeApns
+) -> None:
+    token = tokens(tmp_path)
+    async with two_pushing_nodes(tmp_path, shared_redis, fake_apns) as (a, b):
+        await go_idle(b, token, "apns", APNS_TOKEN, topic=TOPIC)  # the phone, via B
+        async with connect(a.url, token("alice", "phone")) as alice:
+            with trio.fail_after(DEADLINE):
+                await wait_presence(alice, online=False)  # bob is connected nowhere
+                await alice.send("bob", b"ciphertext", urgent=True)
+                await fake_apns.wait_requests(1)
+                await push(a).wait_idle()
+            assert push(a).counters[("apns", "sent_alert")] == 1
+            assert push(a).policy.next_deadline() is not None  # its retry is pending
+
+            async with connect(b.url, token("bob", "phone")) as phone:
+                await phone.wait_drained()
+                await until(lambda: len(push(a).policy) == 0)  # nothing pending on A
+                assert not push(a).policy.is_online("bob", "phone")
+
+            # Connected nowhere again: a message stored on A wakes the phone from A.
+            with trio.fail_after(DEADLINE):
+                await wait_presence(alice, online=False)
+                await alice.send("bob", b"ciphertext", urgent=True)
+                await fake_apns.wait_requests(2)
+                await push(a).wait_idle()
+            assert push(a).counters[("apns", "sent_alert")] == 2
+
+
+async def test_a_read_stored_on_one_node_clears_the_alert_sent_by_the_other(
+    tmp_path: Path, shared_redis: tuple[str, bool], fake_apns: FakeApns
+) -> None:
+    token = tokens(tmp_path)
+    async with two_pushing_nodes(tmp_path, shared_redis, fake_apns) as (a, b):
+        await go_idle(a, token, "apns", APNS_TOKEN, topic=TOPIC)  # the phone, via A
+        async with (
+            connect(b.url, token("bob", "tablet")) as tablet,
+            connect(a.url, token("alice", "phone")) as alice,
+        ):
+            await tablet.wait_drained()
+            with trio.fail_after(DEADLINE):
+                sent = await alice.send("bob", b"ciphertext", urgent=True)  # stored on A
+                (alert,) = await fake_apns.wait_requests(1)
+                await push(a).wait_idle()
+                assert (await tablet.next_delivery()).frame["id"] == sent.id
+            assert push(a).counters[("apns", "sent_alert")] == 1
+            await until(lambda: b.counters.redis["alert_announcements_received"] >= 1)
+
+            await tablet.read("alice", [sent.id])  # stored on B, which decides the clear
+            with trio.fail_after(DEADLINE):
+                (_, clear) = await fake_apns.wait_requests(2)
+                await push(b).wait_idle()
+        assert alert.headers["apns-push-type"] == "alert"
+        assert clear.payload == {"aps": {"content-available": 1}, "clear": 1}
+        assert (push(b).metrics()["clears"], push(a).metrics()["clears"]) == (1, 0)
+        assert a.counters.redis["alert_announcements_sent"] >= 1
