@@ -162,6 +162,7 @@ class ClusterLink:
             conn = self.registry.get(message.user, message.device)
             if conn is not None and str(conn.id) == message.conn_id:
                 self.counters["kicks_received"] += 1
+                self.registry.moved(conn)
                 conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
         elif isinstance(message, Revocation):
             conn = self.registry.get(message.user, message.device)
@@ -214,6 +215,7 @@ class ClusterLink:
                 for conn, answer in zip(chunk, answers, strict=True):
                     if answer is Renewal.TAKEN:
                         self.counters["kicks_late"] += 1
+                        self.registry.moved(conn)
                         conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
                     elif answer is Renewal.RESTORED:
                         self.counters["claims_renewed_after_outage"] += 1

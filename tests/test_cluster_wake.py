@@ -110,3 +110,29 @@ async def test_a_read_stored_on_one_node_clears_the_alert_sent_by_the_other(
         assert clear.payload == {"aps": {"content-available": 1}, "clear": 1}
         assert (push(b).metrics()["clears"], push(a).metrics()["clears"]) == (1, 0)
         assert a.counters.redis["alert_announcements_sent"] >= 1
+
+
+async def test_a_device_moving_to_the_other_node_starts_no_linger_where_it_was(
+    tmp_path: Path, shared_redis: tuple[str, bool], fake_apns: FakeApns
+) -> None:
+    token = tokens(tmp_path)
+    async with two_pushing_nodes(tmp_path, shared_redis, fake_apns) as (a, b):
+        async with connect(a.url, token("bob", "phone"), reconnect=False) as on_a:
+            await on_a.wait_drained()
+            closed, codes = trio.Event(), []
+
+            async def watch() -> None:
+                codes.append(await a.edge.wait_for_close("bob", "phone"))
+                closed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                await trio.testing.wait_all_tasks_blocked()
+                async with connect(b.url, token("bob", "phone")) as on_b:
+                    await on_b.wait_drained()
+                    with trio.fail_after(DEADLINE):
+                        await closed.wait()
+        assert codes == [4009]
+        # Closed on A because it is connected on B: A has no linger check to run for it.
+        assert len(push(a).policy) == 0
+        assert a.counters.redis["kicks_received"] == 1
