@@ -114,6 +114,10 @@ def print_summary(console: Console, summary: dict[str, Any], failures: list[str]
     pushes.add_row(
         "APNs background per sleeping iPhone-hour", f"{p['ios_background_per_device_hour']:.1f}"
     )
+    pushes.add_row(
+        "most background pushes to one phone in an hour",
+        str(p["most_background_to_one_phone_in_an_hour"]),
+    )
     z = summary["zombies"]
     pushes.add_row("apps suspended with the socket open", str(z["suspended_with_socket_open"]))
     pushes.add_row("  of which woken by a push", str(z["woken"]))

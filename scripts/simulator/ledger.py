@@ -339,6 +339,9 @@ class Ledger:
                 "per_delivered_message": len(self.pushes) / len(delivered) if delivered else 0.0,
                 "wakes": len(self.wakes),
                 "throttled_by_ios": sum(p.throttled for p in self.pushes),
+                "most_background_to_one_phone_in_an_hour": _most_in_an_hour(
+                    [p for p in self.pushes if p.kind == "background"]
+                ),
                 "ios_background_per_device_hour": (
                     ios_background / (self.ios_idle_phones * hours)
                     if self.ios_idle_phones and hours > 0
@@ -353,6 +356,22 @@ class Ledger:
             "errors": dict(self.errors),
             "undrained_devices": dict(self.undrained),
         }
+
+
+def _most_in_an_hour(pushes: Sequence[PushRecord]) -> int:
+    """The most of `pushes` that went to one phone within any hour."""
+    by_user: dict[str, list[float]] = {}
+    for push in pushes:
+        by_user.setdefault(push.user, []).append(push.at)
+    most = 0
+    for times in by_user.values():
+        times.sort()
+        start = 0
+        for end, at in enumerate(times):
+            while times[start] <= at - 3600:
+                start += 1
+            most = max(most, end - start + 1)
+    return most
 
 
 def failures(summary: dict[str, Any]) -> list[str]:
