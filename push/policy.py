@@ -48,6 +48,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -441,33 +442,42 @@ class WakePolicy:
 
     def _settle(self, key: DeviceKey, state: _Device, now: float) -> None:
         """Schedule the device's next timer, or forget it when nothing is left to enforce."""
-        if self._next_time(state, now) is None and not state.checking:
+        when = self._next_time(state, now)
+        if when is None and not state.checking:
             del self._devices[key]
             return
-        self._schedule(key, state)
+        self._schedule_at(key, state, when)
 
     def _next_time(self, state: _Device, now: float) -> float | None:
-        """The earliest future moment the device's state changes: a due time, a cooldown
-        running out or a background wake-up leaving the budget's hour (after which its
-        state can be dropped). Wake-ups already out of the hour are let go here."""
-        due = (state.alert_due, state.background_due, state.linger_due, state.retry_due)
-        times = [t for t in due if t is not None]
+        """When the device's timer must next fire: its earliest due time, or, with nothing
+        due, the moment its last cooldown runs out and the last background wake-up leaves
+        the budget's hour (its state is then dropped; expiries before that change nothing
+        the timestamps do not already say). Wake-ups out of the hour are let go here."""
+        due = state.alert_due
+        for t in (state.background_due, state.linger_due, state.retry_due):
+            if t is not None and (due is None or t < due):
+                due = t
+        if due is not None:
+            return due
+        rules = self.rules
+        last = -math.inf
         budget = state.budget
         while budget and budget[0] + HOUR <= now:  # no longer counts against the budget
             budget.popleft()
-        if budget:  # the state is kept until the oldest of the hour's wake-ups is an hour old
-            times.append(budget[0] + HOUR)
-        if state.clear_at is not None and now < state.clear_at + self.rules.clear_cooldown:
-            times.append(state.clear_at + self.rules.clear_cooldown)
-        if state.alert_at is not None and now < state.alert_at + self.rules.urgent_cooldown:
-            times.append(state.alert_at + self.rules.urgent_cooldown)
-        bg_end = (state.background_at or 0.0) + self.rules.background_cooldown
-        if state.background_at is not None and now < bg_end:
-            times.append(bg_end)
-        return min(times) if times else None
+        if budget:
+            last = budget[-1] + HOUR
+        if state.clear_at is not None:
+            last = max(last, state.clear_at + rules.clear_cooldown)
+        if state.alert_at is not None:
+            last = max(last, state.alert_at + rules.urgent_cooldown)
+        if state.background_at is not None:
+            last = max(last, state.background_at + rules.background_cooldown)
+        return last if last > now else None
 
     def _schedule(self, key: DeviceKey, state: _Device) -> None:
-        when = self._next_time(state, self._clock())
+        self._schedule_at(key, state, self._next_time(state, self._clock()))
+
+    def _schedule_at(self, key: DeviceKey, state: _Device, when: float | None) -> None:
         if when is None or state.timer_at == when:
             return
         if state.timer_at is not None and state.timer_at < when:
