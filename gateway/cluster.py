@@ -6,6 +6,7 @@ ClusterLink.run
 ├─ listener: this node's channel (doorbells, kicks) and the events channel
 ├─ heartbeat: renews the TTL of every device claimed here
 ├─ releaser: lets go of devices whose connection ended
+├─ announcer: tells every node of the alert wake-ups sent here
 └─ catch-up: rings every local connection now and then
 ```
 
@@ -15,6 +16,11 @@ connection on another node with 4009 (a kick on that node's channel), and the he
 closes a connection whose claim was taken over even if that kick was lost. A node that
 dies stops renewing its claims, so its devices count as connected nowhere after
 `node_ttl` at most (and wake-ups resume).
+
+Wake-ups follow devices across nodes: a connect on another node cancels whatever this
+node's waker had pending for the device (retries included), and an alert wake-up sent by
+any node is announced to all, so that whichever node stores a read made on another of the
+user's devices knows to send a clear.
 
 Delivery never depends on pub/sub: a doorbell only wakes a connection's writer, which
 reads the store after its cursor. A doorbell lost while the listener reconnects is made
@@ -50,6 +56,7 @@ from gateway.store.bus import (
 log = logging.getLogger(__name__)
 
 RELEASE_QUEUE = 10_000
+ANNOUNCE_QUEUE = 10_000
 REFRESH_CHUNK = 1000
 LISTEN_RETRY_MAX = 5.0
 
@@ -81,6 +88,7 @@ class ClusterLink:
         self.listening = False
         self.on_event = on_event
         self._releases, self._to_release = trio.open_memory_channel[Claim](RELEASE_QUEUE)
+        self._alerts, self._to_announce = trio.open_memory_channel[tuple[str, str]](ANNOUNCE_QUEUE)
 
     async def claim(self, conn: Peer) -> None:
         """Register `conn`'s device as connected here, closing any other connection of it
@@ -99,6 +107,14 @@ class ClusterLink:
         except trio.WouldBlock:
             self.counters["releases_dropped"] += 1
 
+    def announce_alert(self, user: str, device: str) -> None:
+        """This node sent the device an alert wake-up: tell every node (soon; one lost
+        costs at most a clear wake-up)."""
+        try:
+            self._alerts.send_nowait((user, device))
+        except trio.WouldBlock:
+            self.counters["alert_announcements_dropped"] += 1
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, renew claims, release and catch up until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -106,6 +122,7 @@ class ClusterLink:
             nursery.start_soon(self._listen, listening)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._releaser)
+            nursery.start_soon(self._announcer)
             nursery.start_soon(self._catch_up)
             with trio.move_on_after(5):  # start without it rather than not at all
                 await listening.wait()
@@ -145,6 +162,7 @@ class ClusterLink:
             conn = self.registry.get(message.user, message.device)
             if conn is not None and str(conn.id) == message.conn_id:
                 self.counters["kicks_received"] += 1
+                self.registry.moved(conn)
                 conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
         elif isinstance(message, Revocation):
             conn = self.registry.get(message.user, message.device)
@@ -167,10 +185,15 @@ class ClusterLink:
         return told
 
     def _event(self, event: Event) -> None:
+        waker = self.registry.waker
+        if event.kind is EventKind.ALERTED:
+            self.counters["alert_announcements_received"] += 1
+            waker.alerted_elsewhere(event.user, event.device)
+            return
         connected = event.kind is EventKind.CONNECTED
         if connected and self.registry.get(event.user, event.device) is None:
             # Connected on another node: nothing pending here should wake it up.
-            self.registry.waker.connected(event.user, event.device)
+            waker.connected_elsewhere(event.user, event.device)
         self.on_event(event)
 
     # -- claims ---------------------------------------------------------------------------
@@ -192,6 +215,7 @@ class ClusterLink:
                 for conn, answer in zip(chunk, answers, strict=True):
                     if answer is Renewal.TAKEN:
                         self.counters["kicks_late"] += 1
+                        self.registry.moved(conn)
                         conn.request_close(CloseCode.REPLACED, "replaced by a newer connection")
                     elif answer is Renewal.RESTORED:
                         self.counters["claims_renewed_after_outage"] += 1
@@ -209,6 +233,22 @@ class ClusterLink:
             except StoreError as exc:
                 # The claims expire by their TTL; presence then follows by itself.
                 log.warning("releasing %d devices failed: %s", len(batch), exc)
+
+    async def _announcer(self) -> None:
+        while True:
+            batch = [await self._to_announce.receive()]
+            while len(batch) < REFRESH_CHUNK:
+                try:
+                    batch.append(self._to_announce.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self.bus.announce_alerts(batch)
+                self.counters["alert_announcements_sent"] += len(batch)
+            except StoreError as exc:
+                # Only a clear is at stake: a read elsewhere then leaves the notification.
+                self.counters["alert_announcements_lost"] += len(batch)
+                log.warning("%d alert wake-ups not announced: %s", len(batch), exc)
 
     async def _catch_up(self) -> None:
         """Ring every local connection now and then: a doorbell lost in pub/sub costs at

@@ -35,6 +35,7 @@ class Registry:
         self._by_user: dict[str, dict[str, Peer]] = {}
         self._by_id: dict[int, Peer] = {}  # replaced ones too, until they end
         self._watches: dict[DeviceKey, list[Watch]] = {}
+        self._moved: set[int] = set()  # connections replaced by one on another node
 
     def __len__(self) -> int:
         return len(self._by_device)
@@ -49,9 +50,17 @@ class Registry:
         self.waker.connected(conn.user, conn.device)
         return previous
 
+    def moved(self, conn: Peer) -> None:
+        """`conn` is being closed because its device connected on another node: when it
+        ends, the device is connected there, not gone (no linger wake-up starts here)."""
+        if self._by_id.get(conn.id) is conn:
+            self._moved.add(conn.id)
+
     def detach(self, conn: Peer) -> bool:
         """Forget a connection that ended; True if it was still its device's current one."""
         self._by_id.pop(conn.id, None)
+        moved = conn.id in self._moved
+        self._moved.discard(conn.id)
         key = (conn.user, conn.device)
         if self._by_device.get(key) is not conn:
             return False
@@ -60,7 +69,10 @@ class Registry:
         del devices[conn.device]
         if not devices:
             del self._by_user[conn.user]
-        self.waker.disconnected(conn.user, conn.device)
+        if moved:
+            self.waker.connected_elsewhere(conn.user, conn.device)
+        else:
+            self.waker.disconnected(conn.user, conn.device)
         return True
 
     def get(self, user: str, device: str) -> Peer | None:

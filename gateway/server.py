@@ -150,6 +150,8 @@ async def serve_gateway(
     node_id = secrets.token_hex(6)
     backend = open_backend(settings, registry, counters, node_id=node_id)
     store, cluster, cluster_presence = backend.store, backend.cluster, backend.cluster_presence
+    if push is not None and cluster is not None:
+        push.on_alert_sent = cluster.announce_alert  # a read on any node clears it
     load = LoadMonitor(server_settings.overload_lag)
     presence = build_presence(
         settings.presence,

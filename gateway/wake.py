@@ -2,7 +2,8 @@
 
 The registry tells a `Waker` what happens to devices: an item was stored for a device
 with no live connection (or, as a case of its own, a read its user made on another
-device), a device connected, and a device disconnected. What to send, and when, is the
+device), a device connected, and a device disconnected; in a cluster, also that a device
+connected on another node, or got an alert wake-up from one. What to send, and when, is the
 waker's decision; the push dispatcher is the one a served gateway uses.
 """
 
@@ -27,6 +28,14 @@ class Waker(Protocol):
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended."""
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """A device authenticated on another node sharing the store: whatever this node
+        had pending for it is moot, but it is not connected here."""
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Another node sent the device an alert wake-up: a read its user makes on
+        another device should clear it, whichever node stores that read."""
 
     def rescue(self, user: str, device: str) -> None:
         """A connected device left an urgent message unanswered for `[push] ack_timeout`

@@ -9,8 +9,9 @@ PushDispatcher.run
 ```
 
 The gateway calls `stored`, `read_elsewhere`, `connected` and `disconnected` synchronously
-from the store's doorbell (it is the gateway's `Waker`); those calls only consult the policy
-and put a job on a bounded queue, never wait.
+from the store's doorbell (it is the gateway's `Waker`; in a cluster also
+`connected_elsewhere` and `alerted_elsewhere`, from the cluster link); those calls only
+consult the policy and put a job on a bounded queue, never wait.
 
 Resource handling: at most `queue_size` jobs wait and `workers` requests are in flight, so
 a push storm costs bounded memory and sockets. A job for a device that already has one
@@ -148,6 +149,9 @@ class PushDispatcher:
         self._run_providers = run_providers
         self._tokens: dict[tuple[str, str], tuple[float, PushToken | None]] = {}
         self._token_epoch = 0
+        #: Told of every alert a provider accepted (in a cluster: announce it to the
+        #: other nodes, see `alerted_elsewhere`).
+        self.on_alert_sent: Callable[[str, str], None] | None = None
 
     # -- the wake calls (made synchronously from the store's doorbell) ----------------------
 
@@ -171,6 +175,19 @@ class PushDispatcher:
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: whatever was pending for it is cancelled."""
         self.policy.connected(user, device)
+        self._cancel(user, device)
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """The device authenticated on another node: whatever was pending for it here is
+        cancelled (it is not connected here)."""
+        self.policy.connected_elsewhere(user, device)
+        self._cancel(user, device)
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Another node sent the device an alert: a read elsewhere clears it from here."""
+        self.policy.alerted_elsewhere(user, device)
+
+    def _cancel(self, user: str, device: str) -> None:
         self.answers.connected(user, device)
         self._forget_token(user, device)  # a device changes its token only while connected
         job = self._queued.pop((user, device), None)
@@ -251,10 +268,8 @@ class PushDispatcher:
         key = (decision.user, decision.device)
         kind = decision.kind if isinstance(decision, WakeUp) else None
         reason = decision.reason if isinstance(decision, WakeUp) else "linger"
-        if reason == "retry":
-            if self._sending[key]:
-                return  # the alert is still being sent (a provider's 429 or 5xx backoff)
-            self.alert_retries += 1
+        if reason == "retry" and self._sending[key]:
+            return  # the alert is still being sent (a provider's 429 or 5xx backoff)
         job = self._queued.get(key)
         if job is not None:
             self.coalesced += 1
@@ -338,6 +353,10 @@ class PushDispatcher:
         if job.reason != "zombie" and self.policy.is_online(job.user, job.device):
             self.counters[("none", "cancelled")] += 1
             return
+        if job.reason == "retry":
+            if not await self._retry_wanted(store, job):
+                return
+            self.alert_retries += 1
         token = await self._token(store, job.user, job.device)
         if token is None:
             self.counters[("none", "no_token")] += 1
@@ -384,6 +403,23 @@ class PushDispatcher:
             self.counters[("none", "linger_skipped")] += 1
             return None
         return wake.kind
+
+    async def _retry_wanted(self, store: PushStore, job: _Job) -> bool:
+        """Whether an alert retry still has something to alert about: an urgent message
+        among the device's first queued items that no read of its own user (made on
+        another device, on any node) covers. If not, the policy sends no further retries."""
+        items = await store.fetch(job.user, job.device, 0, LINGER_PEEK, self._wall_ms())
+        read = {
+            msg_id
+            for item in items
+            if item.kind is ItemKind.READ and item.sender == job.user
+            for msg_id in item.ids
+        }
+        if any(i.urgent and i.kind is ItemKind.MESSAGE and i.msg_id not in read for i in items):
+            return True
+        self.policy.retry_skipped(job.user, job.device)
+        self.counters[("none", "retry_skipped")] += 1
+        return False
 
     async def _attempts(
         self, provider: Provider, notification: Notification, job: _Job
@@ -434,6 +470,8 @@ class PushDispatcher:
         if outcome is Outcome.SENT:
             self.counters[(name, f"sent_{notification.kind.value}")] += 1
             self.answers.sent(job.user, job.device, name, notification.kind.value)
+            if notification.kind is WakeKind.ALERT and self.on_alert_sent is not None:
+                self.on_alert_sent(job.user, job.device)
         elif outcome is Outcome.INVALID_TOKEN:
             self._forget_token(job.user, job.device)
             cleared = await store.clear_push_token(job.user, job.device, token.token, sent_at)

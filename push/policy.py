@@ -16,7 +16,10 @@ The rules (protocol v1, "Wake-up"):
   `ack_timeout` (a "zombie": its app suspended with the socket still open) is rescued: it
   gets an alert as though it were offline (reason ``zombie``), within the urgent cooldown.
 - An alert not followed by a connection of the device within `alert_retry` is sent again
-  (reason ``retry``), at most `alert_retries` times, each delay doubling.
+  (reason ``retry``), at most `alert_retries` times, each delay doubling. The driver sends
+  a retry only while the device still has something to alert about (an urgent message
+  neither acked nor read on another device); when it has not, it says so
+  (`retry_skipped`) and no further retry follows.
 - No device gets more than `background_per_hour` background wake-ups in any rolling hour,
   whatever connects and disconnects happen in between: one the budget holds back is owed
   (coalesced) until the oldest of the hour's wake-ups is an hour old.
@@ -28,7 +31,9 @@ The rules (protocol v1, "Wake-up"):
   notification stays until the device next wakes. An alert older than `ALERT_MEMORY`
   (a day) without a connection since is no longer cleared.
 - A connect forgets everything else about the device: pending wake-ups, retries, timers,
-  cooldowns and whether it got an alert.
+  cooldowns and whether it got an alert. In a cluster, so does a connect on another node
+  (`connected_elsewhere`), and an alert sent by another node counts for clears as one sent
+  here (`alerted_elsewhere`).
 - Nothing happens at start-up: a device is only ever woken because of an event.
 
 The policy holds state only for devices with a cooldown, a timer or a background budget
@@ -43,6 +48,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,16 +252,44 @@ class WakePolicy:
         self._settle(key, state, now)
         return WakeUp(user, device, WakeKind.CLEAR, "clear")
 
+    def retry_skipped(self, user: str, device: str) -> None:
+        """The driver found nothing left for an alert retry to alert about (the messages
+        were acked, or read on another device): send no further retries."""
+        key = (user, device)
+        state = self._devices.get(key)
+        if state is None or (state.retry_due is None and state.retries_left == 0):
+            return
+        state.retry_due = None
+        state.retries_left = 0
+        self._settle(key, state, self._clock())
+
     def connected(self, user: str, device: str) -> None:
         """A device authenticated: cancel everything pending (retries included) and forget
         its cooldowns and alerts; only its background budget and last clear are kept."""
+        self._online.add((user, device))
+        self.connected_elsewhere(user, device)
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """The device authenticated on another node sharing the store: as `connected`,
+        but it is not counted as connected here (its wake-ups are that node's concern
+        until it disconnects there, and then this node's again should it store for it)."""
         key = (user, device)
-        self._online.add(key)
         self._alerted.pop(key, None)
         state = self._devices.get(key)
         if state is not None:
             state.reset()
             self._settle(key, state, self._clock())
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Another node sent the device an alert: remember it for a clear (`cleared`) as
+        though it had been sent here. Ignored while the device is connected here."""
+        key = (user, device)
+        if key in self._online:
+            return
+        now = self._clock()
+        self._alerted.pop(key, None)  # moves to the end: the newest alert
+        self._alerted[key] = now
+        self._forget_old_alerts(now)
 
     def disconnected(self, user: str, device: str) -> None:
         """A device's connection ended: start its linger timer."""
@@ -408,33 +442,42 @@ class WakePolicy:
 
     def _settle(self, key: DeviceKey, state: _Device, now: float) -> None:
         """Schedule the device's next timer, or forget it when nothing is left to enforce."""
-        if self._next_time(state, now) is None and not state.checking:
+        when = self._next_time(state, now)
+        if when is None and not state.checking:
             del self._devices[key]
             return
-        self._schedule(key, state)
+        self._schedule_at(key, state, when)
 
     def _next_time(self, state: _Device, now: float) -> float | None:
-        """The earliest future moment the device's state changes: a due time, a cooldown
-        running out or a background wake-up leaving the budget's hour (after which its
-        state can be dropped). Wake-ups already out of the hour are let go here."""
-        due = (state.alert_due, state.background_due, state.linger_due, state.retry_due)
-        times = [t for t in due if t is not None]
+        """When the device's timer must next fire: its earliest due time, or, with nothing
+        due, the moment its last cooldown runs out and the last background wake-up leaves
+        the budget's hour (its state is then dropped; expiries before that change nothing
+        the timestamps do not already say). Wake-ups out of the hour are let go here."""
+        due = state.alert_due
+        for t in (state.background_due, state.linger_due, state.retry_due):
+            if t is not None and (due is None or t < due):
+                due = t
+        if due is not None:
+            return due
+        rules = self.rules
+        last = -math.inf
         budget = state.budget
         while budget and budget[0] + HOUR <= now:  # no longer counts against the budget
             budget.popleft()
-        if budget:  # the state is kept until the oldest of the hour's wake-ups is an hour old
-            times.append(budget[0] + HOUR)
-        if state.clear_at is not None and now < state.clear_at + self.rules.clear_cooldown:
-            times.append(state.clear_at + self.rules.clear_cooldown)
-        if state.alert_at is not None and now < state.alert_at + self.rules.urgent_cooldown:
-            times.append(state.alert_at + self.rules.urgent_cooldown)
-        bg_end = (state.background_at or 0.0) + self.rules.background_cooldown
-        if state.background_at is not None and now < bg_end:
-            times.append(bg_end)
-        return min(times) if times else None
+        if budget:
+            last = budget[-1] + HOUR
+        if state.clear_at is not None:
+            last = max(last, state.clear_at + rules.clear_cooldown)
+        if state.alert_at is not None:
+            last = max(last, state.alert_at + rules.urgent_cooldown)
+        if state.background_at is not None:
+            last = max(last, state.background_at + rules.background_cooldown)
+        return last if last > now else None
 
     def _schedule(self, key: DeviceKey, state: _Device) -> None:
-        when = self._next_time(state, self._clock())
+        self._schedule_at(key, state, self._next_time(state, self._clock()))
+
+    def _schedule_at(self, key: DeviceKey, state: _Device, when: float | None) -> None:
         if when is None or state.timer_at == when:
             return
         if state.timer_at is not None and state.timer_at < when:

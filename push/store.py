@@ -2,8 +2,9 @@
 
 The dispatcher reads a device's push token, clears a token that a provider called invalid,
 and, when a disconnected device's linger time is up, counts its queue and peeks at the
-first items to choose between an alert and a background wake-up. Any store with these
-calls serves; a call that cannot complete raises `push.errors.StoreFailure`.
+first items to choose between an alert and a background wake-up; before an alert retry it
+peeks the same way for an urgent message still unanswered. Any store with these calls
+serves; a call that cannot complete raises `push.errors.StoreFailure`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class PushToken:
 
 
 class QueuedItem(Protocol):
-    """What a linger check reads of a queued item."""
+    """What a linger check or an alert retry reads of a queued item."""
 
     @property
     def kind(self) -> ItemKind:
@@ -45,6 +46,21 @@ class QueuedItem(Protocol):
     @property
     def urgent(self) -> bool:
         """Whether the sender marked it urgent."""
+        ...
+
+    @property
+    def msg_id(self) -> str:
+        """The message's id (a message item)."""
+        ...
+
+    @property
+    def sender(self) -> str:
+        """Who sent it: for a read receipt, the reader."""
+        ...
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The message ids a receipt covers."""
         ...
 
 

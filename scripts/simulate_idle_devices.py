@@ -183,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same for alerts and FCM high priority (default %(default)s)",
     )
     phones.add_argument(
+        "--ios-background-per-hour",
+        type=int,
+        default=d.ios_background_per_hour,
+        help="background pushes iOS hands each iPhone per hour; the fake APNs accepts the "
+        "rest and drops them silently, as iOS does (0: no throttle; default %(default)s)",
+    )
+    phones.add_argument(
+        "--zombie-share",
+        type=_share,
+        default=d.zombie_share,
+        help="share of the times a sleeping app goes to the background with its socket "
+        "left open and silent (suspended by iOS) instead of closing it (default %(default)s)",
+    )
+    phones.add_argument(
+        "--reader-share",
+        type=_share,
+        default=d.reader_share,
+        help="share of the sleeping phones' users with a second device (a tablet) that stays "
+        "connected and reads every message as it arrives, so the read syncs to the sleeping "
+        "phone and may clear its notification (default %(default)s)",
+    )
+    phones.add_argument(
         "--drops-per-minute",
         type=_not_negative,
         default=d.drops_per_minute,
@@ -299,6 +321,9 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
         foreground=args.foreground,
         push_loss=args.push_loss,
         alert_loss=args.alert_loss,
+        ios_background_per_hour=max(args.ios_background_per_hour, 0),
+        zombie_share=args.zombie_share,
+        reader_share=args.reader_share,
         drops_per_minute=args.drops_per_minute,
         rules=PushRules(args.urgent_cooldown, args.background_cooldown, args.linger),
         final_drain_timeout=args.final_drain_timeout,
@@ -367,8 +392,8 @@ async def run_scenario(
             sqlite = settings.store.backend == "sqlite" and settings.store.path.is_file()
             database = settings.store.path if sqlite else None
 
-        def token(user: str) -> str:
-            return mint_token(auth, user, "phone", TOKEN_TTL)
+        def token(user: str, device: str) -> str:
+            return mint_token(auth, user, device, TOKEN_TTL)
 
         with _live(run, enabled=not args.no_live) as refresh:
             nursery.start_soon(refresh)

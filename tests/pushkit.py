@@ -73,10 +73,23 @@ class MemoryStore:
         return self.tokens[(user, device)]
 
     def queue(
-        self, user: str, device: str, *, urgent: bool, kind: ItemKind = ItemKind.MESSAGE
+        self,
+        user: str,
+        device: str,
+        *,
+        urgent: bool,
+        kind: ItemKind = ItemKind.MESSAGE,
+        msg_id: str = "m",
+        sender: str = "alice",
+        ids: tuple[str, ...] = (),
     ) -> None:
         items = self.queued.setdefault((user, device), [])
-        items.append(QueueItem(len(items) + 1, kind, "m", "alice", "phone", 0, urgent, b""))
+        sid = len(items) + 1
+        items.append(QueueItem(sid, kind, msg_id, sender, "phone", 0, urgent, b"", ids))
+
+    def ack(self, user: str, device: str) -> None:
+        """The device acked everything queued."""
+        self.queued.pop((user, device), None)
 
     async def push_token(self, user: str, device: str) -> PushToken | None:
         await trio.lowlevel.checkpoint()

@@ -84,10 +84,62 @@ async def test_an_unanswered_alert_is_sent_again_until_the_device_connects(
     async with running(store, apns) as dispatcher:
         await trio.testing.wait_all_tasks_blocked()  # the timer task sleeps: nothing is due
         start = trio.current_time()
+        store.queue("bob", "phone", urgent=True)
         dispatcher.stored("bob", "phone", urgent=True)
         await apns.wait_attempts(2)  # the alert, and its retry once 20 s passed unanswered
         assert apns.attempts[1].at == pytest.approx(start + 20)
+        first, again = (a.notification for a in apns.attempts)
+        assert again.collapse_id == first.collapse_id
         dispatcher.connected("bob", "phone")
+        await trio.sleep(600)
+        assert kinds(apns) == [ALERT, ALERT]
+        assert dispatcher.metrics()["alert_retries"] == 1
+
+
+async def test_no_retry_once_the_urgent_message_is_acked(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The queue drained (acked through a connection this node did not see, or expired):
+    # the retry finds nothing to alert about, and no later retry is tried either.
+    async with running(store, apns) as dispatcher:
+        store.queue("bob", "phone", urgent=True)
+        dispatcher.stored("bob", "phone", urgent=True)
+        await apns.wait_attempts(1)
+        store.ack("bob", "phone")
+        await trio.sleep(600)
+        assert kinds(apns) == [ALERT]
+        assert dispatcher.metrics()["alert_retries"] == 0
+        assert dispatcher.counters[("none", "retry_skipped")] == 1
+        assert len(dispatcher.policy) == 0  # nothing left pending for the device
+
+
+async def test_no_retry_for_an_urgent_message_read_on_another_device(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, apns) as dispatcher:
+        store.queue("bob", "phone", urgent=True, msg_id="m1")
+        dispatcher.stored("bob", "phone", urgent=True)
+        await apns.wait_attempts(1)
+        # bob read m1 on his laptop: the read receipt is queued for the phone too.
+        store.queue("bob", "phone", urgent=False, kind=ItemKind.READ, sender="bob", ids=("m1",))
+        await trio.sleep(600)
+        assert kinds(apns) == [ALERT]
+        assert dispatcher.counters[("none", "retry_skipped")] == 1
+
+
+async def test_a_retry_goes_out_for_an_urgent_message_still_unread(
+    store: MemoryStore, apns: ScriptedProvider, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running(store, apns, alert_retries=1) as dispatcher:
+        store.queue("bob", "phone", urgent=True, msg_id="m1")
+        store.queue("bob", "phone", urgent=True, msg_id="m2")
+        dispatcher.stored("bob", "phone", urgent=True)
+        await apns.wait_attempts(1)
+        # A read by bob of m1, and alice's read receipt for one of bob's own messages
+        # (not a read of bob's): m2 is still unread.
+        store.queue("bob", "phone", urgent=False, kind=ItemKind.READ, sender="bob", ids=("m1",))
+        store.queue("bob", "phone", urgent=False, kind=ItemKind.READ, sender="alice", ids=("m2",))
+        await apns.wait_attempts(2)
         await trio.sleep(600)
         assert kinds(apns) == [ALERT, ALERT]
         assert dispatcher.metrics()["alert_retries"] == 1

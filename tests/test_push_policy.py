@@ -236,6 +236,19 @@ def test_a_connect_cancels_the_retries(full: WakePolicy, clock: Clock) -> None:
     assert advance(full, clock, 600) == [LingerCheck("bob", "phone")]
 
 
+def test_a_skipped_retry_ends_the_retries_but_not_the_alert_mark(
+    full: WakePolicy, clock: Clock
+) -> None:
+    full.stored("bob", "phone", True)
+    assert advance(full, clock, 25) == [WakeUp("bob", "phone", ALERT, "retry")]
+    full.retry_skipped("bob", "phone")  # the driver found the message acked or read
+
+    assert advance(full, clock, 3600) == []
+    assert len(full) == 0
+    # The device was still alerted: a read elsewhere clears its notification.
+    assert full.cleared("bob", "phone") == WakeUp("bob", "phone", WakeKind.CLEAR, "clear")
+
+
 def test_a_new_alert_starts_its_retries_afresh(full: WakePolicy, clock: Clock) -> None:
     full.stored("bob", "phone", True)
     assert advance(full, clock, 25) == [WakeUp("bob", "phone", ALERT, "retry")]
@@ -291,9 +304,7 @@ def test_a_linger_wake_up_waits_for_the_budget_too(full: WakePolicy, clock: Cloc
     assert fired == [WakeUp("bob", "phone", BACKGROUND, "coalesced")]
 
 
-def test_alerts_are_not_held_back_by_the_background_budget(
-    full: WakePolicy, clock: Clock
-) -> None:
+def test_alerts_are_not_held_back_by_the_background_budget(full: WakePolicy, clock: Clock) -> None:
     for _ in range(3):
         full.stored("bob", "phone", False)
         full.connected("bob", "phone")
@@ -440,3 +451,31 @@ def test_an_alert_a_day_old_is_no_longer_cleared(full: WakePolicy, clock: Clock)
 
     assert full.cleared("bob", "phone") is None
     assert full.cleared("carol", "phone") == WakeUp("carol", "phone", WakeKind.CLEAR, "clear")
+
+
+def test_a_connect_on_another_node_cancels_everything_but_is_not_a_connection_here(
+    full: WakePolicy, clock: Clock
+) -> None:
+    full.stored("bob", "phone", True)
+    full.connected_elsewhere("bob", "phone")
+
+    assert advance(full, clock, 3600) == []  # no retry
+    assert not full.is_online("bob", "phone")
+    assert full.cleared("bob", "phone") is None  # the alert was answered
+    # Back to this node's care once it is gone from the other one: the cooldown is reset.
+    assert full.stored("bob", "phone", True) == WakeUp("bob", "phone", ALERT, "urgent")
+
+
+def test_an_alert_sent_by_another_node_is_cleared_here(full: WakePolicy, clock: Clock) -> None:
+    full.alerted_elsewhere("bob", "phone")
+    full.alerted_elsewhere("bob", "laptop")
+    full.connected("bob", "laptop")
+    full.alerted_elsewhere("bob", "laptop")  # connected here: it sees its messages itself
+
+    assert advance(full, clock, 600) == []  # nothing to send by itself: no retry either
+    assert full.cleared("bob", "phone") == WakeUp("bob", "phone", WakeKind.CLEAR, "clear")
+    assert full.cleared("bob", "laptop") is None
+    clock.now += ALERT_MEMORY
+    full.alerted_elsewhere("bob", "tablet")
+    clock.now += 61
+    assert full.cleared("bob", "phone") is None  # a day old: forgotten

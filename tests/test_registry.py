@@ -36,3 +36,38 @@ def test_a_read_by_the_devices_own_user_is_a_read_elsewhere() -> None:
         ("stored", "alice", "phone"),  # a read by someone else wakes as any receipt
         ("stored", "bob", "phone"),  # a delivered receipt from one's own device too
     ]
+
+
+class Conn:
+    def __init__(self, conn_id: int) -> None:
+        self.id, self.user, self.device, self.active = conn_id, "bob", "phone", True
+
+
+class Moves(LogWaker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def connected(self, user: str, device: str) -> None:
+        self.calls.append("connected")
+
+    def disconnected(self, user: str, device: str) -> None:
+        self.calls.append("disconnected")
+
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        self.calls.append("connected_elsewhere")
+
+
+def test_a_connection_replaced_on_another_node_ends_as_connected_elsewhere() -> None:
+    waker = Moves()
+    registry = Registry(waker)
+    first, second = Conn(1), Conn(2)
+    registry.attach(first)  # type: ignore[arg-type]
+    registry.moved(first)  # type: ignore[arg-type]
+    registry.detach(first)  # type: ignore[arg-type]
+    registry.attach(second)  # type: ignore[arg-type]
+    registry.detach(second)  # type: ignore[arg-type]
+    registry.moved(second)  # type: ignore[arg-type]  # too late: it ended, nothing is kept
+
+    assert waker.calls == ["connected", "connected_elsewhere", "connected", "disconnected"]
+    assert registry._moved == set()

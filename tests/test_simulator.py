@@ -272,3 +272,41 @@ def test_the_ledger_follows_each_members_copy_of_a_group_message() -> None:
     assert (m["sent"], m["delivered"], m["group_sends"], m["group_copies"]) == (2, 1, 1, 2)
     assert summary["receipts"]["delivered_arrived"] == 1
     assert failures(summary) == ["1 message(s) lost"]  # carol's copy never arrived
+
+
+def test_the_fake_apns_drops_background_pushes_beyond_the_ios_budget(tmp_path: Path) -> None:
+    from scripts.fakes import FakeApns, HttpRequest
+
+    fake = FakeApns.create(tmp_path)
+    fake.background_per_hour = 3
+
+    def push(kind: str, at: float) -> Any:
+        headers = {
+            "apns-topic": "com.example.app",
+            "apns-push-type": kind,
+            "apns-priority": "5" if kind == "background" else "10",
+        }
+        path = "/3/device/" + "ab" * 32
+        request = HttpRequest("POST", path, headers, b'{"aps": {}}', True, at, peer_cert={})
+        assert fake.handle(request).status == 200  # accepted, as Apple accepts them
+        return fake.records[-1]
+
+    assert [push("background", t).throttled for t in (0, 10, 20, 30)] == [False] * 3 + [True]
+    assert not push("alert", 40).throttled  # alerts are not throttled
+    assert not push("background", 3600.5).throttled  # the one at 0 left the hour
+    assert push("background", 3601).throttled
+    fake.background_per_hour = 0
+    assert not push("background", 3602).throttled
+
+
+async def test_zombie_apps_and_reads_on_a_second_device(tmp_path: Path) -> None:
+    status, summary, text = await simulate(
+        tmp_path, "--zombie-share", "1", "--reader-share", "1", "--ios-background-per-hour", "0"
+    )
+    assert status == 0, text
+    assert summary["zombies"]["suspended_with_socket_open"] > 0
+    assert summary["read_elsewhere"]["reads"] > 0
+    assert set(summary["gateway"]) == {
+        "alert_retries", "retries_skipped", "zombie_rescues", "clears"
+    }  # fmt: skip
+    assert summary["pushes"]["throttled_by_ios"] == 0

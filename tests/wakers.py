@@ -23,5 +23,11 @@ class LogWaker:
     def disconnected(self, user: str, device: str) -> None:
         """Nothing to schedule."""
 
+    def connected_elsewhere(self, user: str, device: str) -> None:
+        """Nothing to cancel."""
+
+    def alerted_elsewhere(self, user: str, device: str) -> None:
+        """Nothing to clear."""
+
     def rescue(self, user: str, device: str) -> None:
         """Nothing to send."""

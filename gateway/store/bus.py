@@ -2,7 +2,8 @@
 
 Many gateway processes on one Redis keep a device -> node registry (claims with a TTL),
 ring each other's connections, close each other's replaced or revoked connections, and
-announce connects and disconnects for presence. `ClusterLink` and `ClusterPresence` do
+announce connects and disconnects (for presence and pending wake-ups) and the alert
+wake-ups they send (for clears). `ClusterLink` and `ClusterPresence` do
 that through `ClusterBus`; the Redis backend provides it (gateway/store/redis_bus.py),
 so nothing above the store speaks Redis.
 """
@@ -51,11 +52,13 @@ class EventKind(enum.Enum):
     CONNECTED = "c"
     DISCONNECTED = "d"
     HIDDEN = "h"  # a user hid or showed their presence (device is "")
+    ALERTED = "a"  # a node sent the device an alert wake-up
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A device connected or disconnected on some node, or a user's hidden flag changed."""
+    """A device connected or disconnected on some node, got an alert wake-up from one, or
+    a user's hidden flag changed."""
 
     kind: EventKind
     user: str
@@ -115,6 +118,10 @@ class ClusterBus(Protocol):
     async def close_revoked(self, user: str, device: str) -> bool:
         """Tell the node holding the device, if it is another, to close it with 4001;
         True if one was told."""
+
+    async def announce_alerts(self, devices: Sequence[tuple[str, str]]) -> None:
+        """Tell every node that these (user, device) pairs got an alert wake-up (an
+        `Event` of kind ALERTED, this node included)."""
 
     async def listen(
         self, on_message: Callable[[BusMessage], None], on_listening: Callable[[], None]

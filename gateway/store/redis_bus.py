@@ -3,11 +3,11 @@
 A claim is ``P:node:DEVICE`` = ``NODE|CONNECTION`` with a TTL. Messages travel on pub/sub:
 each node listens on its own channel (``gw:node:NODE``: kicks ``k``, revocations ``r``,
 and doorbells ``b`` on a single Redis) and on ``gw:events`` (connected ``c``,
-disconnected ``d``, hidden changed ``h``). On Redis Cluster doorbells, the one message
-sent for every item queued for a device on another node, go on the node's sharded
-channel (``gw:{node:NODE}:bells``, `SPUBLISH`), which one shard carries, instead of a
-classic channel that every node of the cluster relays. Every message starts with its
-kind and the device (see `wire_device`).
+disconnected ``d``, hidden changed ``h``, alert wake-up sent ``a``). On Redis Cluster
+doorbells, the one message sent for every item queued for a device on another node, go on
+the node's sharded channel (``gw:{node:NODE}:bells``, `SPUBLISH`), which one shard
+carries, instead of a classic channel that every node of the cluster relays. Every message
+starts with its kind and the device (see `wire_device`).
 """
 
 from __future__ import annotations
@@ -117,6 +117,22 @@ class RedisBus:
         except REDIS_ERRORS as exc:
             raise StoreError(f"revocation not sent to the device's node: {exc}") from None
         return True
+
+    async def announce_alerts(self, devices: Sequence[tuple[str, str]]) -> None:
+        """Publish an ALERTED event per device on the events channel."""
+        client = self._store.client
+        messages = [b"a" + wire_device(user, device) for user, device in devices]
+        try:
+            with uncancelled():
+                if isinstance(client, coredis.RedisCluster):  # PUBLISH names no key to route by
+                    for message in messages:
+                        await client.publish(EVENTS, message)
+                else:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for message in messages:
+                            pipe.publish(EVENTS, message)
+        except REDIS_ERRORS as exc:
+            raise StoreError(f"alert wake-ups not announced: {exc}") from None
 
     async def listen(
         self, on_message: Callable[[BusMessage], None], on_listening: Callable[[], None]

@@ -7,6 +7,11 @@ Apple's status codes and reasons. Provider tokens are verified with the public h
 configured .p8 key, `kid` and `iss` included, and each distinct token is verified once (as
 APNs caches them); a token older than an hour is answered `ExpiredProviderToken`.
 
+iOS throttles background pushes: beyond a budget of a few per device per hour it drops
+them without telling anyone. `background_per_hour` (0: off, the default) does the same:
+a background push to a token that already got that many in the last hour is answered
+200 and recorded with ``throttled`` set, and whoever routes pushes to devices must drop it.
+
 Control API (HTTP/1.1 or HTTP/2 on the same port, for use from a shell):
 ``GET /_fake/requests`` (or the compact ``/_fake/arrivals``), ``POST /_fake/script`` with
 ``{"token": TOKEN or null, "replies": [{"status": 410, "reason": "Unregistered"}]}``, and
@@ -21,6 +26,7 @@ import ssl
 import string
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,7 @@ class ApnsRecord:
     status: int
     reason: str
     provider_token: str | None
+    throttled: bool = False  # answered 200, and dropped as iOS drops surplus background pushes
 
 
 class FakeApns(FakeService[ApnsRecord]):
@@ -90,6 +97,8 @@ class FakeApns(FakeService[ApnsRecord]):
         self.port = 0
         self.files: dict[str, Path] = {}
         self.expire_before = 0.0  # provider tokens issued before this are "expired"
+        self.background_per_hour = 0  # iOS's background budget per token (0: no throttle)
+        self._background: dict[str, deque[float]] = {}  # accepted, per token, last hour
 
     @classmethod
     def create(
@@ -152,6 +161,7 @@ class FakeApns(FakeService[ApnsRecord]):
         except ValueError:
             payload = None
         auth = request.headers.get("authorization", "")
+        throttled = status == 200 and self._throttled(request, token)
         self._record(
             ApnsRecord(
                 token,
@@ -161,6 +171,7 @@ class FakeApns(FakeService[ApnsRecord]):
                 status,
                 reason,
                 auth.removeprefix("bearer ") or None,
+                throttled,
             )
         )
         apns_id = request.headers.get("apns-id") or str(uuid.uuid4()).upper()
@@ -178,6 +189,20 @@ class FakeApns(FakeService[ApnsRecord]):
             headers.append(("retry-after", str(reply.retry_after)))
         headers.append(("content-type", "application/json"))
         return HttpResponse(status, headers, json.dumps(body).encode(), delay=delay, gate=gate)
+
+    def _throttled(self, request: HttpRequest, token: str) -> bool:
+        """Whether iOS would drop this accepted push: a background push beyond the
+        `background_per_hour` the token was handed in its last hour."""
+        budget = self.background_per_hour
+        if budget <= 0 or request.headers.get("apns-push-type") != "background":
+            return False
+        sent = self._background.setdefault(token, deque())
+        while sent and sent[0] <= request.arrived - 3600:
+            sent.popleft()
+        if len(sent) >= budget:
+            return True
+        sent.append(request.arrived)
+        return False
 
     def _check(self, request: HttpRequest, token: str) -> tuple[int, str, Reply | None]:
         """Apple's checks, in Apple's order of precedence; then the script."""

@@ -28,6 +28,13 @@ PUSH_NAMES = {
     "webpush background": "Web Push normal urgency",
 }
 
+GATEWAY_ROWS = {
+    "alert_retries": "gateway: alerts sent again (retries)",
+    "retries_skipped": "gateway: retries not needed (acked or read)",
+    "zombie_rescues": "gateway: zombie rescues",
+    "clears": "gateway: clear wake-ups",
+}
+
 
 def live_view(run: Run) -> RenderableType:
     """The live panel: phase, devices, messages in flight, pushes."""
@@ -101,8 +108,25 @@ def print_summary(console: Console, summary: dict[str, Any], failures: list[str]
     pushes.add_row("  dropped by the provider (push loss)", str(p["lost_by_provider"]))
     pushes.add_row("  answered with an error", str(p["rejected"]))
     pushes.add_row("  reached a phone already awake", str(p["not_needed"]))
+    pushes.add_row("  dropped by iOS's background throttle", str(p["throttled_by_ios"]))
     pushes.add_row("phones woken by a push", str(p["wakes"]))
     pushes.add_row("pushes per delivered message", f"{p['per_delivered_message']:.2f}")
+    pushes.add_row(
+        "APNs background per sleeping iPhone-hour", f"{p['ios_background_per_device_hour']:.1f}"
+    )
+    pushes.add_row(
+        "most background pushes to one phone in an hour",
+        str(p["most_background_to_one_phone_in_an_hour"]),
+    )
+    z = summary["zombies"]
+    pushes.add_row("apps suspended with the socket open", str(z["suspended_with_socket_open"]))
+    pushes.add_row("  of which woken by a push", str(z["woken"]))
+    e = summary["read_elsewhere"]
+    pushes.add_row("messages read on the user's other device", str(e["reads"]))
+    pushes.add_row("  read receipts synced to the phone", str(e["synced_to_phone"]))
+    for key, name in GATEWAY_ROWS.items():
+        if key in summary["gateway"]:
+            pushes.add_row(name, f"{summary['gateway'][key]:g}")
 
     latency = Table(title="Latency (ms)", title_justify="left")
     latency.add_column("")

@@ -89,6 +89,16 @@ class Scenario:
     )
     push_loss: float = 0.2  # background wake-ups the provider accepts and never delivers
     alert_loss: float = 0.0  # the same for alerts
+    # iOS drops background pushes beyond a budget per device and hour (0: no throttle).
+    ios_background_per_hour: int = 3
+    # Of the times an idle-cycling app goes to the background, the share in which iOS
+    # suspends it with its socket still open: it reads and answers nothing until a push
+    # (or the final drain) resumes it, and then starts a new connection.
+    zombie_share: float = 0.0
+    # Of the sleeping phones' users, the share with a second device (a tablet) that stays
+    # connected and marks every message read at once: the user reads on one device while
+    # the phone sleeps.
+    reader_share: float = 0.0
     drops_per_minute: float = 2.0  # abrupt network drops per connected phone per minute
     rules: PushRules = field(default_factory=PushRules)
     final_drain_timeout: float = 10.0

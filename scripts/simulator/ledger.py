@@ -59,6 +59,7 @@ class PushRecord:
     user: str
     status: int
     lost: bool  # accepted, then dropped by the provider (never reached the phone)
+    throttled: bool = False  # accepted, then dropped by iOS's background budget
 
 
 @dataclass(slots=True)
@@ -121,6 +122,12 @@ class Ledger:
     duplicates: int = 0
     pushes_ignored: int = 0  # reached a phone that was online, waking, or never sleeps
     undrained: dict[str, int] = field(default_factory=dict)
+    zombies: int = 0  # times an app was suspended with its socket open
+    reads_elsewhere: int = 0  # messages a sleeping phone's user read on their other device
+    read_syncs: int = 0  # read receipts of those reads, delivered to the phone
+    zombie_wakes: int = 0  # ... and resumed by a push
+    ios_idle_phones: int = 0  # iPhones that sleep (for background pushes per device-hour)
+    gateway: dict[str, float] = field(default_factory=dict)  # from the gateway's /metrics
     traffic_started: float | None = None
     final_drain_started: float | None = None
     _group_sends: dict[str, list[str]] = field(default_factory=dict)  # id -> member keys
@@ -191,7 +198,8 @@ class Ledger:
         record = self.messages.get(msg_id)
         if record is not None and not record.read_sent:
             record.read_sent = True
-            self._outstanding += 1
+            if record.read_receipt_at is None:  # not already read on the user's other device
+                self._outstanding += 1
 
     def note_receipt(self, sender: str, kind: str, ids: Iterable[str], by: str = "") -> None:
         """A receipt from `by` arrived at a message's sender."""
@@ -271,6 +279,11 @@ class Ledger:
         stranded = [m for m in stored if m.delivered_at is None and m.found_at_end]
         reads = [m for m in delivered if m.read_sent]
         pushes: Counter[str] = Counter(f"{p.provider} {p.kind}" for p in self.pushes)
+        end = self.final_drain_started or now()
+        hours = (end - self.traffic_started) / 3600 if self.traffic_started is not None else 0.0
+        ios_background = sum(
+            p.provider == "apns" and p.kind == "background" and p.at <= end for p in self.pushes
+        )
         lost_pushes = sum(p.lost for p in self.pushes)
         rejected = sum(not 200 <= p.status < 300 for p in self.pushes)
         complete = [w for w in self.wakes if w.drained_at is not None]
@@ -325,12 +338,40 @@ class Ledger:
                 "not_needed": self.pushes_ignored,
                 "per_delivered_message": len(self.pushes) / len(delivered) if delivered else 0.0,
                 "wakes": len(self.wakes),
+                "throttled_by_ios": sum(p.throttled for p in self.pushes),
+                "most_background_to_one_phone_in_an_hour": _most_in_an_hour(
+                    [p for p in self.pushes if p.kind == "background"]
+                ),
+                "ios_background_per_device_hour": (
+                    ios_background / (self.ios_idle_phones * hours)
+                    if self.ios_idle_phones and hours > 0
+                    else 0.0
+                ),
             },
+            "zombies": {"suspended_with_socket_open": self.zombies, "woken": self.zombie_wakes},
+            "read_elsewhere": {"reads": self.reads_elsewhere, "synced_to_phone": self.read_syncs},
+            "gateway": dict(self.gateway),
             "latency_s": {name: _as_dict(p) for name, p in latency.items()},
             "network_drops": self.drops,
             "errors": dict(self.errors),
             "undrained_devices": dict(self.undrained),
         }
+
+
+def _most_in_an_hour(pushes: Sequence[PushRecord]) -> int:
+    """The most of `pushes` that went to one phone within any hour."""
+    by_user: dict[str, list[float]] = {}
+    for push in pushes:
+        by_user.setdefault(push.user, []).append(push.at)
+    most = 0
+    for times in by_user.values():
+        times.sort()
+        start = 0
+        for end, at in enumerate(times):
+            while times[start] <= at - 3600:
+                start += 1
+            most = max(most, end - start + 1)
+    return most
 
 
 def failures(summary: dict[str, Any]) -> list[str]:

@@ -8,7 +8,10 @@ Two kinds of phone share this class:
 - **idle-cycling** phones behave like an app that is mostly in the background: they close
   their socket after a while in the foreground, wait for a push, reconnect after a
   realistic delay once one arrives, drain and ack their queue, sometimes answer, and go
-  idle again;
+  idle again. With `zombie_share`, some of the times they go to the background they are
+  suspended with the socket still open instead: once a frame arrives they read and answer
+  nothing more, until a push (or the final drain) resumes the app, which then starts a
+  new connection;
 - **active** phones keep their socket open (an app in the foreground); they send the
   scenario's traffic and reconnect by themselves when the network drops them.
 
@@ -48,7 +51,7 @@ class FleetContext:
     """What every phone of one run shares."""
 
     url: str
-    token: Callable[[str], str]  # user -> `hello` JWT
+    token: Callable[[str, str], str]  # (user, device) -> `hello` JWT
     scenario: Scenario
     ledger: Ledger
     final: trio.Event = field(default_factory=trio.Event)  # the final drain started
@@ -98,6 +101,8 @@ class Phone:
         self._last_senders: list[str] = []
         self._sent_count = 0
         self._nursery: trio.Nursery | None = None
+        self._suspended = False  # the app is suspended with its socket open (a zombie)
+        self._resumed = trio.Event()
 
     # -- what the rest of the simulator calls --------------------------------------------------
 
@@ -117,6 +122,14 @@ class Phone:
 
     def on_push(self, at: float) -> None:
         """A wake-up reached the phone through the fake provider."""
+        if self._suspended:  # the push resumes the suspended app: it connects afresh
+            self._suspended = False
+            self.waking = True
+            self._wake_at = at
+            self.ctx.ledger.note_wake(self.user, at)
+            self.ctx.ledger.zombie_wakes += 1
+            self._resumed.set()
+            return
         if not self.cycles or self.online or self.waking:
             self.ctx.ledger.pushes_ignored += 1
             return
@@ -216,7 +229,25 @@ class Phone:
             self._all_sent = trio.Event()
             with trio.move_on_after(SEND_SETTLE):
                 await _first(self._all_sent, self._closed)
-        await self._close()
+        if scenario.zombie_share > 0 and self.rng.random() < scenario.zombie_share:
+            await self._suspend()
+        else:
+            await self._close()
+
+    async def _suspend(self) -> None:
+        """Suspended with the socket open until a push resumes the app (or the connection
+        ends, or the run's final drain or end comes); then the socket is dropped, and the
+        frames the app never read are delivered again on its next connection."""
+        self._suspended = True
+        self._resumed = trio.Event()
+        self.ctx.ledger.zombies += 1
+        await _first(self._resumed, self._closed, self.ctx.final, self.ctx.stop)
+        self._suspended = False
+        self._resumed.set()
+        client = self._client
+        if client is not None and not self._closed.is_set():
+            await client.abort()
+        await self._closed.wait()
 
     async def _wait_for_wake(self) -> None:
         while not (self.ctx.final.is_set() or self.ctx.stop.is_set()):
@@ -252,7 +283,7 @@ class Phone:
         welcomed = trio.Event()
         registered = trio.Event()
         self._nursery.start_soon(self._receive, client, welcomed, registered)
-        hello = {"t": "hello", "v": 1, "token": self.ctx.token(self.user), "active": True}
+        hello = {"t": "hello", "v": 1, "token": self.ctx.token(self.user, "phone"), "active": True}
         with contextlib.suppress(ConnectionClosed):
             await client.send_message(cbor2.dumps(hello))
         with trio.move_on_after(CONNECT_TIMEOUT):
@@ -310,7 +341,11 @@ class Phone:
         ledger = self.ctx.ledger
         try:
             while True:
-                item = cbor2.loads(await client.get_message())
+                raw = await client.get_message()
+                if self._suspended:  # read by the kernel, never by the suspended app
+                    await self._resumed.wait()
+                    break
+                item = cbor2.loads(raw)
                 out: list[dict[str, Any]] = []
                 acks: list[int] = []
                 reads: dict[str, list[str]] = {}
@@ -321,7 +356,10 @@ class Phone:
                         self._on_message(frame, reads)
                     elif kind == "receipt":
                         acks.append(frame["sid"])
-                        ledger.note_receipt(self.user, frame["kind"], frame["ids"], frame["by"])
+                        if frame["by"] == self.user:  # read on the user's other device
+                            ledger.read_syncs += 1
+                        else:
+                            ledger.note_receipt(self.user, frame["kind"], frame["ids"], frame["by"])
                     elif kind == "group":  # a membership change: stored, so acked
                         acks.append(frame["sid"])
                     elif kind == "sent":
@@ -387,6 +425,69 @@ class Phone:
         if record is not None and record.read_planned:
             self.ctx.ledger.note_read(key)
             reads.setdefault(sender, []).append(msg_id)
+
+
+class Reader:
+    """A second device (``tablet``) of a sleeping phone's user, always connected, that
+    marks every message read as it arrives: the user reads on one device while the other
+    sleeps, so the gateway syncs the read to the phone (and may send it a clear wake-up).
+    Its deliveries are not the ledger's (the phone's are); its reads are counted."""
+
+    def __init__(self, ctx: FleetContext, user: str, rng: random.Random) -> None:
+        self.ctx = ctx
+        self.user = user
+        self.rng = rng
+
+    async def run(self) -> None:
+        """Stay connected, reconnecting after a drop, until the run stops."""
+        ctx = self.ctx
+        while not ctx.stop.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on, ctx.stop, nursery.cancel_scope)
+                await self._connection()
+                nursery.cancel_scope.cancel()
+            with trio.move_on_after(ctx.scenario.reconnect_delay.draw(self.rng)):
+                await ctx.stop.wait()
+
+    async def _connection(self) -> None:
+        ctx = self.ctx
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                client = await LeanClient.open(ctx.url)
+        except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError):
+            ctx.ledger.errors["connect failed"] += 1
+            return
+        try:
+            hello = {"t": "hello", "v": 1, "token": ctx.token(self.user, "tablet"), "active": True}
+            await client.send_message(cbor2.dumps(hello))
+            while True:
+                item = cbor2.loads(await client.get_message())
+                out: list[dict[str, Any]] = []
+                acks: list[int] = []
+                reads: dict[str, list[str]] = {}
+                for frame in item if isinstance(item, list) else [item]:
+                    if "sid" in frame:
+                        acks.append(frame["sid"])
+                    if frame.get("t") == "msg" and "group" not in frame:
+                        reads.setdefault(frame["from"], []).append(frame["id"])
+                        ctx.ledger.reads_elsewhere += 1
+                if acks:
+                    out.append({"t": "ack", "sids": acks})
+                out.extend({"t": "read", "to": s, "ids": ids} for s, ids in reads.items())
+                if out:
+                    await client.send_message(cbor2.dumps(out[0] if len(out) == 1 else out))
+        except ConnectionClosed:
+            pass
+        except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError) as exc:
+            ctx.ledger.errors[f"bad frame from the gateway: {type(exc).__name__}"] += 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.abort()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _first(*events: trio.Event) -> None:

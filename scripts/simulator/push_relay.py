@@ -5,8 +5,9 @@ The gateway pushes to `scripts.fakes.FakeApns` (HTTP/2 over TLS, provider JWT ve
 verified, payload decrypted) exactly as it would to Apple, Google and a browser's push
 service. Each
 request the fakes accept is recorded in the ledger and, unless the scenario's loss rate
-drops it (the provider said 200 and the phone never heard of it, as APNs does with
-throttled background pushes), handed to the phone that registered the token.
+drops it (the provider said 200 and the phone never heard of it), or the fake APNs's
+iOS background throttle does (`ios_background_per_hour`), handed to the phone that
+registered the token.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class PushRelay:
             None if vapid_key_file is None else public_key_b64(load_private_key(vapid_key_file))
         )
         self.phones: dict[str, Phone] = {}  # by push token
+        apns.background_per_hour = scenario.ios_background_per_hour
         apns.handle = self._routed("apns", apns.handle)  # type: ignore[method-assign,assignment]
         fcm.handle = self._routed("fcm", fcm.handle)  # type: ignore[method-assign,assignment]
         self.webpush.handle = self._routed("webpush", self.webpush.handle)  # type: ignore[method-assign,assignment]
@@ -166,8 +168,13 @@ class PushRelay:
         loss = self.scenario.alert_loss if kind == "alert" else self.scenario.push_loss
         accepted = 200 <= response.status < 300
         lost = accepted and phone.push_rng.random() < loss
+        throttled = False
+        if provider == "apns" and self.apns.records and self.apns.records[-1].token == token:
+            throttled = accepted and self.apns.records[-1].throttled  # just recorded
         self.ledger.note_push(
-            PushRecord(request.arrived, provider, kind, phone.user, response.status, lost)
+            PushRecord(
+                request.arrived, provider, kind, phone.user, response.status, lost, throttled
+            )
         )
-        if accepted and not lost:
+        if accepted and not lost and not throttled:
             phone.on_push(request.arrived)

@@ -26,12 +26,19 @@ from gateway.errors import GatewayError
 from scripts.kit.lean_client import LeanClient
 from scripts.simulator.knobs import Scenario
 from scripts.simulator.ledger import Ledger, Sample, now
-from scripts.simulator.phone import FleetContext, Phone
+from scripts.simulator.phone import FleetContext, Phone, Reader
 from scripts.simulator.push_relay import PushRelay
 
 SAMPLE_INTERVAL = 0.25
 SETUP_TIMEOUT = 30.0
 CHECK_CONCURRENCY = 8
+# The gateway's wake-up counters the summary shows, by the name it shows them under.
+GATEWAY_METRICS = {
+    "gateway_push_retries_total": "alert_retries",
+    "gateway_push_zombie_rescues_total": "zombie_rescues",
+    "gateway_push_clears_total": "clears",
+    'gateway_push_outcomes_total{outcome="retry_skipped",provider="none"}': "retries_skipped",
+}
 
 
 @dataclass
@@ -71,6 +78,15 @@ def build_fleet(ctx: FleetContext) -> list[Phone]:
     ]
     ctx.phones.update((p.user, p) for p in phones)
     return phones
+
+
+def build_readers(ctx: FleetContext, phones: Sequence[Phone]) -> list[Reader]:
+    """A second, always connected device for `reader_share` of the sleeping phones' users."""
+    scenario = ctx.scenario
+    rng = scenario.rng("readers")
+    sleeping = [p for p in phones if p.cycles]
+    chosen = rng.sample(sleeping, round(len(sleeping) * scenario.reader_share))
+    return [Reader(ctx, p.user, scenario.rng(f"reader/{p.user}")) for p in chosen]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +196,15 @@ async def simulate(
         raise GatewayError("groups need the gateway's backend API ([admin] api_key)")
     for phone in phones:
         relay.add(phone)
+    ledger.ios_idle_phones = sum(p.platform == "ios" and p.cycles for p in phones)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_sample, run)
         async with trio.open_nursery() as fleet:
             run.enter("registering")
             for phone in phones:
                 fleet.start_soon(phone.run)
+            for reader in build_readers(ctx, phones):
+                fleet.start_soon(reader.run)
             with trio.move_on_after(SETUP_TIMEOUT):
                 for phone in phones:
                     await phone.ready.wait()
@@ -217,6 +236,8 @@ async def simulate(
                 while not (ledger.settled() and _quiet(phones, scenario)):  # noqa: ASYNC110
                     await trio.sleep(0.05)
             _take_sample(run)  # the state the run ended in, on the timeline
+            if admin is not None:
+                ledger.gateway = await read_gateway_metrics(admin)
             run.enter("disconnecting")
             ctx.stop.set()
             for phone in phones:
@@ -225,6 +246,23 @@ async def simulate(
         await check_queues(ctx, phones)
         run.enter("done")
         nursery.cancel_scope.cancel()
+
+
+async def read_gateway_metrics(admin: AdminAccess) -> dict[str, float]:
+    """The gateway's wake-up counters (`GATEWAY_METRICS`) from its /metrics; empty when
+    it does not answer."""
+    try:
+        async with httpx.AsyncClient(base_url=admin.url, timeout=10) as http:
+            text = (await http.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    found = {name: 0.0 for name in GATEWAY_METRICS.values()}
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        name = GATEWAY_METRICS.get(metric)
+        if name is not None:
+            found[name] = float(value)
+    return found
 
 
 def _quiet(phones: Sequence[Phone], scenario: Scenario) -> bool:
@@ -347,7 +385,7 @@ async def _read_queue(ctx: FleetContext, user: str) -> list[str] | None:
         with trio.fail_after(10):
             client = await LeanClient.open(ctx.url)
             try:
-                hello = {"t": "hello", "v": 1, "token": ctx.token(user), "active": False}
+                hello = {"t": "hello", "v": 1, "token": ctx.token(user, "phone"), "active": False}
                 await client.send_message(cbor2.dumps(hello))
                 for _ in range(1_000_000):
                     item = cbor2.loads(await client.get_message())

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from push.policy import LingerCheck, WakeKind, WakeUp
 from scripts.wakelab.policies import make_policy, rescues_zombies
 
-# Event codes, in the order they are handled when due at the same time.
-OPEN, BACKGROUND, CLOSE, MESSAGE, PUSH, ACK_CHECK, ZOMBIE_END, POLICY = range(8)
+# Event codes (the policy's own timers are a queue of their own).
+OPEN, BACKGROUND, CLOSE, MESSAGE, PUSH, ACK_CHECK, ZOMBIE_END = range(7)
 URGENT, NORMAL, RECEIPT = 0, 1, 2
 KINDS = ("urgent", "normal", "receipt")
 
@@ -104,7 +104,6 @@ class World:
         self.by_key: dict[tuple[str, str], int] = {}
         self._events: list[tuple[float, int, int, int, int]] = []
         self._seq = 0
-        self._policy_at = math.inf
         self._populate()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -137,12 +136,22 @@ class World:
         events = self._events
         handlers = (
             self._open, self._background, self._close, self._message, self._push,
-            self._ack_check, self._zombie_end, self._policy_due,
+            self._ack_check, self._zombie_end,
         )  # fmt: skip
-        while events and events[0][0] <= end:
-            when, _, code, index, token = heapq.heappop(events)
-            self.now = when
-            handlers[code](index, token)
+        next_deadline, heappop = self.policy.next_deadline, heapq.heappop
+        # The policy's timers are a queue of their own: whichever is due first runs (the
+        # world's events first at the same time).
+        while True:
+            deadline = next_deadline()
+            if events and events[0][0] <= end and (deadline is None or events[0][0] <= deadline):
+                when, _, code, index, token = heappop(events)
+                self.now = when
+                handlers[code](index, token)
+            elif deadline is not None and deadline <= end:
+                self.now = deadline
+                self._policy_due()
+            else:
+                break
         for device in self.devices:
             for _, cls in device.pending:
                 self.tally.undelivered[cls] += 1
@@ -191,14 +200,12 @@ class World:
         for arrival, cls in device.pending:
             latencies[cls].append(self.now - arrival)
         device.pending.clear()
-        self._policy_check()
 
     def _disconnect(self, index: int) -> None:
         device = self.devices[index]
         device.connected = device.zombie = False
         device.urgent_since = None
         self.policy.disconnected(device.user, device.name)
-        self._policy_check()
 
     # -- traffic ----------------------------------------------------------------------------
 
@@ -233,14 +240,7 @@ class World:
 
     # -- the policy and the pushes ----------------------------------------------------------
 
-    def _policy_check(self) -> None:
-        deadline = self.policy.next_deadline()
-        if deadline is not None and deadline < self._policy_at:
-            self._policy_at = deadline
-            self._at(deadline, POLICY, 0)
-
-    def _policy_due(self, _: int, __: int) -> None:
-        self._policy_at = math.inf
+    def _policy_due(self) -> None:
         for decision in self.policy.due():
             if isinstance(decision, LingerCheck):
                 index = self.by_key[(decision.user, decision.device)]
@@ -249,12 +249,17 @@ class World:
                 self._decide(
                     self.policy.linger_checked(decision.user, decision.device, len(pending), urgent)
                 )
+            elif decision.reason == "retry":
+                # As the dispatcher does: a retry only while an urgent message is unacked.
+                pending = self.devices[self.by_key[(decision.user, decision.device)]].pending
+                if any(cls == URGENT for _, cls in pending):
+                    self._decide(decision)
+                else:
+                    self.policy.retry_skipped(decision.user, decision.device)
             else:
                 self._decide(decision)
-        self._policy_check()
 
     def _decide(self, wake: WakeUp | None) -> None:
-        self._policy_check()
         if wake is None:
             return
         tally, k, rng = self.tally, self.knobs, self.rng
