@@ -31,7 +31,7 @@ import trio
 from gateway.auth import mint_token
 from gateway.client import ClientClosed, SendRefused, connect
 from gateway.settings import Settings
-from scripts.kit.gateway_process import STORES, GatewayProcess, Usage, open_store
+from scripts.kit.gateway_process import STORES, GatewayProcess, StoreBackend, Usage, open_store
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.procfs import tcp_connections_on, tcp_connections_to
 from scripts.kit.redis_server import RedisServer
@@ -224,6 +224,13 @@ async def run_soak(
     return report
 
 
+def redis_servers(store: StoreBackend) -> tuple[RedisServer, ...]:
+    """The servers that hold a store's data: a cluster's primaries, or its one Redis."""
+    if store.cluster is not None:
+        return tuple(store.cluster.primaries)
+    return () if store.redis is None else (store.redis,)
+
+
 async def _main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
@@ -237,7 +244,7 @@ async def _main(args: argparse.Namespace) -> int:
                     devices=args.devices,
                     sample_every=args.sample,
                     seed=args.seed,
-                    redis=() if store.redis is None else (store.redis,),
+                    redis=redis_servers(store),
                     ttl=args.ttl,
                 )
             finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from scripts.kit.gateway_process import GatewayProcess, open_store
 from scripts.kit.limits import raise_fd_limit
-from scripts.soak import run_soak
+from scripts.soak import redis_servers, run_soak
 
 
 async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
@@ -24,7 +24,7 @@ async def test_a_short_soak_loses_nothing_and_plateaus(tmp_path, process_store):
                 devices=30,
                 sample_every=0.2,
                 seed=3,
-                redis=() if store.redis is None else (store.redis,),
+                redis=redis_servers(store),
             )
         finally:
             gateway.kill()
