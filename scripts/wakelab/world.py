@@ -14,6 +14,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from math import log
 
 from push.policy import LingerCheck, WakeKind, WakeUp
 from scripts.wakelab.policies import make_policy, rescues_zombies
@@ -22,6 +23,9 @@ from scripts.wakelab.policies import make_policy, rescues_zombies
 OPEN, BACKGROUND, CLOSE, MESSAGE, PUSH, ACK_CHECK, ZOMBIE_END = range(7)
 URGENT, NORMAL, RECEIPT = 0, 1, 2
 KINDS = ("urgent", "normal", "receipt")
+SLOT = 16.0  # seconds of simulated time per slot of the event calendar
+ALERT = WakeKind.ALERT
+Event = tuple[float, int, int, int, int]  # (when, sequence, code, index, token)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Knobs:
     ack_timeout: float = 15.0  # zombie rescue, for policies that have it
 
 
-@dataclass
+@dataclass(slots=True)
 class Device:
     """One phone or tablet, and the gateway's view of it."""
 
@@ -68,6 +72,7 @@ class Device:
     last_open: float = 0.0
     urgent_since: float | None = None  # an urgent item sent to a silent socket
     pending: list[tuple[float, int]] = field(default_factory=list)  # (arrival, class)
+    urgent_pending: int = 0  # how many of them are urgent
     throttle: deque[float] = field(default_factory=deque)  # iOS background pushes delivered
     sent_background: deque[float] = field(default_factory=deque)  # the last hour's, sent
     last_alert: float = -math.inf
@@ -102,8 +107,25 @@ class World:
         self.devices: list[Device] = []
         self.users: list[list[int]] = []
         self.by_key: dict[tuple[str, str], int] = {}
-        self._events: list[tuple[float, int, int, int, int]] = []
+        # The world's events, a calendar queue: `_near` is a heap of every event in the
+        # slots up to `_slot`, and `_far[n]` an unsorted list of those in slot n (the
+        # events in [n * SLOT, (n + 1) * SLOT)), heapified when the run reaches it. A small
+        # heap is much cheaper to pop than one of the whole day's pending events.
+        self._near: list[Event] = []
+        self._far: list[list[Event]] = [[] for _ in range(int(knobs.hours * 3600 // SLOT) + 1)]
+        self._slot = -1
         self._seq = 0
+        self._asked = False  # the policy was called since its next deadline was read
+        self._pushes: dict[tuple[str, str], int] = {}  # by (kind, reason)
+        # Draws: every one takes one `random()`; an exponential is -log(1 - u) / rate, as
+        # `random.expovariate` computes it.
+        self._random = self.rng.random
+        self._message_total = (
+            knobs.urgent_per_hour + knobs.normal_per_hour + knobs.receipts_per_hour
+        )
+        self._message_rate = self._message_total / 3600
+        self._open_rate = knobs.opens_per_hour / 3600
+        self._background_rate = 1 / knobs.session
         self._populate()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -119,32 +141,60 @@ class World:
                 self.devices.append(Device(user, f"d{n}", rng.random() < k.ios_share))
                 self.by_key[(user, f"d{n}")] = index
                 members.append(index)
-                self._at(rng.expovariate(k.opens_per_hour / 3600), OPEN, index)
+                self._at(rng.expovariate(self._open_rate), OPEN, index)
             self.users.append(members)
-            rate = (k.urgent_per_hour + k.normal_per_hour + k.receipts_per_hour) / 3600
-            self._at(rng.expovariate(rate), MESSAGE, len(self.users) - 1)
+            self._at(rng.expovariate(self._message_rate), MESSAGE, len(self.users) - 1)
 
     def _at(self, when: float, code: int, index: int, token: int = 0) -> None:
         self._seq += 1
-        heapq.heappush(self._events, (when, self._seq, code, index, token))
+        slot = int(when // SLOT)
+        if slot <= self._slot:
+            heapq.heappush(self._near, (when, self._seq, code, index, token))
+        elif slot < len(self._far):
+            self._far[slot].append((when, self._seq, code, index, token))
+        # Later slots are past the end of the run: those events would never happen.
+
+    def _next_event(self) -> Event | None:
+        """The earliest event (the first queued at that time), left queued; None if none."""
+        if not self._near:
+            far = self._far
+            while self._slot + 1 < len(far):
+                self._slot += 1
+                bucket, far[self._slot] = far[self._slot], []
+                if bucket:
+                    heapq.heapify(bucket)
+                    self._near = bucket
+                    break
+            else:
+                return None
+        return self._near[0]
 
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> Tally:
         """Simulate `hours`, then count what is still undelivered."""
         end = self.knobs.hours * 3600
-        events = self._events
         handlers = (
             self._open, self._background, self._close, self._message, self._push,
             self._ack_check, self._zombie_end,
         )  # fmt: skip
-        next_deadline, heappop = self.policy.next_deadline, heapq.heappop
+        next_deadline, next_event, heappop = (
+            self.policy.next_deadline,
+            self._next_event,
+            heapq.heappop,
+        )
+        deadline = next_deadline()
         # The policy's timers are a queue of their own: whichever is due first runs (the
-        # world's events first at the same time).
+        # world's events first at the same time). Its next deadline changes only when the
+        # policy is called (`_asked` says so).
         while True:
-            deadline = next_deadline()
-            if events and events[0][0] <= end and (deadline is None or events[0][0] <= deadline):
-                when, _, code, index, token = heappop(events)
+            if self._asked:
+                self._asked = False
+                deadline = next_deadline()
+            near = self._near
+            event = near[0] if near else next_event()
+            if event is not None and event[0] <= end and (deadline is None or event[0] <= deadline):
+                when, _, code, index, token = heappop(self._near)
                 self.now = when
                 handlers[code](index, token)
             elif deadline is not None and deadline <= end:
@@ -155,70 +205,75 @@ class World:
         for device in self.devices:
             for _, cls in device.pending:
                 self.tally.undelivered[cls] += 1
+        self.tally.pushes = {f"{kind}:{reason}": n for (kind, reason), n in self._pushes.items()}
         return self.tally
 
     # -- the phones -------------------------------------------------------------------------
 
     def _open(self, index: int, _: int) -> None:
         device = self.devices[index]
-        device.last_open = self.now
-        self._connect(index)
-        k = self.knobs
-        self._at(self.now + self.rng.expovariate(1 / k.session), BACKGROUND, index, device.session)
-        self._at(self.now + self.rng.expovariate(k.opens_per_hour / 3600), OPEN, index)
+        now = device.last_open = self.now
+        self._connect(index, device)
+        random = self._random
+        self._at(
+            now - log(1.0 - random()) / self._background_rate, BACKGROUND, index, device.session
+        )
+        self._at(now - log(1.0 - random()) / self._open_rate, OPEN, index)
 
     def _background(self, index: int, session: int) -> None:
         device = self.devices[index]
         if session != device.session or not device.connected:
             return
         k = self.knobs
-        if self.rng.random() < k.zombie_share:
+        if self._random() < k.zombie_share:
             device.zombie = True  # suspended, socket open: the gateway notices only later
-            self._at(self.now + 2 * k.heartbeat, ZOMBIE_END, index, device.session)
+            self._at(self.now + 2 * k.heartbeat, ZOMBIE_END, index, session)
             return
         close = k.ios_background_close if device.ios else k.android_background_close
-        self._at(self.now + close, CLOSE, index, device.session)
+        self._at(self.now + close, CLOSE, index, session)
 
     def _close(self, index: int, session: int) -> None:
         device = self.devices[index]
         if session == device.session and device.connected and not device.zombie:
-            self._disconnect(index)
+            self._disconnect(device)
 
     def _zombie_end(self, index: int, session: int) -> None:
         device = self.devices[index]
         if session == device.session and device.zombie:
-            self._disconnect(index)  # the heartbeat closed the silent socket
+            self._disconnect(device)  # the heartbeat closed the silent socket
 
-    def _connect(self, index: int) -> None:
-        device = self.devices[index]
+    def _connect(self, index: int, device: Device) -> None:
         if device.connected and not device.zombie:
             return
         device.session += 1
         device.connected, device.zombie, device.urgent_since = True, False, None
+        self._asked = True
         self.policy.connected(device.user, device.name)
-        latencies = self.tally.latencies
-        for arrival, cls in device.pending:
-            latencies[cls].append(self.now - arrival)
-        device.pending.clear()
+        pending = device.pending
+        if pending:
+            latencies, now = self.tally.latencies, self.now
+            for arrival, cls in pending:
+                latencies[cls].append(now - arrival)
+            pending.clear()
+            device.urgent_pending = 0
 
-    def _disconnect(self, index: int) -> None:
-        device = self.devices[index]
+    def _disconnect(self, device: Device) -> None:
         device.connected = device.zombie = False
         device.urgent_since = None
+        self._asked = True
         self.policy.disconnected(device.user, device.name)
 
     # -- traffic ----------------------------------------------------------------------------
 
     def _message(self, user: int, _: int) -> None:
-        k, rng = self.knobs, self.rng
-        total = k.urgent_per_hour + k.normal_per_hour + k.receipts_per_hour
-        draw = rng.random() * total
+        k, random = self.knobs, self._random
+        draw = random() * self._message_total
         cls = URGENT if draw < k.urgent_per_hour else NORMAL
         if draw >= k.urgent_per_hour + k.normal_per_hour:
             cls = RECEIPT
         for index in self.users[user]:
             self._arrive(index, cls)
-        self._at(self.now + rng.expovariate(total / 3600), MESSAGE, user)
+        self._at(self.now - log(1.0 - random()) / self._message_rate, MESSAGE, user)
 
     def _arrive(self, index: int, cls: int) -> None:
         device = self.devices[index]
@@ -226,70 +281,80 @@ class World:
             self.tally.latencies[cls].append(0.0)
             return
         device.pending.append((self.now, cls))
+        if cls == URGENT:
+            device.urgent_pending += 1
         if device.zombie:  # the gateway sends it into the silent socket
             if cls == URGENT and self.rescue and device.urgent_since is None:
                 device.urgent_since = self.now
                 self._at(self.now + self.knobs.ack_timeout, ACK_CHECK, index, device.session)
             return
-        self._decide(self.policy.stored(device.user, device.name, cls == URGENT))
+        self._asked = True
+        wake = self.policy.stored(device.user, device.name, cls == URGENT)
+        if wake is not None:
+            self._decide(wake)
 
     def _ack_check(self, index: int, session: int) -> None:
         device = self.devices[index]
         if session == device.session and device.zombie and device.urgent_since is not None:
-            self._decide(self.policy.zombie(device.user, device.name))
+            self._asked = True
+            wake = self.policy.zombie(device.user, device.name)
+            if wake is not None:
+                self._decide(wake)
 
     # -- the policy and the pushes ----------------------------------------------------------
 
     def _policy_due(self) -> None:
-        for decision in self.policy.due():
+        policy, by_key, devices = self.policy, self.by_key, self.devices
+        self._asked = True
+        for decision in policy.due():
             if isinstance(decision, LingerCheck):
-                index = self.by_key[(decision.user, decision.device)]
-                pending = self.devices[index].pending
-                urgent = any(cls == URGENT for _, cls in pending)
-                self._decide(
-                    self.policy.linger_checked(decision.user, decision.device, len(pending), urgent)
+                device = devices[by_key[(decision.user, decision.device)]]
+                wake = policy.linger_checked(
+                    decision.user, decision.device, len(device.pending), device.urgent_pending > 0
                 )
+                if wake is not None:
+                    self._decide(wake)
             elif decision.reason == "retry":
                 # As the dispatcher does: a retry only while an urgent message is unacked.
-                pending = self.devices[self.by_key[(decision.user, decision.device)]].pending
-                if any(cls == URGENT for _, cls in pending):
+                if devices[by_key[(decision.user, decision.device)]].urgent_pending:
                     self._decide(decision)
                 else:
-                    self.policy.retry_skipped(decision.user, decision.device)
+                    policy.retry_skipped(decision.user, decision.device)
             else:
                 self._decide(decision)
 
-    def _decide(self, wake: WakeUp | None) -> None:
-        if wake is None:
-            return
-        tally, k, rng = self.tally, self.knobs, self.rng
-        key = f"{wake.kind.value}:{wake.reason}"
-        tally.pushes[key] = tally.pushes.get(key, 0) + 1
+    def _decide(self, wake: WakeUp) -> None:
+        tally, k, now = self.tally, self.knobs, self.now
+        alert = wake.kind is ALERT
+        kind = "alert" if alert else wake.kind.value
+        pushes, key = self._pushes, (kind, wake.reason)
+        pushes[key] = pushes.get(key, 0) + 1
         index = self.by_key[(wake.user, wake.device)]
         device = self.devices[index]
-        alert = wake.kind is WakeKind.ALERT
         if not alert:
             sent = device.sent_background
-            sent.append(self.now)
-            while sent[0] + 3600 <= self.now:
+            sent.append(now)
+            while sent[0] + 3600 <= now:
                 sent.popleft()
-            tally.max_background_per_hour = max(tally.max_background_per_hour, len(sent))
-        if rng.random() < (k.alert_loss if alert else k.background_loss):
+            if len(sent) > tally.max_background_per_hour:
+                tally.max_background_per_hour = len(sent)
+        if self._random() < (k.alert_loss if alert else k.background_loss):
             tally.lost += 1
             return
         delay = k.push_latency
-        if not alert and device.ios:
-            throttle = device.throttle
-            while throttle and throttle[0] + 3600 <= self.now:
-                throttle.popleft()
-            if len(throttle) >= k.ios_background_per_hour:
-                tally.throttled += 1
-                return
-            throttle.append(self.now)
-        if not alert and not device.ios and self.now - device.last_open > k.android_doze_after:
-            tally.deferred += 1
-            delay += rng.uniform(0, k.android_doze_window)
-        self._at(self.now + delay, PUSH, index, 1 if alert else 0)
+        if not alert:
+            if device.ios:
+                throttle = device.throttle
+                while throttle and throttle[0] + 3600 <= now:
+                    throttle.popleft()
+                if len(throttle) >= k.ios_background_per_hour:
+                    tally.throttled += 1
+                    return
+                throttle.append(now)
+            elif now - device.last_open > k.android_doze_after:
+                tally.deferred += 1
+                delay += k.android_doze_window * self._random()  # uniform(0, window)
+        self._at(now + delay, PUSH, index, 1 if alert else 0)
 
     def _push(self, index: int, alert: int) -> None:
         device = self.devices[index]
@@ -299,5 +364,5 @@ class World:
             device.last_alert = self.now
         if device.connected and not device.zombie:
             return
-        self._connect(index)  # the app (or the service extension) wakes and connects
+        self._connect(index, device)  # the app (or the service extension) wakes and connects
         self._at(self.now + self.knobs.wake_session, CLOSE, index, device.session)
