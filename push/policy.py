@@ -453,10 +453,17 @@ class WakePolicy:
         due, the moment its last cooldown runs out and the last background wake-up leaves
         the budget's hour (its state is then dropped; expiries before that change nothing
         the timestamps do not already say). Wake-ups out of the hour are let go here."""
+        # Unrolled (no tuples, no max()): this runs for every event of every device.
         due = state.alert_due
-        for t in (state.background_due, state.linger_due, state.retry_due):
-            if t is not None and (due is None or t < due):
-                due = t
+        t = state.background_due
+        if t is not None and (due is None or t < due):
+            due = t
+        t = state.linger_due
+        if t is not None and (due is None or t < due):
+            due = t
+        t = state.retry_due
+        if t is not None and (due is None or t < due):
+            due = t
         if due is not None:
             return due
         rules = self.rules
@@ -467,11 +474,17 @@ class WakePolicy:
         if budget:
             last = budget[-1] + HOUR
         if state.clear_at is not None:
-            last = max(last, state.clear_at + rules.clear_cooldown)
+            t = state.clear_at + rules.clear_cooldown
+            if t > last:
+                last = t
         if state.alert_at is not None:
-            last = max(last, state.alert_at + rules.urgent_cooldown)
+            t = state.alert_at + rules.urgent_cooldown
+            if t > last:
+                last = t
         if state.background_at is not None:
-            last = max(last, state.background_at + rules.background_cooldown)
+            t = state.background_at + rules.background_cooldown
+            if t > last:
+                last = t
         return last if last > now else None
 
     def _schedule(self, key: DeviceKey, state: _Device) -> None:
