@@ -37,6 +37,7 @@ from trio_websocket import (
     WebSocketConnection,
     open_websocket_url,
 )
+from wsproto.utilities import LocalProtocolError
 
 from gateway.drain import parse_reconnect_hint
 from gateway.errors import GatewayError
@@ -373,6 +374,12 @@ class GatewayClient:
                     log.debug("connection to %s refused: HTTP %d", self.url, exc.status_code)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
                     log.debug("connection to %s failed: %r", self.url, exc)
+                except LocalProtocolError:
+                    # trio-websocket answers a ping that arrives during its own close
+                    # handshake, and wsproto refuses a pong after a close frame
+                    # (python-trio/trio-websocket#184): the connection is over all the same.
+                    if not self._stopped.is_set():
+                        raise
                 started = self.connections > 0
                 if self.close_code in FINAL_CLOSE_CODES or not self.reconnect:
                     break

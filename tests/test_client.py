@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
+import cbor2
 import pytest
 import trio
 
@@ -94,3 +96,42 @@ async def test_replaced_client_stops_reconnecting(server, token):
         with pytest.raises(ClientClosed) as closed:
             await old.send("bob", b"x")
         assert closed.value.code == 4009
+
+
+async def _pinging_closer(stream: trio.SocketStream) -> None:
+    """A server that welcomes the device and answers its close frame with a ping first:
+    the ping crosses the client's close handshake."""
+    from websockets.frames import Frame, Opcode
+    from websockets.server import ServerProtocol
+
+    proto = ServerProtocol(subprotocols=["gateway.v1"])
+    welcomed = False
+    async with stream:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            proto.receive_data(data)
+            for event in proto.events_received():
+                if hasattr(event, "headers") and not isinstance(event, Frame):
+                    proto.send_response(proto.accept(event))
+                elif isinstance(event, Frame) and event.opcode is Opcode.BINARY and not welcomed:
+                    welcomed = True
+                    proto.send_binary(cbor2.dumps({"t": "welcome", "v": 1, "sid": 0}))
+                elif isinstance(event, Frame) and event.opcode is Opcode.CLOSE:
+                    # The ping goes ahead of the close reply the protocol has queued.
+                    await stream.send_all(b"\x89\x00")
+            for chunk in proto.data_to_send():
+                if chunk:
+                    await stream.send_all(chunk)
+
+
+async def test_a_ping_that_crosses_the_clients_close_does_not_fail_the_close():
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, _pinging_closer, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/", "t", reconnect=False) as client:
+            assert client.connections == 1
+        nursery.cancel_scope.cancel()
