@@ -34,7 +34,7 @@ from scripts.bench_core import parse_args as core_args
 from scripts.kit.gateway_process import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, GatewayProcess
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.redis_cluster import RedisCluster
-from scripts.kit.route_bench import apply_quick, print_machine, result_line, scales_line
+from scripts.kit.route_bench import apply_quick, print_preamble, result_line
 
 SETTINGS = (0, 1)
 
@@ -93,11 +93,9 @@ def main_bench(args: argparse.Namespace) -> int:
     raise_fd_limit()
     apply_quick(args)
     tokens = Tokens()
-    print_machine()
-    print(
-        f"{scales_line(args)}; Redis Cluster of {CLUSTER_PRIMARIES} primaries with"
-        f" {CLUSTER_REPLICAS} replica each",
-        flush=True,
+    print_preamble(
+        args,
+        f"Redis Cluster of {CLUSTER_PRIMARIES} primaries with {CLUSTER_REPLICAS} replica each",
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench_replicas_", dir=args.tmpdir))
     cluster = RedisCluster(

@@ -63,7 +63,7 @@ from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.procfs import cpu_seconds
 from scripts.kit.redis_server import RedisServer
-from scripts.kit.route_bench import apply_quick, print_machine, result_line, scales_line
+from scripts.kit.route_bench import apply_quick, print_preamble, result_line
 
 CONFIGS = ("sqlite-1", "redis-1", "redis-2")
 HEARTBEAT_DEVICES = 20_000
@@ -230,11 +230,8 @@ def main_bench(args: argparse.Namespace) -> int:
     raise_fd_limit()
     apply_quick(args)
     tokens = Tokens()
-    print_machine()
-    print(
-        f"{scales_line(args)}; redis appendfsync {args.appendfsync};"
-        f" gateway log level {args.log_level}",
-        flush=True,
+    print_preamble(
+        args, f"redis appendfsync {args.appendfsync}; gateway log level {args.log_level}"
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmpdir))
     saturated: dict[str, list[Sample]] = {c: [] for c in CONFIGS}

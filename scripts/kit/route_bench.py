@@ -69,6 +69,13 @@ def scales_line(args: argparse.Namespace) -> str:
     )
 
 
+def print_preamble(args: argparse.Namespace, setup: str) -> None:
+    """Print the code and machine measured, the CPU that other processes use, and the
+    scales of the routing workload followed by `setup` (what the runs run on)."""
+    print_machine()
+    print(f"{scales_line(args)}; {setup}", flush=True)
+
+
 def result_line(sample: RouteSample, *, saturation_note: str = "") -> str:
     """One run's result: msgs/s and the p99 at saturation (followed by `saturation_note`),
     or the paced p99 and p50; then the errors and closes, if any."""
