@@ -8,21 +8,18 @@ clears the note. If the note is unchanged `[push] ack_timeout` seconds later (no
 no frame, no pong, nothing), the waker is asked to rescue the device: an alert wake-up
 as though it were offline.
 
-Every connection shares one timeout, so the checks are queued in time order in a FIFO;
-one task serves the whole process, and a connection that ends is skipped.
+Every connection shares one timeout, so the checks are queued in time order in a FIFO
+(`DueQueue`); one task serves the whole process, and a connection that ends is skipped.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 import trio
 
+from gateway.due_queue import DueQueue
 from gateway.wake import Waker
-
-# Checks handled between two checkpoints.
-BURST = 500
 
 
 class Watched(Protocol):
@@ -52,32 +49,22 @@ class AckWatch:
         self.timeout = timeout
         self.waker = waker
         self.rescues = 0
-        self._due: deque[tuple[float, float, Watched]] = deque()
-        self._wakeup = trio.Event()
+        self._due: DueQueue[tuple[float, Watched]] = DueQueue(self._check)
 
     def watch(self, conn: Watched) -> None:
         """Check `conn` `timeout` seconds after the `urgent_since` it just noted."""
         since = conn.urgent_since
         if since is not None:
-            self._due.append((since + self.timeout, since, conn))
-            self._wakeup.set()
+            self._due.add(since + self.timeout, (since, conn))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check connections as they come due, until cancelled."""
-        task_status.started()
-        due = self._due
-        while True:
-            if not due:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            await trio.sleep_until(due[0][0])
-            now = trio.current_time()
-            handled = 0
-            while due and due[0][0] <= now and handled < BURST:
-                _, since, conn = due.popleft()
-                handled += 1
-                if conn.urgent_since == since:
-                    self.rescues += 1
-                    self.waker.rescue(conn.user, conn.device)
-            await trio.lowlevel.checkpoint()
+        await self._due.run(task_status=task_status)
+
+    def _check(self, now: float, watched: tuple[float, Watched]) -> bool:
+        """Rescue the device if nothing was received since the note it was watched for."""
+        since, conn = watched
+        if conn.urgent_since == since:
+            self.rescues += 1
+            self.waker.rescue(conn.user, conn.device)
+        return True

@@ -4,21 +4,18 @@ Every connection is pinged `interval` seconds after it joined and after each pin
 that has not answered the previous ping by then is closed instead (protocol v1: "a
 connection that sends no pong before the next ping is closed"). All connections share
 one interval, so the due times are appended in increasing order and a FIFO of due times
-is already sorted: the timer queue is a deque, popped from the front, with no heap and
-no task per connection. A connection that ends is forgotten at once (`discard`); its
-entry in the queue is skipped when it comes up.
+is already sorted: the timer queue is a `DueQueue`, with no heap and no task per
+connection. A connection that ends is forgotten at once (`discard`); its entry in the
+queue is skipped when it comes up.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 import trio
 
-# Due connections handled between two checkpoints, so that a burst of heartbeats (many
-# connections that joined together) never holds the event loop for long.
-BURST = 500
+from gateway.due_queue import DueQueue
 
 
 class Beating(Protocol):
@@ -39,8 +36,7 @@ class Heartbeat:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._members: dict[int, Beating] = {}
-        self._due: deque[tuple[float, int]] = deque()
-        self._wakeup = trio.Event()
+        self._due: DueQueue[int] = DueQueue(self._beat)
 
     def __len__(self) -> int:
         return len(self._members)
@@ -48,8 +44,7 @@ class Heartbeat:
     def add(self, key: int, conn: Beating) -> None:
         """Start pinging `conn` (known by `key`) every `interval` seconds."""
         self._members[key] = conn
-        self._due.append((trio.current_time() + self.interval, key))
-        self._wakeup.set()
+        self._due.add(trio.current_time() + self.interval, key)
 
     def discard(self, key: int) -> None:
         """Stop pinging the connection known by `key`."""
@@ -57,24 +52,15 @@ class Heartbeat:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ping and time out connections until cancelled."""
-        task_status.started()
-        due, members = self._due, self._members
-        while True:
-            if not due:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            await trio.sleep_until(due[0][0])
-            now = trio.current_time()
-            handled = 0
-            while due and due[0][0] <= now and handled < BURST:
-                _, key = due.popleft()
-                conn = members.get(key)
-                if conn is None:
-                    continue
-                handled += 1
-                if conn.heartbeat():
-                    due.append((now + self.interval, key))
-                else:
-                    del members[key]
-            await trio.lowlevel.checkpoint()
+        await self._due.run(task_status=task_status)
+
+    def _beat(self, now: float, key: int) -> bool:
+        """Ping the connection known by `key` (False if it was forgotten)."""
+        conn = self._members.get(key)
+        if conn is None:
+            return False
+        if conn.heartbeat():
+            self._due.add(now + self.interval, key)
+        else:
+            del self._members[key]
+        return True

@@ -83,7 +83,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -116,6 +115,7 @@ from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.lean_client import MAX_LOOP, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.loopback import HOST, free_port
+from scripts.kit.route_bench import apply_quick, print_machine, scales_line
 
 BODY_BYTES = 200
 CLIENT_MAX_MESSAGE = 16 * 1024 * 1024
@@ -1402,11 +1402,8 @@ def describe(name: str, sample: Sample) -> str:
 def main_bench(args: argparse.Namespace) -> int:
     fd_limit = raise_fd_limit()
     CLIENT["kind"] = args.client
+    apply_quick(args)
     if args.quick:
-        args.runs = args.runs_set or 1
-        args.pairs = args.pairs_set or 100
-        args.duration = args.duration_set or 3.0
-        args.warmup = args.warmup_set or 1.0
         args.idle_conns = args.idle_set or 2000
         args.backlog = args.backlog_set or 2000
         args.handshakes = args.handshakes_set or 1000
@@ -1434,14 +1431,10 @@ def main_bench(args: argparse.Namespace) -> int:
     if not args.no_baseline and (not args.baseline_commit or args.with_floor):
         kinds.append("floor")
     tokens = Tokens()
-    print(_machine_line(), flush=True)
-    busy = procfs.busy_cores()
-    print(f"CPU in use by other processes before start: {busy:.0%} of one core", flush=True)
-    if busy > 0.2:
+    if print_machine() > 0.2:
         print("  !! the machine is busy with other work: expect noisier, lower results", flush=True)
     print(
-        f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
-        f" warmup {args.warmup:g} s + {args.duration:g} s measured; idle {args.idle_conns:,};"
+        f"{scales_line(args)}; idle {args.idle_conns:,};"
         f" backlog {args.backlog:,}; handshakes {args.handshakes:,} x"
         f" {args.handshake_concurrency} concurrent; fixed rate {args.rate_total:,g} msg/s over"
         f" {args.rate_pairs} pairs, reconnects {args.reconnect_rate:g}/s x"
@@ -1653,55 +1646,6 @@ def _fmt(value: float) -> str:
     if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def _machine_line() -> str:
-    model = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"gateway code: {_gateway_source()}\n"
-        f"machine: {os.cpu_count()} cpus ({model}), Python {platform.python_version()},"
-        f" trio {trio.__version__}, cbor2 {_version('cbor2')},"
-        f" trio-websocket {_version('trio-websocket')}"
-    )
-
-
-def _gateway_source() -> str:
-    """Where the benchmarked gateway package comes from, with its git commit if known."""
-    import gateway
-
-    where = Path(gateway.__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return str(where)
-    return f"{where} (commit {commit}{', uncommitted changes' if dirty else ''})"
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import trio
 
-from scripts.bench_core import Meter, Sample, ServerProcess, Tokens, _machine_line, scenario_route
+from scripts.bench_core import Meter, Sample, ServerProcess, Tokens, scenario_route
 from scripts.bench_core import parse_args as core_args
 from scripts.kit.gateway_process import CLUSTER_PRIMARIES, CLUSTER_REPLICAS, GatewayProcess
 from scripts.kit.limits import raise_fd_limit
-from scripts.kit.procfs import busy_cores
 from scripts.kit.redis_cluster import RedisCluster
+from scripts.kit.route_bench import apply_quick, print_preamble, result_line
 
 SETTINGS = (0, 1)
 
@@ -82,12 +82,7 @@ def measure(
 
 def describe(sample: Sample) -> str:
     """One run, one line."""
-    if "p99_ms_at_saturation" in sample.extra:
-        text = f"{sample.value:,.0f} msg/s, p99 {sample.extra['p99_ms_at_saturation']:.0f} ms"
-    else:
-        text = f"p99 {sample.value:.1f} ms (p50 {sample.extra['p50_ms']:.1f})"
-    if sample.extra.get("errors") or sample.extra.get("closed"):
-        text += f", errors {sample.extra['errors']:.0f}, closed {sample.extra['closed']:.0f}"
+    text = result_line(sample)
     if sample.usage is not None:
         text += f" | cpu: gateway {sample.usage.server:.2f}, generator {sample.usage.generator:.2f}"
     return text
@@ -96,19 +91,11 @@ def describe(sample: Sample) -> str:
 def main_bench(args: argparse.Namespace) -> int:
     """Both settings, alternating, `args.runs` times each; then medians and ratios."""
     raise_fd_limit()
-    if args.quick:
-        args.runs = args.runs_set or 1
-        args.pairs = args.pairs_set or 100
-        args.duration = args.duration_set or 3.0
-        args.warmup = args.warmup_set or 1.0
+    apply_quick(args)
     tokens = Tokens()
-    print(_machine_line(), flush=True)
-    print(f"CPU in use by other processes before start: {busy_cores():.0%} of one core")
-    print(
-        f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
-        f" warmup {args.warmup:g} s + {args.duration:g} s measured; Redis Cluster of"
-        f" {CLUSTER_PRIMARIES} primaries with {CLUSTER_REPLICAS} replica each",
-        flush=True,
+    print_preamble(
+        args,
+        f"Redis Cluster of {CLUSTER_PRIMARIES} primaries with {CLUSTER_REPLICAS} replica each",
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench_replicas_", dir=args.tmpdir))
     cluster = RedisCluster(

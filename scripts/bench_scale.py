@@ -56,14 +56,14 @@ from scripts.bench_core import (
     ServerProcess,
     Tokens,
     Usage,
-    _machine_line,
     scenario_route,
 )
 from scripts.bench_core import parse_args as core_args
 from scripts.kit.gateway_process import GatewayProcess
 from scripts.kit.limits import raise_fd_limit
-from scripts.kit.procfs import busy_cores, cpu_seconds
+from scripts.kit.procfs import cpu_seconds
 from scripts.kit.redis_server import RedisServer
+from scripts.kit.route_bench import apply_quick, print_preamble, result_line
 
 CONFIGS = ("sqlite-1", "redis-1", "redis-2")
 HEARTBEAT_DEVICES = 20_000
@@ -168,15 +168,7 @@ def running(
 
 def describe(sample: Sample) -> str:
     u = sample.usage
-    text = (
-        f"{sample.value:,.0f} msg/s"
-        if "p99_ms_at_saturation" in sample.extra
-        else (f"p99 {sample.value:.1f} ms (p50 {sample.extra['p50_ms']:.1f})")
-    )
-    if "p99_ms_at_saturation" in sample.extra:
-        text += f", p99 {sample.extra['p99_ms_at_saturation']:.0f} ms at saturation"
-    if sample.extra.get("errors") or sample.extra.get("closed"):
-        text += f", errors {sample.extra['errors']:.0f}, closed {sample.extra['closed']:.0f}"
+    text = result_line(sample, saturation_note=" at saturation")
     if isinstance(u, ScaleUsage):
         each = "+".join(f"{w:.2f}" for w in u.workers)
         text += f" | cpu: gateway {each}, redis {u.redis:.2f}, generator {u.generator:.2f}"
@@ -236,20 +228,10 @@ async def heartbeat_cost(redis: RedisServer, devices: int) -> dict[str, float]:
 
 def main_bench(args: argparse.Namespace) -> int:
     raise_fd_limit()
-    if args.quick:
-        args.runs = args.runs_set or 1
-        args.pairs = args.pairs_set or 100
-        args.duration = args.duration_set or 3.0
-        args.warmup = args.warmup_set or 1.0
+    apply_quick(args)
     tokens = Tokens()
-    print(_machine_line(), flush=True)
-    busy = busy_cores()
-    print(f"CPU in use by other processes before start: {busy:.0%} of one core", flush=True)
-    print(
-        f"runs {args.runs}; {2 * args.pairs} devices ({args.pairs} pairs), window {args.window},"
-        f" warmup {args.warmup:g} s + {args.duration:g} s measured; redis appendfsync"
-        f" {args.appendfsync}; gateway log level {args.log_level}",
-        flush=True,
+    print_preamble(
+        args, f"redis appendfsync {args.appendfsync}; gateway log level {args.log_level}"
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmpdir))
     saturated: dict[str, list[Sample]] = {c: [] for c in CONFIGS}

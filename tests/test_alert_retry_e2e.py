@@ -16,7 +16,6 @@ import trio
 
 from gateway.client import connect
 from gateway.server import GatewayServer
-from push.settings import ApnsSettings, FcmSettings
 from scripts.fakes import FakeApns, FakeFcm
 from tests.conftest import make_settings, running_server
 from tests.test_push_e2e import (
@@ -28,6 +27,7 @@ from tests.test_push_e2e import (
     fake_apns,
     fake_fcm,
     go_idle,
+    push_to_fakes,
 )
 
 __all__ = ["fake_apns", "fake_fcm"]  # fixtures
@@ -40,17 +40,8 @@ DEADLINE = 20
 async def server(
     tmp_path: Path, fake_apns: FakeApns, fake_fcm: FakeFcm
 ) -> AsyncIterator[GatewayServer]:
-    settings = make_settings(
-        tmp_path,
-        push={
-            "apns": ApnsSettings(**fake_apns.settings(topic="com.example.default")),
-            "fcm": FcmSettings(**fake_fcm.settings()),
-            "linger": 3600.0,
-            "alert_retry": ALERT_RETRY,
-            "alert_retries": 2,
-            "request_timeout": 30.0,
-        },
-    )
+    push = push_to_fakes(fake_apns, fake_fcm, alert_retry=ALERT_RETRY, alert_retries=2)
+    settings = make_settings(tmp_path, push=push)
     async with running_server(settings) as running:
         yield running
 

@@ -44,22 +44,25 @@ async def fake_fcm(tmp_path: Path) -> AsyncIterator[FakeFcm]:
         nursery.cancel_scope.cancel()
 
 
+def push_to_fakes(fake_apns: FakeApns, fake_fcm: FakeFcm, **push: Any) -> dict[str, Any]:
+    """`[push]` sending to both fakes, with no linger wake-up within a test (an hour) and
+    `push`'s keys on top."""
+    return {
+        "apns": ApnsSettings(**fake_apns.settings(topic="com.example.default")),
+        "fcm": FcmSettings(**fake_fcm.settings()),
+        "linger": 3600.0,
+        "request_timeout": 30.0,
+        **push,
+    }
+
+
 @pytest.fixture
 async def server(
     tmp_path: Path,
     fake_apns: FakeApns,
     fake_fcm: FakeFcm,
 ) -> AsyncIterator[GatewayServer]:
-    settings = make_settings(
-        tmp_path,
-        push={
-            "apns": ApnsSettings(**fake_apns.settings(topic="com.example.default")),
-            "fcm": FcmSettings(**fake_fcm.settings()),
-            "linger": 3600.0,
-            "ttl": 600,
-            "request_timeout": 30.0,
-        },
-    )
+    settings = make_settings(tmp_path, push=push_to_fakes(fake_apns, fake_fcm, ttl=600))
     async with running_server(settings) as running:
         yield running
 
@@ -70,28 +73,32 @@ def dispatcher(server: GatewayServer) -> PushDispatcher:
     return push
 
 
-async def register(client: GatewayClient, provider: str, token: str, **kw: Any) -> None:
-    """Register a push token, and wait until the server has stored it (frames are handled
-    in order, so the answer to a later frame means the token is committed)."""
+async def register(
+    client: GatewayClient, provider: str, token: str | None = None, **kw: Any
+) -> None:
+    """Register a push token (for ``webpush``, a ``subscription``), and wait until the
+    server has stored it (frames are handled in order, so the answer to a later frame
+    means the token is committed)."""
     await client.register_push(provider, token, **kw)
     with pytest.raises(SendRefused):
         await client.send("nobody-at-all", b"barrier")
 
 
 async def go_idle(
-    server: GatewayServer, token: Token, provider: str, push_token: str, **kw: Any
-) -> None:
-    """Bob's phone connects, registers its push token and goes away."""
+    server: GatewayServer, token: Token, provider: str, push_token: str | None = None,
+    *, device: str = "phone", **kw: Any,
+) -> None:  # fmt: skip
+    """Bob's `device` connects, registers its push token (or subscription) and goes away."""
     closed = trio.Event()
 
     async def watch() -> None:
-        await server.edge.wait_for_close("bob", "phone")
+        await server.edge.wait_for_close("bob", device)
         closed.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         await trio.testing.wait_all_tasks_blocked()
-        async with connect(server.url, token("bob", "phone"), reconnect=False) as bob:
+        async with connect(server.url, token("bob", device), reconnect=False) as bob:
             await register(bob, provider, push_token, **kw)
         await closed.wait()
 

@@ -8,7 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.cli import main
-from gateway.client import GatewayClient, SendRefused, connect
+from gateway.client import connect
 from gateway.server import GatewayServer
-from push.dispatcher import PushDispatcher
 from push.ece import encrypt
 from push.notification import Notification, Outcome
 from push.policy import WakeKind
@@ -32,10 +31,10 @@ from push.webpush import WebPushProvider
 from scripts.fakes import FakeSubscription, FakeWebPush, Reply
 from scripts.fakes.credentials import CertificateAuthority
 from tests.conftest import make_settings, running_server
+from tests.test_push_e2e import Token, dispatcher, go_idle, register
 
 SUBJECT = "mailto:ops@example.com"
 ROOT = Path(__file__).resolve().parent.parent
-Token = Callable[..., str]
 
 
 @pytest.fixture
@@ -70,12 +69,6 @@ async def server(tmp_path: Path) -> AsyncIterator[GatewayServer]:
         yield running
 
 
-def dispatcher(server: GatewayServer) -> PushDispatcher:
-    push = server.push
-    assert push is not None
-    return push
-
-
 async def vapid_public_key(server: GatewayServer) -> str:
     """What a web app fetches before `pushManager.subscribe` (no API key needed)."""
     async with httpx.AsyncClient(base_url=server.admin_url, timeout=10) as http:
@@ -88,29 +81,11 @@ async def vapid_public_key(server: GatewayServer) -> str:
     return key
 
 
-async def register(client: GatewayClient, subscription: dict[str, Any]) -> None:
-    """Register, and wait until it is handled (frames are handled in order)."""
-    await client.register_push("webpush", subscription=subscription)
-    with pytest.raises(SendRefused):
-        await client.send("nobody-at-all", b"barrier")
-
-
 async def browser_goes_idle(
     server: GatewayServer, token: Token, subscription: FakeSubscription
 ) -> None:
     """Bob's browser tab connects, registers its subscription and is closed."""
-    closed = trio.Event()
-
-    async def watch() -> None:
-        await server.edge.wait_for_close("bob", "browser")
-        closed.set()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch)
-        await trio.testing.wait_all_tasks_blocked()
-        async with connect(server.url, token("bob", "browser"), reconnect=False) as bob:
-            await register(bob, subscription.to_json())
-        await closed.wait()
+    await go_idle(server, token, "webpush", device="browser", subscription=subscription.to_json())
 
 
 async def test_an_idle_browser_gets_a_signed_encrypted_wake_up(
@@ -172,7 +147,8 @@ async def test_a_subscription_registered_again_survives_a_late_404(
             await alice.send("bob", b"x")
             await fake.wait_requests(1)  # the service holds its 404 back
             async with connect(server.url, token("bob", "browser")) as bob:
-                await register(bob, subscription.to_json())  # the tab subscribes again
+                # the tab subscribes again
+                await register(bob, "webpush", subscription=subscription.to_json())
             answer.set()
             await dispatcher(server).wait_idle()
     assert await server.store.push_token("bob", "browser") is not None

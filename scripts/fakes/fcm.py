@@ -18,7 +18,7 @@ import json
 import re
 import secrets
 import ssl
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -181,20 +181,8 @@ class FakeFcm(FakeService[FcmRecord]):
         body = {"access_token": access, "expires_in": 3600, "token_type": "Bearer"}
         return HttpResponse(200, [("content-type", "application/json")], json.dumps(body).encode())
 
-    def _control(self, request: HttpRequest) -> HttpResponse:
-        if request.path == "/_fake/requests":
-            body = json.dumps([asdict(r) for r in self.records]).encode()
-            return HttpResponse(200, [("content-type", "application/json")], body)
-        if request.path == "/_fake/reset" and request.method == "POST":
-            self.records.clear()
-            self.script.clear()
-            return HttpResponse(200, [], b"{}")
-        if request.path == "/_fake/script" and request.method == "POST":
-            data = json.loads(request.body or b"{}")
-            self.script.add(
-                *(Reply.from_json(r) for r in data.get("replies", [])), token=data.get("token")
-            )
-            return HttpResponse(200, [], b"{}")
+    def _other_control(self, request: HttpRequest) -> HttpResponse:
+        """No other control path: 404, in Google's error format."""
         return _error(404, "NOT_FOUND", "unknown control path")
 
 

@@ -28,7 +28,7 @@ import re
 import secrets
 import ssl
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from push.ece import DecryptionError, decrypt
 from push.subscription import b64url, b64url_decode
 from scripts.fakes.http import HttpRequest, HttpResponse
-from scripts.fakes.script import Reply, Script
+from scripts.fakes.script import Script
 from scripts.fakes.service import FakeService
 
 MAX_VAPID_LIFETIME = 24 * 3600
@@ -222,14 +222,8 @@ class FakeWebPush(FakeService[WebPushRecord]):
         )
         return HttpResponse(status, [("content-type", "text/plain")], error.encode())
 
-    def _control(self, request: HttpRequest) -> HttpResponse:
-        if request.path == "/_fake/requests":
-            body = json.dumps([asdict(r) for r in self.records]).encode()
-            return HttpResponse(200, [("content-type", "application/json")], body)
-        if request.path == "/_fake/reset" and request.method == "POST":
-            self.records.clear()
-            self.script.clear()
-            return HttpResponse(200, [], b"{}")
+    def _other_control(self, request: HttpRequest) -> HttpResponse:
+        """``POST /_fake/subscribe``: a new subscription, for a device to register by hand."""
         if request.path == "/_fake/subscribe" and request.method == "POST":
             try:
                 data = json.loads(request.body or b"{}")
@@ -239,13 +233,7 @@ class FakeWebPush(FakeService[WebPushRecord]):
             subscription = self.subscribe(key if isinstance(key, str) else None)
             made = json.dumps({"id": subscription.id, "subscription": subscription.to_json()})
             return HttpResponse(200, [("content-type", "application/json")], made.encode())
-        if request.path == "/_fake/script" and request.method == "POST":
-            data = json.loads(request.body or b"{}")
-            self.script.add(
-                *(Reply.from_json(r) for r in data.get("replies", [])), token=data.get("token")
-            )
-            return HttpResponse(200, [], b"{}")
-        return HttpResponse(404, [], b"unknown control path")
+        return super()._other_control(request)
 
 
 def _check_headers(headers: dict[str, str]) -> str:

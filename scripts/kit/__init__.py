@@ -8,5 +8,7 @@
   accepts connections, stop, signal);
 - `gateway_process`: `gateway serve` in a child process, and the store it runs on;
 - `redis_server`: redis-server in a child process;
+- `route_bench`: what the benchmarks of the routing workload print and share around their
+  runs: the scales of `--quick`, the machine measured, one run's result line;
 - `lean_client`: a minimal WebSocket client on a bare socket, cheap enough to generate load.
 """
