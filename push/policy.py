@@ -60,6 +60,9 @@ HOUR = 3600.0
 # their marks would pile up for the life of the process. A day matches the default
 # `[push] ttl`, beyond which an undelivered alert has expired anyway.
 ALERT_MEMORY = 24 * HOUR
+# Stale timer entries tolerated beyond two per tracked device before the heap is rebuilt
+# without them (so each rebuild is paid for by at least this many reschedules).
+STALE_TIMER_SLACK = 256
 
 
 class WakeKind(enum.Enum):
@@ -497,4 +500,17 @@ class WakePolicy:
             # An earlier entry is live; it reschedules when it fires.
             return
         state.timer_at = when
-        heapq.heappush(self._timers, (when, next(self._seq), key))
+        timers = self._timers
+        heapq.heappush(timers, (when, next(self._seq), key))
+        if len(timers) > 2 * len(self._devices) + STALE_TIMER_SLACK:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop the stale timer entries: one left behind by every reschedule and connect
+        would otherwise stay until its time, up to an hour away (the budget's), and the
+        heap would grow with the rate of reconnects rather than with the devices."""
+        devices = self._devices
+        live = [entry for entry in self._timers if (s := devices.get(entry[2])) is not None
+                and s.timer_at == entry[0]]  # fmt: skip
+        heapq.heapify(live)
+        self._timers = live

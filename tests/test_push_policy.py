@@ -6,7 +6,15 @@ import itertools
 
 import pytest
 
-from push.policy import ALERT_MEMORY, LingerCheck, WakeKind, WakePolicy, WakeRules, WakeUp
+from push.policy import (
+    ALERT_MEMORY,
+    STALE_TIMER_SLACK,
+    LingerCheck,
+    WakeKind,
+    WakePolicy,
+    WakeRules,
+    WakeUp,
+)
 
 ALERT, BACKGROUND = WakeKind.ALERT, WakeKind.BACKGROUND
 # The rules of protocol v1 before alert retries and the background budget: the tests
@@ -479,3 +487,25 @@ def test_an_alert_sent_by_another_node_is_cleared_here(full: WakePolicy, clock: 
     full.alerted_elsewhere("bob", "tablet")
     clock.now += 61
     assert full.cleared("bob", "phone") is None  # a day old: forgotten
+
+
+def test_timers_left_stale_by_reconnects_do_not_pile_up(clock: Clock) -> None:
+    # Every cycle leaves stale entries behind (a linger cancelled by the connect, a timer
+    # for the end of the background budget's hour); they must not accumulate for an hour.
+    policy = WakePolicy(DEFAULTS, clock)
+    devices = [f"u{n}" for n in range(20)]
+    for _ in range(2000):
+        for user in devices:
+            policy.disconnected(user, "phone")
+            policy.stored(user, "phone", urgent=False)
+            policy.stored(user, "phone", urgent=True)
+        advance(policy, clock, 1.0)
+        for user in devices:
+            policy.connected(user, "phone")
+        advance(policy, clock, 1.0)
+    assert len(policy._timers) <= 2 * len(devices) + STALE_TIMER_SLACK
+    # Nothing live was dropped with them: every device still gets its linger check.
+    for user in devices:
+        policy.disconnected(user, "phone")
+    fired = advance(policy, clock, DEFAULTS.linger)
+    assert {c.user for c in fired if isinstance(c, LingerCheck)} == set(devices)
