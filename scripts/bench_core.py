@@ -1075,27 +1075,45 @@ async def _fanout_receiver(ws: Wire, st: Fanout) -> None:
 
 
 async def _fanout_sender_replies(ws: Wire, answered: dict[str, trio.Event], st: Fanout) -> None:
-    """The sending device's reader: `sent` (or an error) per id; receipts acked."""
-    with contextlib.suppress(ConnectionClosed):
-        for _ in range(MAX_LOOP):
-            sids: list[int] = []
-            for f in frames_of(await ws.get_message()):
-                kind = f.get("t")
-                if kind in ("sent", "error"):
-                    if kind == "error":
-                        st.errors += 1
-                        if st.errors == 1:
-                            print(f"    error: {f.get('code')}: {f.get('reason')}", flush=True)
-                    event = answered.get(f.get("id") or f.get("ref", ""))
-                    if event is not None:
-                        event.set()
-                elif kind in ("msg", "receipt", "group"):
-                    sids.append(f["sid"])
-                    if kind == "receipt" and f.get("kind") == "delivered":
-                        for msg_id in f["ids"]:
-                            st.receipt(msg_id)
-            if sids:
+    """The sending device's reader: `sent` (or an error) per id; receipts acked.
+
+    The acks go out from a task of their own, so this reader never waits on a write: the
+    fan-out's own pipelined sends can fill the socket while the gateway, with replies
+    piling up for this device, waits for it to read, and would close it as too slow a
+    reader. A close ends the benchmark with an error instead of a wait for ever.
+    """
+    send_acks, receive_acks = trio.open_memory_channel[list[int]](math.inf)
+
+    async def acker() -> None:
+        with contextlib.suppress(ConnectionClosed):  # the reader reports the close
+            async for sids in receive_acks:
                 await _ack(ws, sids)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acker)
+        try:
+            for _ in range(MAX_LOOP):
+                sids: list[int] = []
+                for f in frames_of(await ws.get_message()):
+                    kind = f.get("t")
+                    if kind in ("sent", "error"):
+                        if kind == "error":
+                            st.errors += 1
+                            if st.errors == 1:
+                                print(f"    error: {f.get('code')}: {f.get('reason')}", flush=True)
+                        event = answered.get(f.get("id") or f.get("ref", ""))
+                        if event is not None:
+                            event.set()
+                    elif kind in ("msg", "receipt", "group"):
+                        sids.append(f["sid"])
+                        if kind == "receipt" and f.get("kind") == "delivered":
+                            for msg_id in f["ids"]:
+                                st.receipt(msg_id)
+                if sids:
+                    send_acks.send_nowait(sids)
+            send_acks.close()
+        except ConnectionClosed as exc:
+            raise RuntimeError(f"the sending device's connection closed: {exc}") from None
 
 
 def _store_bytes(server: ServerProcess) -> float:
