@@ -156,7 +156,9 @@ def _tune_garbage_collection() -> None:
     Thousands of long-lived connections are hundreds of thousands of tracked objects that
     are never garbage; with CPython's defaults every full collection rescans them all and
     stops the event loop for hundreds of milliseconds. Objects alive after start-up are
-    frozen out of collection, and the young generation is collected less often.
+    frozen out of collection, and the young generation is collected less often. So
+    garbage in reference cycles waits long for a full collection: a connection breaks
+    its protocol's cycle when it ends (`gateway.edge`), and the rest goes by refcounting.
     """
     gc.collect()
     gc.freeze()

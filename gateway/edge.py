@@ -122,19 +122,22 @@ class Edge:
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         """Upgrade one socket and run its connection; never raises."""
         ip = _peer_ip(stream)
-        proto: ServerProtocol | None = None
+        proto = _GatewayProtocol(
+            max_size=self._ctx.server.max_message_size,
+            logger=_protocol_log,
+        )
         admitted = upgraded = False
         try:
             with trio.move_on_after(self._ctx.server.handshake_timeout):
-                proto, admitted = await self._upgrade(stream, ip)
-                upgraded = proto is not None
-            if proto is not None:
+                upgraded, admitted = await self._upgrade(stream, proto, ip)
+            if upgraded:
                 await self._run(Connection(stream, proto, self._ctx))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away during the upgrade
         except Exception:
             log.exception("websocket upgrade failed")
         finally:
+            _release(proto)
             if admitted:
                 self._admission.release(ip)
             if not upgraded:
@@ -142,22 +145,17 @@ class Edge:
                     await trio.aclose_forcefully(stream)
 
     async def _upgrade(
-        self, stream: trio.abc.Stream, ip: str
-    ) -> tuple[ServerProtocol | None, bool]:
-        """Read the upgrade request and answer it: the protocol, open, if it was accepted
-        (else None), and whether a place was taken for the connection."""
-        proto = ServerProtocol(
-            select_subprotocol=_select_subprotocol,
-            max_size=self._ctx.server.max_message_size,
-            logger=_protocol_log,
-        )
+        self, stream: trio.abc.Stream, proto: ServerProtocol, ip: str
+    ) -> tuple[bool, bool]:
+        """Read the upgrade request and answer it: whether it was accepted (`proto` is
+        then open), and whether a place was taken for the connection."""
         request, alone = await _read_request(stream, proto)
         if request is None:
-            return None, False
+            return False, False
         refusal = self._refusal(request, ip)
         if refusal is not None and refusal.status == 503 and "Origin" in request.headers:
             await _refuse_after_upgrade(stream, proto, request, refusal)
-            return None, False
+            return False, False
         if refusal is None:
             response = proto.accept(request)
         else:
@@ -173,10 +171,10 @@ class Edge:
                 self._admission.release(ip)
             raise
         if response.status_code != 101:
-            return None, admitted
+            return False, admitted
         if alone:
             _forget_request(proto)
-        return proto, admitted
+        return True, admitted
 
     def _refusal(self, request: Request, ip: str) -> Refusal | None:
         """Why the upgrade is refused, or None once a place is taken for it."""
@@ -262,6 +260,15 @@ async def _refuse_after_upgrade(
             proto.receive_data(chunk)
 
 
+def _release(proto: ServerProtocol) -> None:
+    """Break the protocol's reference cycle once its socket is done with: its frame
+    parser, a generator, holds the protocol that holds it. Left alone, every connection
+    would stay in memory until the next full collection of the cyclic garbage collector,
+    which the gateway's collector settings make rare (see `gateway.cli`); closed, the
+    parser lets go and reference counting frees the connection at once."""
+    proto.parser.close()
+
+
 def _forget_request(proto: ServerProtocol) -> None:
     """Let the upgrade request's headers go: the server side's parser keeps the request
     in its frame for the connection's life (2-3 KB per idle connection). Called only when
@@ -271,11 +278,16 @@ def _forget_request(proto: ServerProtocol) -> None:
     next(proto.parser)
 
 
-def _select_subprotocol(
-    proto: ServerProtocol, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    """`gateway.v1` when the client offers it; the upgrade goes ahead without otherwise."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+class _GatewayProtocol(ServerProtocol):
+    """The server side of one WebSocket, with the gateway's subprotocol choice.
+
+    The choice is a method of the class, not the constructor's `select_subprotocol`
+    argument, which `websockets` binds to each instance: a reference cycle per socket.
+    """
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        """`gateway.v1` when the client offers it; the upgrade goes ahead without otherwise."""
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
 
 
 def _peer_ip(stream: Any) -> str:
