@@ -15,7 +15,7 @@ from gateway.errors import StoreError
 from gateway.store import MessageStore
 from gateway.store.redis import SWEEP_LEASE, RedisStore
 from gateway.store.redis_scripts import KEY_TTL_SLACK_MS, RECORD_SIZE
-from tests.redisproc import RedisProcess
+from tests.redisproc import RedisClusterProcess, RedisProcess
 from tests.test_store import (
     DAY_MS,
     T0,
@@ -281,3 +281,31 @@ async def test_a_store_of_one_process_always_sweeps(tmp_path):
     async with open_backend("sqlite", tmp_path / "gateway.db", lambda *ring: None) as store:
         assert await store.may_sweep(1)
         assert await store.may_sweep(1)
+
+
+def connections_received(cluster: RedisClusterProcess) -> int:
+    """TCP connections the cluster's primaries have accepted so far, these queries' own
+    (one per primary) included."""
+    total = 0
+    for server in cluster.primaries:
+        info = server.command("INFO", "stats").decode()
+        total += int(info.split("total_connections_received:", 1)[1].split()[0])
+    return total
+
+
+async def test_sweeps_on_a_cluster_keep_their_connections(
+    redis_cluster: RedisClusterProcess, redis_cluster_url: str
+) -> None:
+    store = RedisStore(redis_cluster_url, doorbell=lambda *ring: None, cluster=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await register(store, "bob", "phone")
+        await send(store, envelope("m1", ttl_ms=1000))
+        await store.sweep_expired(T0)  # the first sweep opens a client per primary
+        before = connections_received(redis_cluster)
+        assert await store.sweep_expired(T0 + 1000) == 1  # it still finds what expired
+        for _ in range(3):
+            await store.sweep_expired(T0 + 1000)
+        # only the previous line's queries, one connection per primary, came in since
+        assert connections_received(redis_cluster) - before == len(redis_cluster.primaries)
+        store.close()

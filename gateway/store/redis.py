@@ -68,6 +68,7 @@ from gateway.store.groups import (
     deletion_events,
     membership_events,
 )
+from gateway.store.redis_primaries import PrimaryClients
 from gateway.store.redis_replicas import NotReplicated, ReplicaWait
 from gateway.store.redis_scripts import SCRIPTS, group_prefix, naming, prefix
 
@@ -211,6 +212,7 @@ class RedisStore(GroupCommitStore[_Op]):
         )
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.available = False  # whether the last exchange with Redis succeeded
+        self._primaries: PrimaryClients | None = None  # on Redis Cluster, once open
         self.on_recovered = on_recovered
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -218,9 +220,14 @@ class RedisStore(GroupCommitStore[_Op]):
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[None]:
         """The client, open once Redis answers (waiting for it if needed)."""
-        async with self.client:
-            await self._wait_for_redis()
-            yield
+        async with self.client, trio.open_nursery() as nursery:
+            if isinstance(self.client, coredis.RedisCluster):
+                self._primaries = PrimaryClients(self.client, nursery)
+            try:
+                await self._wait_for_redis()
+                yield
+            finally:
+                nursery.cancel_scope.cancel()  # closes the clients of single primaries
 
     async def _wait_for_redis(self) -> None:
         delay = 0.1
@@ -652,12 +659,20 @@ class RedisStore(GroupCommitStore[_Op]):
         the sum of its answers."""
         total = 0
         keys: list[bytes] = []
-        async for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
-            keys.append(key)
-            if len(keys) >= SCAN_COUNT:
-                total += await self._prune(script, keys, now)
-                keys = []
+        for node in await self._scanned_nodes():
+            async for key in node.scan_iter(match=pattern, count=SCAN_COUNT):
+                keys.append(key)
+                if len(keys) >= SCAN_COUNT:
+                    total += await self._prune(script, keys, now)
+                    keys = []
         return total + await self._prune(script, keys, now)
+
+    async def _scanned_nodes(self) -> list[coredis.Redis[bytes]]:
+        """What a sweep scans: the server, or each primary of the cluster."""
+        if self._primaries is None:
+            assert isinstance(self.client, coredis.Redis)
+            return [self.client]
+        return await self._primaries.clients()
 
     async def _prune(self, script: str, keys: list[bytes], now: int) -> int:
         if not keys:
