@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import math
 import os
 import socket
 import struct
@@ -27,6 +28,10 @@ from scripts.kit.loopback import HOST
 SUBPROTOCOL = "gateway.v1"
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RECEIVE_BUFFER = 64 * 1024
+# Linux's SO_TIMESTAMPNS (also its control message's type), which Python does not name:
+# the kernel stamps each received packet with the wall-clock time it reached the socket.
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
 # A loop that waits for frames never runs more than this many times.
 MAX_LOOP = 10_000_000
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -45,6 +50,10 @@ class LeanClient:
         self._buf = bytearray(buffered)
         self._lock = trio.Lock()  # tasks of one device may send concurrently
         self._fragments: list[bytes] = []
+        self._stamped = False
+        # When the data of the latest read reached this socket (seconds since the epoch,
+        # the kernel's stamp), once `stamp_arrivals` is on; NaN before.
+        self.arrived_at = math.nan
 
     @classmethod
     async def open(
@@ -102,6 +111,25 @@ class LeanClient:
             raise
         return cls(stream, rest)
 
+    def stamp_arrivals(self) -> None:
+        """Have the kernel stamp what arrives: `arrived_at` then tells when the bytes of
+        the latest read reached the socket, however long this process took to read them
+        (a load generator serving many devices reads some of them late)."""
+        self.stream.socket.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._stamped = True
+
+    async def _receive(self) -> bytes:
+        if not self._stamped:
+            return await self.stream.receive_some(RECEIVE_BUFFER)
+        data, ancillary, _, _ = await self.stream.socket.recvmsg(
+            RECEIVE_BUFFER, socket.CMSG_SPACE(_TIMESPEC.size)
+        )
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+                self.arrived_at = seconds + nanoseconds / 1e9
+        return data
+
     async def send_message(self, payload: bytes, opcode: int = BINARY) -> None:
         """Send one frame: a whole message, or a control frame with `opcode`.
 
@@ -146,8 +174,8 @@ class LeanClient:
                         del buf[:end]
                         return bool(first & 0x80), first & 0x0F, payload
             try:
-                data = await self.stream.receive_some(RECEIVE_BUFFER)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await self._receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
                 raise ConnectionClosed(CloseReason(1006, "eof"))
