@@ -44,6 +44,7 @@ from gateway.clock import now_ms
 from gateway.coalesce import coalesce
 from gateway.codec import encode_frames
 from gateway.counters import Counters
+from gateway.delivery_flush import DeliveryFlush
 from gateway.errors import Overloaded, StoreError
 from gateway.frames import FrameParser, Hello
 from gateway.heartbeat import Heartbeat
@@ -119,6 +120,7 @@ class EdgeContext:
     queue: QueueReader
     heartbeat: Heartbeat
     ack_watch: AckWatch
+    deliveries: DeliveryFlush
     counters: Counters
     flushes: trio.Nursery
 
@@ -133,6 +135,7 @@ class Connection:
         "_eof_due",
         "_fd",
         "_flush_done",
+        "_flush_noted",
         "_flush_scope",
         "_fragments",
         "_handling",
@@ -189,6 +192,7 @@ class Connection:
         self.urgent_since: float | None = None
         self._reading = False  # a store read of this device's queue is in flight
         self._writing = False  # a writer (this task or a flush task) is sending
+        self._flush_noted = False  # deliveries queued for the `DeliveryFlush` to write
         self._handling = False  # this task is handling input, and writes right after
         self._awaiting_pong = False
         self._broken = False  # the peer is gone, or a write was cut off: write nothing more
@@ -227,9 +231,20 @@ class Connection:
                 outbox.push(frames.delivery(item))
                 if item.urgent:
                     self._note_urgent()
-                self._wake_writer()
+                if not self._flush_noted:  # written once the commit has rung every device
+                    self._flush_noted = True
+                    self._ctx.deliveries.add(self)
             return
         self.ring()
+
+    def flush_deliveries(self) -> None:
+        """Write what commits handed over (called by the process's `DeliveryFlush`)."""
+        self._flush_noted = False
+        try:
+            self._wake_writer()
+        except Exception:
+            log.exception("connection %s: writing failed", self)
+            self.request_close(CloseCode.INTERNAL, "internal error")
 
     def _note_urgent(self) -> None:
         """An urgent message is on its way to the device: watch for an answer."""

@@ -33,6 +33,7 @@ from gateway.backend import open_backend
 from gateway.clock import now_ms
 from gateway.connection import CLOSE_TIMEOUT, EdgeContext
 from gateway.counters import Counters
+from gateway.delivery_flush import DeliveryFlush
 from gateway.edge import WS_PATH, Edge
 from gateway.errors import GatewayError, StoreError
 from gateway.frames import FrameParser
@@ -166,6 +167,7 @@ async def serve_gateway(
     sessions = Sessions(TokenVerifier(settings.auth), store, registry, presence, cluster)
     heartbeat = Heartbeat(server_settings.heartbeat)
     ack_watch = AckWatch(settings.push.ack_timeout, waker)
+    deliveries = DeliveryFlush()
     admission = Admission(settings.limits, now=trio.current_time())
     accepts = AcceptStats()
     tls = _tls_certificate(settings)
@@ -180,6 +182,7 @@ async def serve_gateway(
             await background.start(presence.run)
             await background.start(heartbeat.run)
             await background.start(ack_watch.run)
+            await background.start(deliveries.run)
             if cluster is not None:
                 await background.start(cluster.run)
             if cluster_presence is not None:
@@ -201,6 +204,7 @@ async def serve_gateway(
                         queue=store,
                         heartbeat=heartbeat,
                         ack_watch=ack_watch,
+                        deliveries=deliveries,
                         counters=counters,
                         flushes=connections,
                     ),
