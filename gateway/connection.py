@@ -542,14 +542,15 @@ class Connection:
             if data[-1] == b"":  # the protocol is done: half-close once this is out
                 data.pop()
                 self._eof_due = True
-            self._unsent += b"".join(data)
+            joined = data[0] if len(data) == 1 else b"".join(data)
+            self._unsent = self._unsent + joined if self._unsent else joined
 
     def _write_now(self) -> bool:
-        """Write what is ready without waiting; True once nothing is left unwritten."""
-        while True:
-            self._take_output()
-            if not self._unsent:
-                break
+        """Write what is ready without waiting; True once nothing is left unwritten.
+
+        One pass is enough: nothing can be queued while it runs."""
+        self._take_output()
+        if self._unsent:
             if self._fd < 0 or self._broken:
                 return self._broken  # TLS writes through its stream; a broken one, never
             try:
@@ -682,6 +683,8 @@ class Connection:
 
 def _pack(out: list[Frame]) -> list[bytes]:
     """Encode frames into as few messages as possible, each at most MAX_OUT_MESSAGE bytes."""
+    if len(out) == 1:  # most writes: one delivery, one answer
+        return [encode_frames(out)]
     messages: list[bytes] = []
     chunk: list[Frame] = []
     size = 0
