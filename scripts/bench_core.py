@@ -112,7 +112,7 @@ from gateway.settings import Settings
 from scripts.kit import procfs
 from scripts.kit.child_process import ChildProcess, ProcessFailed
 from scripts.kit.gateway_process import GatewayProcess
-from scripts.kit.lean_client import MAX_LOOP, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
+from scripts.kit.lean_client import MAX_LOOP, PONG, RECEIVE_BUFFER, SUBPROTOCOL, LeanClient
 from scripts.kit.limits import raise_fd_limit
 from scripts.kit.loopback import HOST, free_port
 from scripts.kit.route_bench import apply_quick, print_machine, scales_line
@@ -1084,24 +1084,32 @@ async def _fanout_receiver(ws: Wire, st: Fanout) -> None:
 async def _fanout_sender_replies(ws: Wire, answered: dict[str, trio.Event], st: Fanout) -> None:
     """The sending device's reader: `sent` (or an error) per id; receipts acked.
 
-    The acks go out from a task of their own, so this reader never waits on a write: the
-    fan-out's own pipelined sends can fill the socket while the gateway, with replies
-    piling up for this device, waits for it to read, and would close it as too slow a
-    reader. A close ends the benchmark with an error instead of a wait for ever.
+    The acks (and the pongs) go out from a task of their own, so this reader never waits
+    on a write: the fan-out's own pipelined sends can fill the socket while the gateway,
+    with replies piling up for this device, waits for it to read, and would close it as
+    too slow a reader. A close ends the benchmark with an error instead of a wait for ever.
     """
-    send_acks, receive_acks = trio.open_memory_channel[list[int]](math.inf)
+    send_acks, receive_acks = trio.open_memory_channel[list[int] | bytes](math.inf)
 
     async def acker() -> None:
         with contextlib.suppress(ConnectionClosed):  # the reader reports the close
-            async for sids in receive_acks:
-                await _ack(ws, sids)
+            async for item in receive_acks:
+                if isinstance(item, bytes):
+                    await ws.send_message(item, PONG)
+                else:
+                    await _ack(ws, item)
+
+    async def next_message() -> bytes | str:
+        if isinstance(ws, LeanClient):
+            return await ws.get_message(on_ping=send_acks.send_nowait)
+        return await ws.get_message()  # trio-websocket answers pings from its own task
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(acker)
         try:
             for _ in range(MAX_LOOP):
                 sids: list[int] = []
-                for f in frames_of(await ws.get_message()):
+                for f in frames_of(await next_message()):
                     kind = f.get("t")
                     if kind in ("sent", "error"):
                         if kind == "error":

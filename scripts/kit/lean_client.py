@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import urllib.parse
+from collections.abc import Callable
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, HandshakeError
@@ -182,8 +183,10 @@ class LeanClient:
             buf += data
         raise RuntimeError("frame loop bound")
 
-    async def get_message(self) -> bytes:
-        """The next whole data message; pings are answered on the way.
+    async def get_message(self, *, on_ping: Callable[[bytes], None] | None = None) -> bytes:
+        """The next whole data message; pings are answered on the way, or handed to
+        `on_ping` (for a reader that must never wait on a write: the pong would queue
+        behind its own pipelined sends).
 
         Raises:
             ConnectionClosed: The server closed (with its code; the close is answered and
@@ -192,7 +195,10 @@ class LeanClient:
         for _ in range(MAX_LOOP):
             fin, opcode, payload = await self.next_frame()
             if opcode == PING:
-                await self.send_message(payload, PONG)
+                if on_ping is None:
+                    await self.send_message(payload, PONG)
+                else:
+                    on_ping(payload)
             elif opcode == CLOSE:
                 code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
                 with contextlib.suppress(ConnectionClosed):
