@@ -434,18 +434,22 @@ class Connection:
     async def _make_room(self) -> None:
         """Answers pile up (behind a commit, or a slow reader): write what is ready and
         wait for the rest before reading more, so that a client that pipelines faster
-        than its answers can go is slowed down by TCP instead of closed. Past
-        `write_timeout` the reader is too slow: 1013."""
+        than its answers can go is slowed down by TCP instead of closed. A wait that
+        sees no progress for `write_timeout` means the reader is too slow: 1013. Output
+        that keeps arriving while answers keep leaving (receipts pouring in for a device
+        that pipelines sends) is progress, however long the outbox stays this full."""
         outbox = self.outbox
-        with trio.move_on_after(self._ctx.server.write_timeout) as waiting:
-            while len(outbox) >= outbox.limit // 4 and self.close_code is None:
+        timeout = self._ctx.server.write_timeout
+        while len(outbox) >= outbox.limit // 4 and self.close_code is None:
+            with trio.move_on_after(timeout) as waiting:
                 if self._writing and self._flush_done is not None:
                     await self._flush_done.wait()
                 elif (ticket := outbox.first_pending()) is not None:
                     await ticket.wait()
-                self._write_due()
-        if waiting.cancelled_caught:
-            self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+            if waiting.cancelled_caught:
+                self.request_close(CloseCode.OVERLOADED, "too slow a reader")
+                return
+            self._write_due()
 
     async def _handle(self, events: Sequence[Event]) -> None:
         router = self._ctx.router

@@ -56,3 +56,46 @@ async def test_a_backlog_behind_a_commit_in_flight_does_not_overflow_the_outbox(
                     frames += await recv(alice)
         assert [f["id"] for f in frames if f.get("t") == "sent"] == ["first", "second"]
         assert not [f for f in frames if f.get("t") == "error"]
+
+
+async def test_a_pipelining_client_that_reads_keeps_its_connection_while_answers_keep_leaving(
+    tmp_path,
+):
+    # The outbox stays at a quarter of its limit or above for four times `write_timeout`:
+    # alice's answers leave one by one while deliveries keep coming in behind them.
+    settings = make_settings(tmp_path, store={"backend": "memory"}, server={"write_timeout": 0.5})
+    async with running_server(settings) as server:
+        store = server.store
+        submit_send = store.submit_send
+        held: list[Ticket[SendOutcome]] = []
+
+        async def hold_alices_sends(envelope: Envelope) -> Ticket[SendOutcome]:
+            if envelope.sender != "alice":
+                return await submit_send(envelope)
+            ticket: Ticket[SendOutcome] = Ticket()
+            held.append(ticket)
+            return ticket
+
+        store.submit_send = hold_alices_sends  # type: ignore[method-assign]
+        await store.register_device("bob", "phone", 0)
+        quarter = settings.server.outbox_limit // 4
+        async with raw_ws(server.url) as alice:
+            await hello(alice, mint_token(settings.auth, "alice", "phone"))
+            for n in range(quarter + 20):
+                await send(alice, {"t": "send", "id": f"s{n}", "to": "bob", "body": b"x"})
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(held) == quarter  # the connection stopped reading: its outbox is full
+            for n in range(10):
+                await trio.sleep(0.2)  # one answer every 0.2 s, for 2 s in all
+                held[n].resolve(SendOutcome(ts=5, devices=1))
+                for m in range(2):  # and two deliveries for alice behind it
+                    env = Envelope("bob", "phone", f"b{n}.{m}", "alice", b"y", None, True, 1, 2**50)
+                    await (await submit_send(env)).result()
+            sent: list[str] = []
+            with trio.fail_after(10):
+                while len(sent) < quarter + 20:
+                    for ticket in held:
+                        if not ticket.done:
+                            ticket.resolve(SendOutcome(ts=5, devices=1))
+                    sent += [f["id"] for f in await recv(alice) if f.get("t") == "sent"]
+        assert sent == [f"s{n}" for n in range(quarter + 20)]
