@@ -496,7 +496,14 @@ class Connection:
         """Write what is ready, leaving any waiting to a flush task."""
         if self._writing or self.close_code is not None:
             return  # the running flush sends what was added; a close flushes on its own
-        if not self._write_now() or self.outbox.rung:
+        outbox = self.outbox
+        if not self._write_now():
+            self._start_flush()  # to wait until the socket takes the rest
+        elif outbox.rung and len(outbox) < outbox.limit // 2:
+            # A doorbell is answered by a store read only while the outbox has room for
+            # it (as `_flush` does); until then a commit in flight holds the rest, and
+            # its ticket wakes the writer. A flush started regardless would end at once,
+            # and the wait in `_make_room` would start the next one: a busy loop.
             self._start_flush()
 
     async def _flush(self, scope: trio.CancelScope) -> None:

@@ -99,3 +99,42 @@ async def test_a_pipelining_client_that_reads_keeps_its_connection_while_answers
                             ticket.resolve(SendOutcome(ts=5, devices=1))
                     sent += [f["id"] for f in await recv(alice) if f.get("t") == "sent"]
         assert sent == [f"s{n}" for n in range(quarter + 20)]
+
+
+async def test_a_doorbell_behind_a_full_outbox_waits_for_the_commit_instead_of_spinning(tmp_path):
+    settings = make_settings(tmp_path, store={"backend": "memory"})
+    async with running_server(settings) as server:
+        store = server.store
+        submit_send = store.submit_send
+        held: list[Ticket[SendOutcome]] = []
+
+        async def hold_alices_sends(envelope: Envelope) -> Ticket[SendOutcome]:
+            if envelope.sender != "alice":
+                return await submit_send(envelope)
+            ticket: Ticket[SendOutcome] = Ticket()
+            held.append(ticket)
+            return ticket
+
+        store.submit_send = hold_alices_sends  # type: ignore[method-assign]
+        await store.register_device("bob", "phone", 0)
+        limit = settings.server.outbox_limit
+        async with raw_ws(server.url) as alice:
+            await hello(alice, mint_token(settings.auth, "alice", "phone"))
+            for n in range(limit // 4 + 20):
+                await send(alice, {"t": "send", "id": f"s{n}", "to": "bob", "body": b"x"})
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(limit + 100):  # past half the outbox: the later ones ring
+                env = Envelope("bob", "phone", f"b{n}", "alice", b"y", None, True, 1, 2**50)
+                await (await submit_send(env)).result()
+            assert server.registry.get("alice", "phone").outbox.rung
+            held[0].resolve(SendOutcome(ts=5, devices=1))
+            with trio.fail_after(5):  # never, while the connection's task spins
+                await trio.testing.wait_all_tasks_blocked()
+            sent: list[str] = []
+            with trio.fail_after(10):
+                while len(sent) < limit // 4 + 20:
+                    for ticket in held:
+                        if not ticket.done:
+                            ticket.resolve(SendOutcome(ts=5, devices=1))
+                    sent += [f["id"] for f in await recv(alice) if f.get("t") == "sent"]
+        assert sent == [f"s{n}" for n in range(limit // 4 + 20)]
