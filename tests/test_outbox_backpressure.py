@@ -17,6 +17,23 @@ from tests.rawws import hello, raw_ws, recv, send
 BACKLOG = 700  # more than the default outbox limit (512) beyond one page (256)
 
 
+def hold_alices_sends(store: Any) -> list[Ticket[SendOutcome]]:
+    """Make alice's sends commits that take their time: each waits on a ticket the test
+    resolves (returned, in order); everyone else's are stored as usual."""
+    submit_send = store.submit_send
+    held: list[Ticket[SendOutcome]] = []
+
+    async def holding(envelope: Envelope) -> Ticket[SendOutcome]:
+        if envelope.sender != "alice":
+            return await submit_send(envelope)
+        ticket: Ticket[SendOutcome] = Ticket()
+        held.append(ticket)
+        return ticket
+
+    store.submit_send = holding
+    return held
+
+
 async def test_a_backlog_behind_a_commit_in_flight_does_not_overflow_the_outbox(tmp_path):
     settings = make_settings(tmp_path, store={"backend": "memory"})
     async with running_server(settings) as server:
@@ -67,16 +84,7 @@ async def test_a_pipelining_client_that_reads_keeps_its_connection_while_answers
     async with running_server(settings) as server:
         store = server.store
         submit_send = store.submit_send
-        held: list[Ticket[SendOutcome]] = []
-
-        async def hold_alices_sends(envelope: Envelope) -> Ticket[SendOutcome]:
-            if envelope.sender != "alice":
-                return await submit_send(envelope)
-            ticket: Ticket[SendOutcome] = Ticket()
-            held.append(ticket)
-            return ticket
-
-        store.submit_send = hold_alices_sends  # type: ignore[method-assign]
+        held = hold_alices_sends(store)
         await store.register_device("bob", "phone", 0)
         quarter = settings.server.outbox_limit // 4
         async with raw_ws(server.url) as alice:
@@ -106,16 +114,7 @@ async def test_a_doorbell_behind_a_full_outbox_waits_for_the_commit_instead_of_s
     async with running_server(settings) as server:
         store = server.store
         submit_send = store.submit_send
-        held: list[Ticket[SendOutcome]] = []
-
-        async def hold_alices_sends(envelope: Envelope) -> Ticket[SendOutcome]:
-            if envelope.sender != "alice":
-                return await submit_send(envelope)
-            ticket: Ticket[SendOutcome] = Ticket()
-            held.append(ticket)
-            return ticket
-
-        store.submit_send = hold_alices_sends  # type: ignore[method-assign]
+        held = hold_alices_sends(store)
         await store.register_device("bob", "phone", 0)
         limit = settings.server.outbox_limit
         async with raw_ws(server.url) as alice:
