@@ -107,7 +107,7 @@ class RedisCluster:
                 server.command("CLUSTER", "MEET", HOST, str(first.port))
             for server, (low, high) in zip(self.primaries, self.slot_ranges, strict=True):
                 server.command("CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
-            self._wait(self._knows_all, "the nodes did not meet")
+            self._wait(self._knows_all, "the nodes did not meet", again=self._meet_again)
             for primary, shard in zip(self.primaries, self.replicas, strict=True):
                 node_id = primary.command("CLUSTER", "MYID").decode()
                 for replica in shard:
@@ -131,11 +131,31 @@ class RedisCluster:
             return f"connected_slaves:{wanted}" in info
         return "master_link_status:up" in info and "master_sync_in_progress:0" in info
 
-    def _wait(self, ready: Callable[[RedisServer], bool], failure: str) -> None:
+    def _meet_again(self) -> None:
+        """MEET every node again from those that do not yet know them all: a handshake
+        that two nodes started at once can be dropped, and gossip alone may not redo it
+        before the node timeout."""
+        for server in self.servers:
+            if not self._knows_all(server):
+                for other in self.servers:
+                    if other is not server:
+                        server.command("CLUSTER", "MEET", HOST, str(other.port))
+
+    def _wait(
+        self,
+        ready: Callable[[RedisServer], bool],
+        failure: str,
+        again: Callable[[], None] | None = None,
+    ) -> None:
+        """Poll until every server is `ready`; `again` runs once a second meanwhile."""
         deadline = time.monotonic() + START_TIMEOUT
+        nudge = time.monotonic() + 1.0
         while not all(ready(s) for s in self.servers):
             if time.monotonic() > deadline:
                 raise RuntimeError(failure)
+            if again is not None and time.monotonic() > nudge:
+                again()
+                nudge = time.monotonic() + 1.0
             time.sleep(POLL)
 
     def role(self, server: RedisServer) -> str:
