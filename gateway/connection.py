@@ -223,7 +223,7 @@ class Connection:
             self.drained
             and not self._reading
             and not outbox.rung
-            and len(outbox) < outbox.limit // 2
+            and not outbox.half_full
             and (item.sid == self.cursor + 1 or not self._ctx.queue.consecutive_sids)
         ):
             if item.sid > self.cursor:
@@ -499,7 +499,7 @@ class Connection:
         outbox = self.outbox
         if not self._write_now():
             self._start_flush()  # to wait until the socket takes the rest
-        elif outbox.rung and len(outbox) < outbox.limit // 2:
+        elif outbox.rung and not outbox.half_full:
             # A doorbell is answered by a store read only while the outbox has room for
             # it (as `_flush` does); until then a commit in flight holds the rest, and
             # its ticket wakes the writer. A flush started regardless would end at once,
@@ -514,7 +514,7 @@ class Connection:
             with scope:
                 while True:
                     await self._send_ready()
-                    if len(outbox) >= outbox.limit // 2:
+                    if outbox.half_full:
                         # What is left waits behind a commit in flight: read on once it
                         # resolves (its ticket wakes the writer), not page after page into
                         # an outbox that cannot drain.

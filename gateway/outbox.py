@@ -47,9 +47,15 @@ class Outbox:
         """Queue frames read from the store: bounded by the read itself, never refused."""
         self._entries.extend(frames)
 
+    @property
+    def half_full(self) -> bool:
+        """Whether half the limit is taken: past it, ephemeral frames are dropped, items
+        are left in the store rather than handed over, and a doorbell waits for room."""
+        return len(self._entries) >= self.limit // 2
+
     def offer(self, frame: Frame) -> bool:
         """Queue an ephemeral frame if there is ample room; return False if it was dropped."""
-        if len(self._entries) >= self.limit // 2:
+        if self.half_full:
             return False
         self._entries.append(frame)
         return True

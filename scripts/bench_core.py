@@ -1223,16 +1223,15 @@ async def scenario_group(server: ServerProcess, tokens: Tokens, args: argparse.N
                 if not st.hold:  # at rest: the next one starts once every receipt is back
                     await st.settled[key].wait()
                 last_read = st.last_at[key] - t0
+                arrival = st.arrived.get(key, math.nan) - wall0
                 if args.group_trace:
                     print(
                         f"    {key}: sent {(sent_at - t0) * 1000:.1f} ms, last device"
-                        f" {(st.arrived.get(key, math.nan) - wall0) * 1000:.1f} ms, read"
-                        f" {last_read * 1000:.1f} ms, settled"
+                        f" {arrival * 1000:.1f} ms, read {last_read * 1000:.1f} ms, settled"
                         f" {(trio.current_time() - t0) * 1000:.1f} ms",
                         flush=True,
                     )
                 # Without stamps (another client), the generator's read is the measure.
-                arrival = st.arrived.get(key, math.nan) - wall0
                 return sent_at - t0, last_read if math.isnan(arrival) else arrival, last_read
 
             for size in sizes:

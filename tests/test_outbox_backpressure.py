@@ -39,16 +39,7 @@ async def test_a_backlog_behind_a_commit_in_flight_does_not_overflow_the_outbox(
     async with running_server(settings) as server:
         store = server.store
         submit_send = store.submit_send
-        held: list[Ticket[SendOutcome]] = []
-
-        async def hold_alices_sends(envelope: Envelope) -> Ticket[SendOutcome]:
-            if envelope.sender != "alice":
-                return await submit_send(envelope)
-            ticket: Ticket[SendOutcome] = Ticket()  # a commit that takes its time
-            held.append(ticket)
-            return ticket
-
-        store.submit_send = hold_alices_sends  # type: ignore[method-assign]
+        held = hold_alices_sends(store)
         await store.register_device("bob", "phone", 0)
         async with raw_ws(server.url) as alice:
             await hello(alice, mint_token(settings.auth, "alice", "phone"))

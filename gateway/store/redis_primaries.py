@@ -31,9 +31,6 @@ class PrimaryClients:
         self._nursery = nursery
         self._open: dict[Address, tuple[coredis.Redis[bytes], trio.CancelScope]] = {}
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     async def clients(self) -> list[coredis.Redis[bytes]]:
         """A client of each primary of the cluster's current layout, opening those not yet
         open and closing those of nodes that are no longer primaries.
