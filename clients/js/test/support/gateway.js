@@ -1,5 +1,6 @@
-// A real `gateway serve` process for the tests, on a free loopback port with its own
-// SQLite file, and HS256 tokens signed with the secret it is configured with. Its backend
+// A real `gateway serve` process for the tests, on loopback ports it picks itself (the
+// ports it bound are read from its log, so parallel test files never race for a number),
+// with its own SQLite file, and HS256 tokens signed with the secret it is configured with. Its backend
 // API (admin port) has an API key, for `admin()`; Web Push is configured with a fresh
 // VAPID key and only 127.0.0.1 in `[push.webpush] allowed_hosts`.
 //
@@ -8,7 +9,6 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { createHmac, generateKeyPairSync, randomBytes } from 'node:crypto'
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { connect, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -22,17 +22,6 @@ export function python () {
   return existsSync(venv) ? venv : 'python3'
 }
 
-export function freePort () {
-  return new Promise((resolve, reject) => {
-    const server = createServer()
-    server.on('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address()
-      server.close(() => resolve(port))
-    })
-  })
-}
-
 function toml (sections) {
   const value = (v) => typeof v === 'string' || Array.isArray(v) ? JSON.stringify(v) : String(v)
   return Object.entries(sections)
@@ -40,13 +29,9 @@ function toml (sections) {
     .join('\n\n') + '\n'
 }
 
-function accepts (port) {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1')
-    socket.once('connect', () => { socket.destroy(); resolve(true) })
-    socket.once('error', () => resolve(false))
-  })
-}
+// What `gateway serve` logs, at info level, once each listener is bound.
+const DEVICE_READY = /gateway listening on wss?:\/\/[^\s]*:(\d+)\//
+const ADMIN_READY = /admin API listening on [^\s]*:(\d+)/
 
 function base64url (data) {
   return Buffer.from(data).toString('base64url')
@@ -88,10 +73,9 @@ export class Gateway {
     return `ws://127.0.0.1:${this.port}/ws`
   }
 
-  /** Start (or start again, on the same port and store) and wait until it accepts. */
+  /** Start (or start again, on the same ports and store) and wait until it listens. The
+   * first start binds port 0 for both listeners and learns the ports from the log. */
   async start () {
-    if (!this.port) this.port = await freePort()
-    if (!this.adminPort) this.adminPort = await freePort()
     const defaults = {
       server: { host: '127.0.0.1', port: this.port, drain_seconds: 0.2, shutdown_timeout: 5 },
       admin: { host: '127.0.0.1', port: this.adminPort, api_key: this.apiKey },
@@ -106,6 +90,7 @@ export class Gateway {
     const configPath = join(this.dir, 'gateway.toml')
     writeFileSync(configPath, toml(merged))
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('GATEWAY__')))
+    const logStart = this.log().length // this start's lines come after it
     const log = openSync(this.logPath, 'a')
     this.process = spawn(python(), ['-m', 'gateway.cli', 'serve', '--config', configPath], {
       cwd: REPO, env, stdio: ['ignore', log, log]
@@ -114,13 +99,20 @@ export class Gateway {
     const exited = new Promise((resolve) => this.process.once('exit', resolve))
     this.exited = exited
     const deadline = Date.now() + START_TIMEOUT_MS
-    while (!(await accepts(this.port)) || !(await accepts(this.adminPort))) {
+    for (;;) {
+      const lines = this.log().slice(logStart)
+      const device = DEVICE_READY.exec(lines)
+      const admin = ADMIN_READY.exec(lines)
+      if (device && admin) {
+        this.port = Number(device[1])
+        this.adminPort = Number(admin[1])
+        return this
+      }
       if (this.process.exitCode !== null || Date.now() > deadline) {
         throw new Error(`the gateway did not start:\n${this.log()}`)
       }
       await new Promise((resolve) => setTimeout(resolve, 50))
     }
-    return this
   }
 
   /** SIGTERM: the gateway drains (1012 with a reconnect hint) and exits; wait for that. */
