@@ -1226,9 +1226,9 @@ async def scenario_group(server: ServerProcess, tokens: Tokens, args: argparse.N
                 arrival = st.arrived.get(key, math.nan) - wall0
                 if args.group_trace:
                     print(
-                        f"    {key}: sent {(sent_at - t0) * 1000:.1f} ms, last device"
-                        f" {arrival * 1000:.1f} ms, read {last_read * 1000:.1f} ms, settled"
-                        f" {(trio.current_time() - t0) * 1000:.1f} ms",
+                        f"    {key} at {wall0:.3f}: sent {(sent_at - t0) * 1000:.1f} ms,"
+                        f" last device {arrival * 1000:.1f} ms, read {last_read * 1000:.1f} ms,"
+                        f" settled {(trio.current_time() - t0) * 1000:.1f} ms",
                         flush=True,
                     )
                 # Without stamps (another client), the generator's read is the measure.
@@ -1754,7 +1754,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="7.: measured fan-outs per size and mode (default 20)")  # fmt: skip
     p.add_argument("--group-store-messages", type=int, default=3,
                    help="7.: fan-outs held unacked to measure store bytes (default 3)")  # fmt: skip
-    p.add_argument("--group-trace", action="store_true", help="7.: print each fan-out's timings")
+    p.add_argument("--group-trace", action="store_true",
+                   help="7.: print each fan-out's wall-clock start and timings")  # fmt: skip
     p.add_argument("--group-body", type=int, default=1024, help="7.: body bytes (default 1024)")
     p.add_argument("--only", help="comma list of " + ",".join(SCENARIOS))
     p.add_argument(

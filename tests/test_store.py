@@ -81,6 +81,12 @@ def rings() -> list[Ring]:
 
 
 @pytest.fixture
+def rung() -> list[tuple[str, str, QueueItem]]:
+    """Every doorbell ring with the item it names, in order."""
+    return []
+
+
+@pytest.fixture
 def db_path(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path | str:
     """Where the backend keeps its data: a SQLite file, or a Redis URL."""
     if backend == "redis":
@@ -91,10 +97,14 @@ def db_path(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Pat
 
 
 @pytest.fixture
-async def store(backend: str, db_path: Path, rings: list[Ring]) -> AsyncIterator[MessageStore]:
-    async with open_backend(
-        backend, db_path, lambda u, d, urgent, item: rings.append((u, d, urgent))
-    ) as s:
+async def store(
+    backend: str, db_path: Path, rings: list[Ring], rung: list[tuple[str, str, QueueItem]]
+) -> AsyncIterator[MessageStore]:
+    def doorbell(user: str, device: str, urgent: bool, item: QueueItem) -> None:
+        rings.append((user, device, urgent))
+        rung.append((user, device, item))
+
+    async with open_backend(backend, db_path, doorbell) as s:
         yield s
 
 
@@ -1086,6 +1096,31 @@ async def test_a_group_message_reaches_every_member_device_but_the_sending_one(s
         assert (item.body, item.group, item.ts, item.urgent) == (b"once", "team", T0 + 5, True)
     opening = await store.open_session("bob", "phone", issued_at=None, now=T0 + 6, limit=10)
     assert [(i.body, i.group) for i in opening.items] == [(b"once", "team")]
+
+
+async def test_a_group_message_follows_every_membership_change_before_it(store, rung):
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet")
+    await register(store, "carol", "phone")
+    await store.set_group("team", ("alice", "bob"), T0, GROUP_LIMIT)
+
+    async def send_and_ring(msg_id: str) -> list[tuple[str, str]]:
+        rung.clear()
+        await group_send(store, group_envelope(msg_id))
+        for user, device, item in rung:  # each ring names the item stored for that device
+            [stored] = [i for i in await fetch_all(store, user, device) if i.msg_id == msg_id]
+            assert stored.sid == item.sid
+        return sorted((u, d) for u, d, _ in rung)
+
+    assert await send_and_ring("g1") == [("bob", "phone"), ("bob", "tablet")]
+    await store.remove_group_member("team", "bob", T0)
+    assert await send_and_ring("g2") == []
+    await store.add_group_members("team", ("carol", "bob"), T0, GROUP_LIMIT)
+    assert await send_and_ring("g3") == [("bob", "phone"), ("bob", "tablet"), ("carol", "phone")]
+    await store.set_group("team", ("alice", "carol"), T0, GROUP_LIMIT)
+    assert await send_and_ring("g4") == [("carol", "phone")]
+    await store.delete_group("team", T0)
+    assert (await group_send(store, group_envelope("g5"))).not_member
 
 
 async def test_a_group_message_from_a_non_member_or_to_no_group_is_refused(store):

@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 Doorbell = Callable[[str, str, bool, "QueueItem"], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QueueItem:
     """One item in a device's queue, as delivered in a `msg`, `receipt` or `group` frame.
 
     A message sent to a group carries the group's id in `group`. A `group` event
     (kind GROUP) carries the group in `group`, the event (``added``, ``removed``,
     ``deleted``) in `msg_id` and the users it is about in `ids`.
+
+    Nothing changes an item once made. It is not a frozen dataclass all the same: a
+    group message makes one per member device, and a frozen one takes five times as long
+    to make.
     """
 
     sid: int

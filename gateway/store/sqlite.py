@@ -10,10 +10,12 @@ connections, which WAL lets run alongside the writer.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,15 +172,20 @@ LOOP_PAGE = 32
 OpResult = tuple[Any, list[Ring]]
 # Users whose device lists are cached on the writer; past this the cache starts afresh.
 DEVICE_CACHE_USERS = 100_000
+# Group members cached on the writer, all groups together; past this it starts afresh.
+MEMBER_CACHE_ENTRIES = 100_000
 
 
 class _Tx:
-    """What an operation sees on the writer thread: the connection, plus a cache of
-    each user's devices (every change to devices goes through this writer)."""
+    """What an operation sees on the writer thread: the connection, plus caches of each
+    user's devices and each group's members (every change to either goes through this
+    writer, and a group operation calls `forget_group`)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._devices: dict[str, list[tuple[int, str]]] = {}
+        self._members: dict[str, frozenset[str] | None] = {}
+        self._member_entries = 0
 
     def devices(self, user: str) -> list[tuple[int, str]]:
         """(did, device) of every known device of `user`."""
@@ -191,10 +198,29 @@ class _Tx:
             ).fetchall()
         return known
 
+    def members(self, group: str) -> frozenset[str] | None:
+        """The members of `group`, or None if it does not exist."""
+        if group in self._members:
+            return self._members[group]
+        if self._member_entries >= MEMBER_CACHE_ENTRIES:
+            self._members.clear()
+            self._member_entries = 0
+        known = self._members[group] = _members(self.conn, group)
+        self._member_entries += 1 + len(known or ())
+        return known
+
+    def forget_group(self, group: str) -> None:
+        """Drop the cached members of `group` (it was created, changed or deleted)."""
+        if group in self._members:
+            known = self._members.pop(group)
+            self._member_entries -= 1 + len(known or ())
+
     def forget(self, user: str | None = None) -> None:
-        """Drop cached devices of `user` (or of everyone, after a rollback)."""
+        """Drop cached devices of `user` (or every cache, after a rollback)."""
         if user is None:
             self._devices.clear()
+            self._members.clear()
+            self._member_entries = 0
         else:
             self._devices.pop(user, None)
 
@@ -441,11 +467,12 @@ class SqliteStore(GroupCommitStore[_Op]):
             new = set(members)
             if len(new) > limit:
                 return GroupChange(over_limit=True), []
-            old = _members(tx.conn, group)
+            old = tx.members(group)
             if old is None:
                 tx.conn.execute("INSERT INTO groups (grp, created) VALUES (?,?)", (group, now))
-            _leave(tx.conn, group, (old or set()) - new, now)
-            _add_members(tx.conn, group, new - (old or set()), now)
+                tx.forget_group(group)
+            _leave(tx, group, (old or set()) - new, now)
+            _add_members(tx, group, new - (old or set()), now)
             events = membership_events(old or (), new)
             rings = _insert_group_events(tx, group, events, now, expires)
             return GroupChange(tuple(sorted(new)), created=old is None), rings
@@ -459,13 +486,13 @@ class SqliteStore(GroupCommitStore[_Op]):
         expires = now + self._receipt_ttl_ms
 
         def apply(tx: _Tx) -> OpResult:
-            old = _members(tx.conn, group)
+            old = tx.members(group)
             if old is None:
                 return GroupChange(found=False), []
             new = old | set(users)
             if len(new) > limit:
                 return GroupChange(tuple(sorted(old)), over_limit=True), []
-            _add_members(tx.conn, group, new - old, now)
+            _add_members(tx, group, new - old, now)
             events = membership_events(old, new)
             return GroupChange(tuple(sorted(new))), _insert_group_events(
                 tx, group, events, now, expires
@@ -478,10 +505,10 @@ class SqliteStore(GroupCommitStore[_Op]):
         expires = now + self._receipt_ttl_ms
 
         def apply(tx: _Tx) -> OpResult:
-            old = _members(tx.conn, group)
+            old = tx.members(group)
             if old is None or user not in old:
                 return GroupChange(found=False), []
-            _leave(tx.conn, group, {user}, now)
+            _leave(tx, group, {user}, now)
             new = old - {user}
             events = membership_events(old, new)
             return GroupChange(tuple(sorted(new))), _insert_group_events(
@@ -495,11 +522,12 @@ class SqliteStore(GroupCommitStore[_Op]):
         expires = now + self._receipt_ttl_ms
 
         def apply(tx: _Tx) -> OpResult:
-            old = _members(tx.conn, group)
+            old = tx.members(group)
             if old is None:
                 return False, []
-            _leave(tx.conn, group, old, now)
+            _leave(tx, group, old, now)
             tx.conn.execute("DELETE FROM groups WHERE grp=?", (group,))
+            tx.forget_group(group)
             return True, _insert_group_events(tx, group, deletion_events(old), now, expires)
 
         result: bool = await (await self._submit(apply)).result()
@@ -873,54 +901,55 @@ def _apply_send(tx: _Tx, env: Envelope) -> OpResult:
     return SendOutcome(ts=env.ts, devices=len(targets), skipped=skipped), rings
 
 
-def _members(conn: sqlite3.Connection, group: str) -> set[str] | None:
-    """The members of a group, or None if it does not exist."""
-    rows = conn.execute(
-        "SELECT m.user FROM groups g LEFT JOIN group_members m ON m.grp = g.grp WHERE g.grp=?",
-        (group,),
-    ).fetchall()
-    if not rows:
-        return None
-    return {user for (user,) in rows if user is not None}
+def _members(conn: sqlite3.Connection, group: str) -> frozenset[str] | None:
+    """The members of a group, or None if it does not exist (one row, however many)."""
+    exists, listed = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM groups WHERE grp=?),"
+        " (SELECT json_group_array(user) FROM group_members WHERE grp=?)",
+        (group, group),
+    ).fetchone()
+    return frozenset(json.loads(listed)) if exists else None
 
 
-def _add_members(conn: sqlite3.Connection, group: str, users: set[str], now: int) -> None:
-    conn.executemany(
+def _add_members(tx: _Tx, group: str, users: AbstractSet[str], now: int) -> None:
+    tx.conn.executemany(
         "INSERT OR IGNORE INTO group_members (grp, user, joined) VALUES (?,?,?)",
         [(group, user, now) for user in sorted(users)],
     )
+    tx.forget_group(group)
 
 
-def _leave(conn: sqlite3.Connection, group: str, users: set[str], now: int) -> None:
+def _leave(tx: _Tx, group: str, users: AbstractSet[str], now: int) -> None:
     """End the membership of `users`, keeping its span for their later reads."""
     for user in sorted(users):
-        conn.execute(
+        tx.conn.execute(
             "INSERT OR REPLACE INTO group_left (grp, user, joined, left)"
             " SELECT grp, user, joined, ? FROM group_members WHERE grp=? AND user=?",
             (now, group, user),
         )
-        conn.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
+        tx.conn.execute("DELETE FROM group_members WHERE grp=? AND user=?", (group, user))
+    tx.forget_group(group)
 
 
 def _insert_group_events(
     tx: _Tx, group: str, events: list[GroupEvent], now: int, expires: int
 ) -> list[Ring]:
     """Queue each `group` event to every device of its recipients."""
-    rows: list[tuple[Any, ...]] = []
-    targets: list[tuple[str, str, GroupEvent]] = []
-    for event in events:
-        body = cbor2.dumps(list(event.users))
-        for user in event.recipients:
-            for did, dev in tx.devices(user):
-                rows.append((did, ItemKind.GROUP, event.event, "", "", now, expires, 0, body,
-                             None, group))  # fmt: skip
-                targets.append((user, dev, event))
-    sids = _insert_items(tx.conn, rows)
-    return [
-        (user, dev, False,
-         QueueItem(sid, ItemKind.GROUP, e.event, "", "", now, False, b"", e.users, group))
-        for (user, dev, e), sid in zip(targets, sids, strict=True)
-    ]  # fmt: skip
+    rings: list[Ring] = []
+    for e in events:
+        targets = [(user, did, dev) for user in e.recipients for did, dev in tx.devices(user)]
+        sids = _insert_copies(
+            tx.conn,
+            [did for _, did, _ in targets],
+            (ItemKind.GROUP, e.event, "", "", now, expires, 0, cbor2.dumps(list(e.users)), None,
+             group),
+        )  # fmt: skip
+        rings += [
+            (user, dev, False,
+             QueueItem(sid, ItemKind.GROUP, e.event, "", "", now, False, b"", e.users, group))
+            for (user, _, dev), sid in zip(targets, sids, strict=True)
+        ]  # fmt: skip
+    return rings
 
 
 def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
@@ -939,9 +968,9 @@ def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
             "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
             (env.sender, env.sender_device, env.msg_id),
         ).fetchone()
-        listed = tuple(sorted(_members(conn, env.group) or ()))
+        listed = tuple(sorted(tx.members(env.group) or ()))
         return SendOutcome(ts=row[0], duplicate=True, members=listed), []
-    members = _members(conn, env.group)
+    members = tx.members(env.group)
     if members is None or env.sender not in members:
         conn.execute(
             "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
@@ -964,13 +993,11 @@ def _apply_group_send(tx: _Tx, env: GroupEnvelope) -> OpResult:
     bid = conn.execute(
         "INSERT INTO bodies (expires, body) VALUES (?,?) RETURNING bid", (env.expires, env.body)
     ).fetchone()[0]
-    sids = _insert_items(
+    sids = _insert_copies(
         conn,
-        [
-            (did, ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts,
-             env.expires, int(env.urgent), b"", bid, env.group)
-            for _, did, _ in targets
-        ],
+        [did for _, did, _ in targets],
+        (ItemKind.MESSAGE, env.msg_id, env.sender, env.sender_device, env.ts, env.expires,
+         int(env.urgent), b"", bid, env.group),
     )  # fmt: skip
     rings = [
         (user, dev, env.urgent,
@@ -1044,15 +1071,20 @@ def _insert_receipts(
     if not ids:
         return []
     known = [(did, dev) for did, dev in tx.devices(to) if dev != skip]
-    body = cbor2.dumps(list(ids))
-    sids = _insert_items(
+    sids = _insert_copies(
         tx.conn,
-        [(did, kind, "", by, by_device, now, expires, 0, body, None, "") for did, _ in known],
+        [did for did, _ in known],
+        (kind, "", by, by_device, now, expires, 0, cbor2.dumps(list(ids)), None, ""),
     )
     return [
         (to, dev, False, QueueItem(sid, kind, "", by, by_device, now, False, b"", ids))
         for (_, dev), sid in zip(known, sids, strict=True)
     ]
+
+
+# Inserted rows' sids are worked out, not read back: one writer and AUTOINCREMENT make
+# the sids of one statement consecutive, in insertion order, ending at `lastrowid`. Reading
+# them back (RETURNING) would take one step per row, and the GIL with each.
 
 
 def _insert_items(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[int]:
@@ -1063,13 +1095,34 @@ def _insert_items(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list
         values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
         cursor = conn.execute(
             "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent,"
-            f" body, bid, grp) VALUES {values} RETURNING sid",
+            f" body, bid, grp) VALUES {values}",
             [value for row in chunk for value in row],
         )
-        # SQLite does not promise RETURNING order; one writer and AUTOINCREMENT make the
-        # sids consecutive in insertion order, so sorting restores it.
-        sids += sorted(sid for (sid,) in cursor.fetchall())
+        sids += _inserted(cursor, len(chunk))
     return sids
+
+
+def _insert_copies(conn: sqlite3.Connection, dids: Sequence[int], item: tuple[Any, ...]) -> range:
+    """Insert one queue row for each of `dids`, all alike but for the device: `item` holds
+    the other columns (kind, msg_id, sender, sender_device, ts, expires, urgent, body, bid,
+    grp). One statement whatever the count: the dids go in as one JSON array, which SQLite
+    binds and walks far faster than as many rows of placeholders. Returns their sids, in
+    the order of `dids`."""
+    if not dids:
+        return range(0)
+    cursor = conn.execute(
+        "INSERT INTO queue (did, kind, msg_id, sender, sender_device, ts, expires, urgent,"
+        " body, bid, grp) SELECT value, ?,?,?,?,?,?,?,?,?,? FROM json_each(?) ORDER BY key",
+        (*item, json.dumps(dids)),
+    )
+    return _inserted(cursor, len(dids))
+
+
+def _inserted(cursor: sqlite3.Cursor, count: int) -> range:
+    """The sids of the `count` rows the INSERT just run on `cursor` added."""
+    if cursor.rowcount != count or cursor.lastrowid is None:
+        raise StoreError(f"inserted {cursor.rowcount} queue rows of {count}")
+    return range(cursor.lastrowid - count + 1, cursor.lastrowid + 1)
 
 
 def _unwritable(path: Path) -> str:
