@@ -831,6 +831,46 @@ async def test_concurrent_sends_share_commits(store):
     assert store.commits - commits_before < 200
 
 
+async def test_acks_committed_together_each_take_only_their_own_devices_items(store, rung):
+    await register(store, "alice", "phone", "laptop")
+    await register(store, "bob", "phone", "tablet")
+    await register(store, "carol", "phone")
+    await send(store, envelope("m1"))  # alice -> bob
+    await send(store, envelope("m2", sender="carol"))  # carol -> bob
+    await send(store, envelope("m3", to="carol"))  # alice -> carol
+    [a1, a2] = [i.sid for i in await fetch_all(store, "bob", "phone")]
+    [b1, b2] = [i.sid for i in await fetch_all(store, "bob", "tablet")]
+    [c1] = [i.sid for i in await fetch_all(store, "carol", "phone")]
+    rung.clear()
+    commits = store.commits
+
+    tickets = [  # submitted before the writer runs: one batch, one commit
+        await store.submit_ack("bob", "phone", (a1, b1, a1), T0 + 1),  # b1 is the tablet's
+        await store.submit_ack("bob", "tablet", (b1, b2), T0 + 2),
+        await store.submit_ack("carol", "phone", (c1, c1 + 1000), T0 + 3),  # no such item
+    ]
+
+    assert [await t.result() for t in tickets] == [1, 2, 1]
+    assert store.commits == commits + 1
+    assert [i.msg_id for i in await fetch_all(store, "bob", "phone")] == ["m2"]
+    assert await fetch_all(store, "bob", "tablet") == []
+    receipts = sorted(
+        (user, device, item.sender, item.sender_device, item.ids, item.ts)
+        for user, device, item in rung
+    )
+    assert receipts == [
+        ("alice", "laptop", "bob", "phone", ("m1",), T0 + 1),
+        ("alice", "laptop", "bob", "tablet", ("m1",), T0 + 2),
+        ("alice", "laptop", "carol", "phone", ("m3",), T0 + 3),
+        ("alice", "phone", "bob", "phone", ("m1",), T0 + 1),
+        ("alice", "phone", "bob", "tablet", ("m1",), T0 + 2),
+        ("alice", "phone", "carol", "phone", ("m3",), T0 + 3),
+        ("carol", "phone", "bob", "tablet", ("m2",), T0 + 2),
+    ]
+    for user, device, item in rung:  # each ring names the receipt stored for that device
+        assert item.sid in [i.sid for i in await fetch_all(store, user, device)]
+
+
 async def test_a_failing_operation_fails_alone(store):
     await register(store, "bob", "phone")
 

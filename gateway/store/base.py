@@ -27,6 +27,9 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+#: The largest sid: what SQLite and Redis integers hold. An ack naming a larger one fails.
+MAX_SID = 2**63 - 1
+
 #: Called after a commit for each item stored: (user, device, urgent, item). The item lets
 #: a connected device receive it without reading it back from the store.
 Doorbell = Callable[[str, str, bool, "QueueItem"], None]

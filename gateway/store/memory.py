@@ -19,6 +19,7 @@ import trio
 
 from gateway.errors import StoreError
 from gateway.store.base import (
+    MAX_SID,
     DeviceRecord,
     Doorbell,
     Envelope,
@@ -40,7 +41,6 @@ from gateway.store.groups import (
 )
 
 OpResult = tuple[Any, list[Ring]]
-MAX_SID = 2**63 - 1  # what SQLite and Redis can hold
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ from coredis.exceptions import NoScriptError, RedisError, ResponseError
 from gateway.errors import StoreClosed, StoreError
 from gateway.settings import masked_url
 from gateway.store.base import (
+    MAX_SID,
     DeviceRecord,
     Doorbell,
     Envelope,
@@ -79,7 +80,6 @@ SCAN_COUNT = 1000
 NODE_CHANNEL = "gw:node:"
 # Held by the node that runs the expiry sweep (see `may_sweep`).
 SWEEP_LEASE = "gw:sweep-lease"
-MAX_SID = 2**63 - 1
 # Seconds to wait for a Redis answer before the operation counts as failed, and for a
 # connection to be set up.
 STREAM_TIMEOUT = 5.0
@@ -868,6 +868,7 @@ def _ack_steps(
         return 0, []
     if any(not 0 <= sid <= MAX_SID for sid in sids):
         raise StoreError("sid out of range")
+    sids = tuple(dict.fromkeys(sids))  # a sid named twice is one item, and one receipt
     queue = f"{prefix(user)}:q:{device}"
     [members] = yield [("peek", [queue], list(sids))]
     if not members:
