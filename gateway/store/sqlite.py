@@ -1045,9 +1045,10 @@ def _apply_acks(tx: _Tx, acks: Sequence[_Ack]) -> list[OpResult]:
     """Delete the items `acks` name, each only from its own device's queue, and queue the
     delivered receipts they call for: a few statements for the lot, not a few per ack.
 
-    After a group message, every member device acks it at about the same time, and each
-    ack used to be its own delete, body check and receipt insert. Returns, per ack, how
-    many items it deleted and the devices its receipts ring.
+    After a group message every member device acks it at about the same time: thousands
+    of acks, each of which would otherwise take a delete, a body check and a receipt
+    insert of its own. Returns, per ack, how many items it deleted and the devices its
+    receipts ring.
     """
     if any(not 0 <= sid <= MAX_SID for a in acks for sid in a.sids):
         raise StoreError("sid out of range")  # in a batch, it is then redone ack by ack
@@ -1078,19 +1079,18 @@ def _apply_acks(tx: _Tx, acks: Sequence[_Ack]) -> list[OpResult]:
         )
         _free_bodies(tx.conn, {row[5] for row in gone if row[5] is not None})
     receipts: list[tuple[Any, ...]] = []  # queue rows
-    targets: list[tuple[int, str, str, _Ack, tuple[str, ...]]] = []  # (ack, to, device...)
+    targets: list[tuple[int, str, str, tuple[str, ...]]] = []  # (which ack, to, device, ids)
     for n, (ack, rows) in enumerate(zip(acks, taken, strict=True)):
         for sender, ids in delivered_by_sender((r[2], r[3], r[4]) for r in rows).items():
             body = cbor2.dumps(list(ids))
             for did, dev in tx.devices(sender):
                 receipts.append((did, ItemKind.DELIVERED, "", ack.user, ack.device, ack.now,
                                  ack.expires, 0, body, None, ""))  # fmt: skip
-                targets.append((n, sender, dev, ack, ids))
+                targets.append((n, sender, dev, ids))
     rings: list[list[Ring]] = [[] for _ in acks]
-    for (n, to, dev, ack, ids), sid in zip(targets, _insert_items(tx.conn, receipts), strict=True):
-        item = QueueItem(
-            sid, ItemKind.DELIVERED, "", ack.user, ack.device, ack.now, False, b"", ids
-        )
+    for (n, to, dev, ids), sid in zip(targets, _insert_items(tx.conn, receipts), strict=True):
+        by = acks[n]
+        item = QueueItem(sid, ItemKind.DELIVERED, "", by.user, by.device, by.now, False, b"", ids)
         rings[n].append((to, dev, False, item))
     return [(len(rows), rung) for rows, rung in zip(taken, rings, strict=True)]
 
