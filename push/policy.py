@@ -337,11 +337,9 @@ class WakePolicy:
         """The clock time at which `due` next has something to do, if any."""
         timers = self._timers
         while timers:
-            when, _, key = timers[0]
-            state = self._devices.get(key)
-            if state is not None and state.timer_at == when:
-                return when
-            heapq.heappop(timers)  # stale: the device connected or was rescheduled
+            if self._live(timers[0]) is not None:
+                return timers[0][0]
+            heapq.heappop(timers)
         return None
 
     def due(self) -> list[Decision]:
@@ -350,12 +348,12 @@ class WakePolicy:
         decisions: list[Decision] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            when, _, key = heapq.heappop(timers)
-            state = self._devices.get(key)
-            if state is None or state.timer_at != when:
+            entry = heapq.heappop(timers)
+            state = self._live(entry)
+            if state is None:
                 continue
             state.timer_at = None
-            decisions.extend(self._fire(key, state, now))
+            decisions.extend(self._fire(entry[2], state, now))
         return decisions
 
     # -- internals --------------------------------------------------------------------------
@@ -505,12 +503,16 @@ class WakePolicy:
         if len(timers) > 2 * len(self._devices) + STALE_TIMER_SLACK:
             self._compact_timers()
 
+    def _live(self, entry: tuple[float, int, DeviceKey]) -> _Device | None:
+        """The device a timer entry is for, if the entry is still its timer; None if it
+        is stale (the device connected, or its timer was set again)."""
+        state = self._devices.get(entry[2])
+        return state if state is not None and state.timer_at == entry[0] else None
+
     def _compact_timers(self) -> None:
         """Drop the stale timer entries: one left behind by every reschedule and connect
         would otherwise stay until its time, up to an hour away (the budget's), and the
         heap would grow with the rate of reconnects rather than with the devices."""
-        devices = self._devices
-        live = [entry for entry in self._timers if (s := devices.get(entry[2])) is not None
-                and s.timer_at == entry[0]]  # fmt: skip
+        live = [entry for entry in self._timers if self._live(entry) is not None]
         heapq.heapify(live)
         self._timers = live
