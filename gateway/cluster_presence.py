@@ -5,8 +5,11 @@ The shared store holds the truth: a user is online while any of their devices is
 by a live node (claims have TTLs, see gateway/cluster.py) or while the grace period after
 their last disconnect runs. Every node hears of connects, disconnects and hidden changes
 as bus events and reads back the users it has in its mirror; a grace period ending is
-read back when it ends. A periodic re-read of every mirrored user catches what no event
-announces: a dead node's claims expiring, or an event lost while the bus reconnected.
+read back when it ends. A user being read for the first time (a subscription to someone
+not in the mirror yet) is read again if an event about them arrives meanwhile: that read
+may have been answered before the change. A periodic re-read of every mirrored user
+catches what no event announces: a dead node's claims expiring, or an event lost while
+the bus reconnected.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ class ClusterPresence:
         self.mirror = MirrorPresence(on_hidden=self.on_hidden)  # the service's state
         self.reconcile = reconcile
         self._dirty: set[str] = set()
+        self._reading: dict[str, int] = {}  # users in a `refresh` read: how many reads
+        self._stirred: set[str] = set()  # of those, the ones an event was about meanwhile
         self._hides: list[tuple[str, bool]] = []
         self._rechecks: list[tuple[float, str]] = []  # heap of grace-period ends
         self._wakeup = trio.Event()
 
     def on_event(self, event: Event) -> None:
         """A cluster event about a user: read them again if anyone here may care."""
-        if self.mirror.knows(event.user):
+        if event.user in self._reading:
+            self._stirred.add(event.user)  # read again once that read is in the mirror
+        elif self.mirror.knows(event.user):
             self._dirty.add(event.user)
             self._wakeup.set()
 
@@ -56,7 +63,19 @@ class ClusterPresence:
         Raises:
             StoreError: Redis is unavailable.
         """
-        return await self._read(list(users))
+        for user in users:
+            self._reading[user] = self._reading.get(user, 0) + 1
+        try:
+            return await self._read(list(users))
+        finally:
+            for user in users:
+                left = self._reading.pop(user) - 1
+                if left:
+                    self._reading[user] = left
+                elif user in self._stirred:
+                    self._stirred.discard(user)
+                    self._dirty.add(user)
+                    self._wakeup.set()
 
     async def run(
         self,
