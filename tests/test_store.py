@@ -1253,6 +1253,24 @@ async def test_a_group_body_is_stored_once_and_freed_by_the_last_ack(store, back
         assert await stored_bodies(store, backend, db_path) == (1 if n < 2 else 0)
 
 
+async def test_a_group_body_is_freed_with_the_last_device_that_held_it(store, backend, db_path):
+    if backend == "memory":
+        pytest.skip("the memory backend shares one bytes object; nothing to count")
+    await register(store, "alice", "phone")
+    await register(store, "bob", "phone", "tablet")
+    await register(store, "carol", "phone")
+    await store.set_group("team", ("alice", "bob", "carol"), T0, GROUP_LIMIT)
+    await group_send(store, group_envelope("g1"))
+    await group_send(store, group_envelope("g2"))
+    assert await stored_bodies(store, backend, db_path) == 2
+
+    assert await store.remove_device("bob", "phone")
+    assert await store.revoke_device("bob", "tablet", T0 + 1)
+    assert await stored_bodies(store, backend, db_path) == 2  # carol's items still hold them
+    assert await store.remove_device("carol", "phone")
+    assert await stored_bodies(store, backend, db_path) == 0
+
+
 async def test_an_expired_group_body_is_swept(store, backend, db_path):
     if backend != "sqlite":
         pytest.skip("Redis lets a body key expire by its own TTL; memory holds none")

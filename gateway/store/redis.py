@@ -35,6 +35,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -577,23 +578,17 @@ class RedisStore(GroupCommitStore[_Op]):
     async def remove_device(self, user: str, device: str) -> bool:
         p = prefix(user)
 
-        def steps() -> Steps:
-            keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}"]
-            [removed] = yield [("remove", keys, [device])]
-            return removed == 1, []
-
-        result: bool = await (await self._submit(steps, one_step=True)).result()
+        keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}"]
+        steps = partial(_forget_device_steps, "remove", keys, [device])
+        result: bool = await (await self._submit(steps)).result()
         return result
 
     async def revoke_device(self, user: str, device: str, now: int) -> bool:
         p = prefix(user)
 
-        def steps() -> Steps:
-            keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}", f"{p}:rev:{device}"]
-            [removed] = yield [("revoke", keys, [device, now])]
-            return removed == 1, []
-
-        result: bool = await (await self._submit(steps, one_step=True)).result()
+        keys = [f"{p}:devs", f"{p}:d:{device}", f"{p}:q:{device}", f"{p}:rev:{device}"]
+        steps = partial(_forget_device_steps, "revoke", keys, [device, now])
+        result: bool = await (await self._submit(steps)).result()
         return result
 
     async def revoked_at(self, user: str, device: str) -> int | None:
@@ -859,6 +854,16 @@ def _receipt_call(
     p = prefix(to)
     payload = cbor2.dumps([int(kind), "", by, by_device, now, False, list(ids)])
     return ("receipts", [f"{p}:devs"], [p, now, expires, payload, to, node, skip])
+
+
+def _forget_device_steps(script: str, keys: list[str], args: list[str | int]) -> Steps:
+    """Delete a device and its queue ("remove" or "revoke"), then release the group
+    bodies its items held. If the release fails, those bodies stay until they expire."""
+    [answer] = yield [(script, keys, args)]
+    held = Counter(ref for member in answer[1:] if (ref := decode_stored(member)[1]))
+    if held:
+        yield [("body_release", [_body_key(ref)], [n]) for ref, n in held.items()]
+    return answer[0] == 1, []
 
 
 def _ack_steps(

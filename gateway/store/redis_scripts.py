@@ -456,24 +456,43 @@ out[2] = n
 return out
 """
 
-# Forget a device and its queue (its sid counter stays). KEYS: P:devs, P:d:D, P:q:D.
-REMOVE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return 1
+# Append to `out` the members of a queue that name a group message's body (their payload
+# is a CBOR array of 9, first byte 0x89): whoever deletes the queue releases their holds.
+HELD_BODIES = """
+local function held_bodies(queue, out)
+  for _, m in ipairs(redis.call('ZRANGE', queue, 0, -1)) do
+    if string.match(m, '^%d+|%d+|\\137') then out[#out + 1] = m end
+  end
+  return out
 end
-return 0
 """
 
+# Forget a device and its queue (its sid counter stays). KEYS: P:devs, P:d:D, P:q:D.
+# Returns {1 if it existed (else 0), then the members of its queue that named a body}.
+REMOVE = (
+    HELD_BODIES
+    + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  local out = held_bodies(KEYS[3], {1})
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return out
+end
+return {0}
+"""
+)
+
 # Forget a device and its queue, and record when it was revoked (the later of two).
-# KEYS: P:devs, P:d:D, P:q:D, P:rev:D. ARGV: device, now. Returns 1 if it existed.
-REVOKE = """
-local existed = redis.call('HDEL', KEYS[1], ARGV[1])
+# KEYS: P:devs, P:d:D, P:q:D, P:rev:D. ARGV: device, now. Returns what REMOVE does.
+REVOKE = (
+    HELD_BODIES
+    + """
+local out = held_bodies(KEYS[3], {redis.call('HDEL', KEYS[1], ARGV[1])})
 redis.call('DEL', KEYS[2], KEYS[3])
 local prev = redis.call('GET', KEYS[4])
 if not prev or tonumber(prev) < tonumber(ARGV[2]) then redis.call('SET', KEYS[4], ARGV[2]) end
-return existed
+return out
 """
+)
 
 # Set fields of a known device's record. KEYS: P:devs, P:d:D. ARGV: device, then
 # "set"|"del", then field names (del) or field, value pairs (set).

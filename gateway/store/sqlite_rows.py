@@ -111,8 +111,13 @@ def delete_device(tx: Tx, user: str, device: str) -> bool:
     ).fetchone()
     tx.forget(user)
     if row is not None:
-        bids = tx.conn.execute("DELETE FROM queue WHERE did=? RETURNING bid", (row[0],)).fetchall()
-        free_bodies(tx.conn, {bid for (bid,) in bids if bid is not None})
+        # The group bodies its items point to, read as one row (its queue may be long).
+        bids = tx.conn.execute(
+            "SELECT json_group_array(DISTINCT bid) FROM queue WHERE did=? AND bid IS NOT NULL",
+            (row[0],),
+        ).fetchone()[0]
+        tx.conn.execute("DELETE FROM queue WHERE did=?", (row[0],))
+        free_bodies(tx.conn, set(json.loads(bids)))
     return row is not None
 
 
