@@ -192,30 +192,40 @@ def count_items(conn: sqlite3.Connection, user: str, device: str, now: int) -> i
     return int(row[0])
 
 
-def apply_send(tx: Tx, env: Envelope) -> OpResult:
-    conn = tx.conn
-    # Claims the id, or finds it claimed by a live earlier send (an expired claim is
-    # taken over, as if swept).
+def claim_id(conn: sqlite3.Connection, env: Envelope | GroupEnvelope, recipient: str) -> int | None:
+    """Claim the sender device's message id; None if claimed now, else the `ts` of the
+    live earlier send that holds it (an expired claim is taken over, as if swept)."""
     claimed = conn.execute(
         "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires, recipient)"
         " VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET ts=excluded.ts,"
         " expires=excluded.expires, recipient=excluded.recipient"
         " WHERE sent_ids.expires <= excluded.ts",
-        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires, env.to),
+        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires, recipient),
     ).rowcount
-    if not claimed:
-        row = conn.execute(
-            "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
-            (env.sender, env.sender_device, env.msg_id),
-        ).fetchone()
-        return SendOutcome(ts=row[0], duplicate=True), []
+    if claimed:
+        return None
+    row = conn.execute(
+        "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+        (env.sender, env.sender_device, env.msg_id),
+    ).fetchone()
+    return int(row[0])
+
+
+def release_id(conn: sqlite3.Connection, env: Envelope | GroupEnvelope) -> None:
+    """Give up a claim made by `claim_id`: a later retry of a refused send must be stored."""
+    conn.execute(
+        "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
+        (env.sender, env.sender_device, env.msg_id),
+    )
+
+
+def apply_send(tx: Tx, env: Envelope) -> OpResult:
+    conn = tx.conn
+    if (earlier := claim_id(conn, env, env.to)) is not None:
+        return SendOutcome(ts=earlier, duplicate=True), []
     known = tx.devices(env.to)
-    if not known:
-        # Release the claim: a later retry, once the recipient exists, must be stored.
-        conn.execute(
-            "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
-            (env.sender, env.sender_device, env.msg_id),
-        )
+    if not known:  # a retry, once the recipient exists, is stored
+        release_id(conn, env)
         return SendOutcome(ts=env.ts, unknown_recipient=True), []
     own = env.sender_device if env.to == env.sender else None
     targets = [(did, dev) for did, dev in known if dev != own]
@@ -297,26 +307,12 @@ def apply_group_send(tx: Tx, env: GroupEnvelope) -> OpResult:
     """Claim the id, check membership, store the body once and one item per member device
     pointing to it, in the batch's transaction."""
     conn = tx.conn
-    claimed = conn.execute(
-        "INSERT INTO sent_ids (sender, sender_device, msg_id, ts, expires, recipient)"
-        " VALUES (?,?,?,?,?,'') ON CONFLICT DO UPDATE SET ts=excluded.ts,"
-        " expires=excluded.expires, recipient=excluded.recipient"
-        " WHERE sent_ids.expires <= excluded.ts",
-        (env.sender, env.sender_device, env.msg_id, env.ts, env.expires),
-    ).rowcount
-    if not claimed:
-        row = conn.execute(
-            "SELECT ts FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
-            (env.sender, env.sender_device, env.msg_id),
-        ).fetchone()
-        listed = tuple(sorted(tx.members(env.group) or ()))
-        return SendOutcome(ts=row[0], duplicate=True, members=listed), []
     members = tx.members(env.group)
+    if (earlier := claim_id(conn, env, "")) is not None:
+        listed = tuple(sorted(members or ()))
+        return SendOutcome(ts=earlier, duplicate=True, members=listed), []
     if members is None or env.sender not in members:
-        conn.execute(
-            "DELETE FROM sent_ids WHERE sender=? AND sender_device=? AND msg_id=?",
-            (env.sender, env.sender_device, env.msg_id),
-        )
+        release_id(conn, env)
         return SendOutcome(ts=env.ts, not_member=True), []
     conn.execute(
         "INSERT INTO group_sent (sender, msg_id, grp, expires, ts) VALUES (?,?,?,?,?)"
